@@ -1,0 +1,76 @@
+"""Paper SW Table 1: how much one super weight matters.
+
+1. Find the super weights: data-free detection always runs; `exp.super_weights` picks detected or registry ones.
+2. For each variant (a list of interventions applied in order to the original weights): PPL on every protocol of
+   the eval suite, then undo the edits.
+3. One row per variant, with the paper's numbers beside ours when this model is the paper's.
+"""
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from outlierlab.interventions.super_weight import NoSuperWeights
+from outlierlab.models.coords import SuperWeight
+from outlierlab.probes.super_weight import detect_super_weights
+
+
+def choose_super_weights(mode: str, detected: list[SuperWeight], registry: list[SuperWeight]):
+    if mode == "detect":
+        return detected, "detected"
+    if mode == "registry":
+        return registry, "registry"
+    if mode == "auto":
+        return (registry, "registry") if registry else (detected, "detected")
+    raise ValueError(f"exp.super_weights={mode} is not one of: auto, detect, registry")
+
+
+def run(ctx) -> dict:
+    cfg = ctx.cfg.exp
+    detection = detect_super_weights(ctx.loaded, **cfg.detection)
+    detected = [SuperWeight(*entry["coord"]) for entry in detection["super_weights"]]
+    registry = ctx.registry_super_weights
+    chosen, origin = choose_super_weights(cfg.super_weights, detected, registry)
+    context = {"super_weights": chosen}
+
+    protocols = list(ctx.cfg.eval.ppl)
+    reference = OmegaConf.to_container(cfg.reference) if cfg.get("reference") else {}
+    with_paper = reference.get("model") == ctx.cfg.model.name
+    rows, details = [], {}
+    for variant, names in cfg.variants.items():
+        row = {"variant": variant}
+        try:
+            with ctx.edit(list(names), context) as session:
+                ppl = ctx.perplexities(label=variant)
+                edits = list(session.log)
+        except NoSuperWeights:
+            row["note"] = "skipped: no super weight"
+            rows.append(row)
+            continue
+        for key in protocols:
+            row[key] = ppl[key]["ppl"]
+            if with_paper:
+                row[f"paper {key}"] = reference.get("values", {}).get(variant, {}).get(key)
+        rows.append(row)
+        details[variant] = {"interventions": list(names), "edits": edits, "ppl": ppl}
+
+    baseline = next((r for r in rows if r["variant"] == "original" and protocols[0] in r), None)
+    for row in rows:
+        if baseline and protocols[0] in row:
+            row["x original"] = row[protocols[0]] / baseline[protocols[0]]
+    columns = ["variant", *protocols, "x original"]
+    if with_paper:
+        columns += [f"paper {key}" for key in protocols]
+    if any("note" in row for row in rows):
+        columns.append("note")
+    return {
+        "super_weights": {"used": [str(w) for w in chosen], "origin": origin,
+                          "detected": [str(w) for w in detected], "registry": [str(w) for w in registry],
+                          "registry_agrees": sorted(detected) == sorted(registry) if registry else None},
+        "detection": {k: v for k, v in detection.items() if k != "iterations"},
+        "detection_iterations": detection["iterations"],
+        "variants": details,
+        "reference": reference if with_paper else None,
+        "table": {"columns": columns, "rows": rows,
+                  "caption": f"PPL ({ctx.cfg.eval.name} protocols); super weights {origin}: "
+                             f"{', '.join(map(str, chosen)) or 'none'}"},
+    }

@@ -1,0 +1,94 @@
+"""Token-level perplexity: PPL = exp(mean next-token NLL) over fixed-length windows.
+
+This is the GPTQ/SmoothQuant/MA/SW metric; lm-eval's `wikitext` task (document-level rolling word perplexity) is a
+different number. Two ways to cut windows, both config:
+    sequential  documents joined by `join`, tokenized once, cut into non-overlapping windows (WikiText-2 protocol)
+    random      seeded random windows inside documents long enough to hold one (GPTQ's C4 protocol)
+With BOS policy "prepend" every window is BOS + (seqlen - 1) text tokens; with "none" it is seqlen text tokens.
+Either way seqlen - 1 tokens per window are scored.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from outlierlab.evals.data import Corpus, DataError
+
+SAMPLING = ("sequential", "random")
+
+
+@dataclass
+class Windows:
+    ids: torch.Tensor  # [n, seqlen] int64
+    meta: dict
+
+
+def _bos_policy(protocol, loaded) -> str:
+    return loaded.bos if protocol.bos == "model" else protocol.bos
+
+
+def build_windows(protocol, corpus: Corpus, loaded) -> Windows:
+    bos = _bos_policy(protocol, loaded)
+    body = protocol.seqlen - (1 if bos == "prepend" else 0)
+    tokenizer = loaded.tokenizer
+    if protocol.sampling == "sequential":
+        text, text_sha256 = corpus.joined(protocol.join)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        available = len(ids) // body
+        count = available if protocol.windows is None else min(protocol.windows, available)
+        if count == 0:
+            raise DataError(f"{protocol.name}: the corpus has {len(ids)} tokens, fewer than one window of {body}")
+        rows = [ids[i * body:(i + 1) * body] for i in range(count)]
+        corpus_tokens = len(ids)
+    else:
+        rng = random.Random(protocol.seed)
+        _, text_sha256 = corpus.joined("\n")
+        tokenized: dict[int, list[int]] = {}
+        rows = []
+        for _ in range(protocol.windows):
+            for _attempt in range(100 * len(corpus.documents)):
+                index = rng.randint(0, len(corpus.documents) - 1)
+                if index not in tokenized:
+                    tokenized[index] = tokenizer(corpus.documents[index], add_special_tokens=False)["input_ids"]
+                if len(tokenized[index]) > body:
+                    break
+            else:
+                raise DataError(f"{protocol.name}: no document is longer than {body} tokens")
+            start = rng.randint(0, len(tokenized[index]) - body - 1)
+            rows.append(tokenized[index][start:start + body])
+        corpus_tokens = None
+    if bos == "prepend":
+        rows = [[tokenizer.bos_token_id, *row] for row in rows]
+    ids_tensor = torch.tensor(rows, dtype=torch.long)
+    meta = {"protocol": protocol.name, "dataset": corpus.name, "split": corpus.split, "sampling": protocol.sampling,
+            "seqlen": protocol.seqlen, "windows": len(rows), "bos": bos, "seed": protocol.seed,
+            "join": protocol.join, "text_sha256": text_sha256, "corpus_tokens": corpus_tokens,
+            "windows_sha256": hashlib.sha256(ids_tensor.numpy().tobytes()).hexdigest(),
+            "data": corpus.provenance}
+    return Windows(ids=ids_tensor, meta=meta)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, windows: Windows, batch_size: int = 1, desc: str = "ppl") -> dict:
+    """exp(mean NLL of every scored token); inf and NaN are results, not errors."""
+    device = next(model.parameters()).device
+    nll_total, scored = 0.0, 0
+    window_nll = []
+    for batch in tqdm(windows.ids.split(batch_size), desc=desc, leave=False):
+        batch = batch.to(device)
+        logits = model(batch).logits.float()
+        targets = batch[:, 1:]
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        nll = nll.view(targets.shape).double().sum(dim=1)
+        window_nll.extend((nll / targets.shape[1]).tolist())
+        nll_total += nll.sum().item()
+        scored += targets.numel()
+    mean_nll = nll_total / scored
+    ppl = math.exp(mean_nll) if mean_nll < 709.0 else (math.nan if math.isnan(mean_nll) else math.inf)
+    return {"ppl": ppl, "nll": mean_nll, "tokens_scored": scored, "window_nll": window_nll, **windows.meta}

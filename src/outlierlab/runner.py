@@ -1,0 +1,202 @@
+"""config -> checks -> load -> recipe (edit, observe, evaluate) -> record.
+
+Everything that can be wrong with the input is checked before any weights load; a problem ends the run with one
+line on stderr and exit code 2, and nothing is written to results/.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from outlierlab import tracking
+from outlierlab.evals.data import Corpus, DataError, check_corpus, load_corpus
+from outlierlab.evals.ppl import SAMPLING, Windows, build_windows, perplexity
+from outlierlab.interventions.base import EditSession, Intervention
+from outlierlab.models.coords import SuperWeight, check_in_shape
+from outlierlab.models.hashing import weights_sha256
+from outlierlab.models.load import BOS_POLICIES, DTYPES, LoadedModel, load_model, model_shape
+from outlierlab.models.sites import UnsupportedArchitecture, family_for
+from outlierlab.models.source import ModelSource, SourceError, resolve_source
+from outlierlab.results import git_state, library_versions, result_path, write_result
+from outlierlab.tables import markdown
+
+log = logging.getLogger(__name__)
+EXP_DIR = Path(__file__).resolve().parents[2] / "conf" / "exp"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+USER_ERRORS = (ConfigError, SourceError, DataError, UnsupportedArchitecture)
+
+
+@dataclass
+class Plan:
+    """What preflight established, so nothing is checked twice."""
+    source: ModelSource
+    interventions: dict[str, Intervention]
+    super_weights: list[SuperWeight]
+    data_dir: str | None
+    output: Path
+    recipe: object
+
+
+def _available(directory: Path) -> str:
+    return ", ".join(sorted(p.stem for p in directory.glob("*.yaml"))) or "none"
+
+
+def _check_choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value} is not one of: {', '.join(map(str, allowed))}")
+
+
+def _instantiate_interventions(cfg) -> dict[str, Intervention]:
+    interventions = {}
+    for name, spec in (cfg.exp.get("interventions") or {}).items():
+        try:
+            interventions[name] = hydra.utils.instantiate(spec)
+        except Exception as error:
+            cause = error.__cause__ or error
+            raise ConfigError(f"exp.interventions.{name}: {str(cause).splitlines()[0]}") from None
+    for variant, names in (cfg.exp.get("variants") or {}).items():
+        for name in names:
+            if name not in interventions:
+                raise ConfigError(f"exp.variants.{variant}: unknown intervention '{name}' "
+                                  f"(this exp defines: {', '.join(interventions) or 'none'})")
+    return interventions
+
+
+def preflight(cfg: DictConfig) -> Plan:
+    if "exp" not in cfg or cfg.exp is None:
+        raise ConfigError(f"no experiment selected: append +exp=NAME (available: {_available(EXP_DIR)})")
+    model = cfg.model
+    _check_choice("model.bos", model.bos, BOS_POLICIES)
+    _check_choice("model.dtype", model.dtype, tuple(DTYPES))
+    if model.source == "tiny":
+        family_for(model.tiny.model_type)
+    for key, protocol in (cfg.eval.get("ppl") or {}).items():
+        prefix = f"eval.ppl.{key}"
+        _check_choice(f"{prefix}.sampling", protocol.sampling, SAMPLING)
+        _check_choice(f"{prefix}.bos", protocol.bos, ("model", *BOS_POLICIES))
+        if not isinstance(protocol.seqlen, int) or protocol.seqlen < 2:
+            raise ConfigError(f"{prefix}.seqlen={protocol.seqlen} must be an integer >= 2")
+        if protocol.windows is not None and (not isinstance(protocol.windows, int) or protocol.windows < 1):
+            raise ConfigError(f"{prefix}.windows={protocol.windows} must be a positive integer or null (all)")
+        if protocol.sampling == "random" and protocol.windows is None:
+            raise ConfigError(f"{prefix}.windows must be set for random sampling")
+    data_dir = cfg.paths.data_dir
+    data_dir = None if data_dir in (None, "", "null") else str(Path(data_dir).expanduser())
+    for key, protocol in (cfg.eval.get("ppl") or {}).items():
+        check_corpus(protocol.dataset, protocol.split, data_dir)
+    try:
+        recipe = hydra.utils.get_method(cfg.exp.recipe)
+    except Exception as error:
+        raise ConfigError(f"exp.recipe={cfg.exp.recipe} cannot be imported ({str(error).splitlines()[0]})") from None
+    interventions = _instantiate_interventions(cfg)
+    try:
+        super_weights = [SuperWeight.parse(entry.coord) for entry in model.get("super_weights") or []]
+    except (ValueError, AttributeError) as error:
+        raise ConfigError(f"model.super_weights: {error}") from None
+    source = resolve_source(model)
+    if super_weights:
+        layers, hidden, intermediate = model_shape(model, source)
+        for weight in super_weights:
+            try:
+                check_in_shape(weight, layers, hidden, intermediate)
+            except ValueError as error:
+                raise ConfigError(f"model.super_weights: {error}") from None
+    output = result_path(cfg.paths.results_dir, cfg.exp.name, model.name, cfg.run_tag)
+    return Plan(source, interventions, super_weights, data_dir, output, recipe)
+
+
+@dataclass
+class RunContext:
+    """What a recipe gets: the loaded model, its interventions and evaluations. Recipes call these; they never
+    reach into module internals."""
+    cfg: DictConfig
+    loaded: LoadedModel
+    plan: Plan
+    corpora: dict[str, Corpus]
+    _windows: dict[str, Windows] = field(default_factory=dict)
+
+    @property
+    def registry_super_weights(self) -> list[SuperWeight]:
+        return self.plan.super_weights
+
+    def edit(self, names: list[str], context: dict) -> EditSession:
+        """Apply the named interventions in order; use as `with ctx.edit(...) as session:` to undo them."""
+        session = EditSession(self.loaded, context)
+        try:
+            return session.apply(self.plan.interventions[name] for name in names)
+        except BaseException:
+            session.undo()
+            raise
+
+    def windows(self, key: str) -> Windows:
+        if key not in self._windows:
+            self._windows[key] = build_windows(self.cfg.eval.ppl[key], self.corpora[key], self.loaded)
+        return self._windows[key]
+
+    def perplexities(self, label: str) -> dict[str, dict]:
+        """Every PPL protocol of the eval suite on the model as it is now."""
+        results = {}
+        for key, protocol in (self.cfg.eval.get("ppl") or {}).items():
+            results[key] = perplexity(self.loaded.model, self.windows(key), protocol.batch_size,
+                                      desc=f"{label} {protocol.name}")
+        return results
+
+
+def _hydra_overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not running under @hydra.main (e.g. tests calling execute directly)
+        return []
+
+
+def execute(cfg: DictConfig) -> dict:
+    """Run one configured experiment end to end; returns the record written to results/."""
+    started = time.time()
+    plan = preflight(cfg)
+    corpora = {key: load_corpus(protocol.dataset, protocol.split, plan.data_dir)
+               for key, protocol in (cfg.eval.get("ppl") or {}).items()}
+    loaded = load_model(cfg.model, cfg.paths.cache_dir, plan.source)
+    weights_before = weights_sha256(loaded.model)
+    context = RunContext(cfg, loaded, plan, corpora)
+    outcome = plan.recipe(context)
+    weights_after = weights_sha256(loaded.model)
+    record = {
+        "exp": cfg.exp.name, "model": loaded.info, "run_tag": cfg.run_tag,
+        "started_at": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
+        "wall_time_s": round(time.time() - started, 2),
+        "weights_sha256": weights_before, "weights_restored": weights_before == weights_after,
+        "evaluations": {key: {k: v for k, v in context.windows(key).meta.items()} for key in context._windows},
+        "environment": library_versions(), "git": git_state(Path(__file__).resolve().parents[2]),
+        "overrides": _hydra_overrides(), "config": OmegaConf.to_container(cfg, resolve=True),
+        **outcome,
+    }
+    path = write_result(record, plan.output)
+    print(f"\n{cfg.exp.name} on {cfg.model.name} ({loaded.info['dtype']}, eval={cfg.eval.name})")
+    table = outcome.get("table")
+    if table:
+        print(markdown(table["columns"], table["rows"]))
+    print(f"result: {path}")
+    tracking.log_run(cfg, record)
+    return record
+
+
+def run(cfg: DictConfig) -> dict:
+    """Entry point for run.py: user errors become one line on stderr and exit code 2."""
+    try:
+        return execute(cfg)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
