@@ -2,6 +2,7 @@
 import hydra
 from omegaconf import DictConfig
 
+from outlierlab.cli import one_line_errors
 from outlierlab.runner import run
 
 
@@ -11,4 +12,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)

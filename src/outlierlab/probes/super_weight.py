@@ -38,12 +38,14 @@ def down_proj_profile(loaded, prompt: str) -> list[dict]:
 
 
 def detect_super_weights(loaded, prompt: str = DEFAULT_PROMPT, spike_ratio: float = 50.0,
-                         min_share: float = 0.5, max_iterations: int = 10) -> dict:
+                         min_share: float = 0.5, min_weight_zscore: float = 10.0, max_iterations: int = 10) -> dict:
     """Returns {"super_weights": [...], "iterations": [...], "stop_reason": ...}; the model is unchanged afterwards.
 
     Each iteration takes the largest spike that is not an already-found weight. It is a super weight when that one
-    weight makes at least `min_share` of the spike (w * x[col] / y[row]); otherwise, or when no layer spikes,
-    detection stops.
+    weight makes at least `min_share` of the spike (w * x[col] / y[row]) and is itself an outlier of its matrix
+    (|w| >= `min_weight_zscore` standard deviations); otherwise, or when no layer spikes, detection stops. The
+    z-score guard matters once a super weight is zeroed: its input spike still multiplies the ordinary weights of
+    the same column, whose outputs can spike without any of them being special.
     """
     tokens = loaded.tokenizer.convert_ids_to_tokens(loaded.encode(prompt))
     found: list[dict] = []
@@ -71,15 +73,20 @@ def detect_super_weights(loaded, prompt: str = DEFAULT_PROMPT, spike_ratio: floa
             index = view.index(weight.row, weight.col)
             value = float(view.param.data[index])
             share = value * feed["value"] / peak["value"]
+            zscore = abs(value) / float(view.param.data.float().std())
             if share < min_share:
                 stop_reason = f"largest remaining spike {weight} is not one weight's doing (share {share:.2f})"
+                break
+            if zscore < min_weight_zscore:
+                stop_reason = f"largest remaining spike {weight} comes from an ordinary weight (z-score {zscore:.1f})"
                 break
             found.append({
                 "coord": list(weight), "label": str(weight), "value": value,
                 "magnitude_rank": int((view.param.data.abs() > abs(value)).sum()) + 1,
                 "output_spike": peak["value"], "input_spike": feed["value"], "position": peak["position"],
                 "token": tokens[peak["position"]], "output_ratio": out_ratio[layer], "input_ratio": in_ratio[layer],
-                "contribution_share": share, "iteration": iteration})
+                "contribution_share": share, "weight_zscore": zscore, "iteration": iteration})
             session.set(view.param, index, 0.0)
-    return {"prompt": prompt, "spike_ratio": spike_ratio, "min_share": min_share, "super_weights": found,
+    return {"prompt": prompt, "spike_ratio": spike_ratio, "min_share": min_share,
+            "min_weight_zscore": min_weight_zscore, "super_weights": found,
             "stop_reason": stop_reason, "iterations": iterations}

@@ -1,0 +1,52 @@
+"""Every experiment composes with every model, and the composed values are the ones the papers give."""
+import pytest
+
+from conftest import CONF, compose_cfg
+from outlierlab.models.coords import SuperWeight
+
+EXPS = sorted(p.stem for p in (CONF / "exp").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("exp", EXPS)
+@pytest.mark.parametrize("model", MODELS)
+def test_every_exp_composes_with_every_model(exp, model):
+    cfg = compose_cfg([f"+exp={exp}", f"model={model}"])
+    assert cfg.model.name == model
+    assert cfg.exp.name == exp
+    assert cfg.model.bos in ("prepend", "none")
+    for entry in cfg.model.super_weights:
+        SuperWeight.parse(entry.coord)
+        assert entry.provenance
+    for names in cfg.exp.variants.values():
+        assert set(names) <= set(cfg.exp.interventions)
+
+
+def test_llama7b_is_the_papers_model():
+    cfg = compose_cfg(["+exp=prune_sw", "model=llama7b"])
+    assert cfg.model.source == "huggyllama/llama-7b"
+    assert [SuperWeight.parse(e.coord) for e in cfg.model.super_weights] == [SuperWeight(2, 3968, 7003)]
+
+
+@pytest.mark.parametrize("model,expected", [
+    ("llama13b", [(2, 2231, 2278), (2, 2231, 6939)]),
+    ("mistral7b", [(1, 2070, 7310)]),
+    ("olmo7b", [(1, 269, 7467), (2, 269, 8275), (7, 269, 453), (24, 269, 2300)]),
+    ("llama2_7b", [(1, 2533, 7890)]),
+])
+def test_registry_coordinates(model, expected):
+    cfg = compose_cfg([f"model={model}"])
+    assert [tuple(SuperWeight.parse(e.coord)) for e in cfg.model.super_weights] == expected
+
+
+def test_ppl_protocols_match_the_papers():
+    paper = compose_cfg(["eval=paper"]).eval.ppl
+    assert (paper.wikitext2.join, paper.wikitext2.seqlen, paper.wikitext2.windows) == ("\n\n", 2048, None)
+    assert (paper.c4.sampling, paper.c4.windows, paper.c4.seed) == ("random", 256, 0)
+    quick = compose_cfg([]).eval
+    assert quick.name == "quick" and quick.ppl.wikitext2.windows == 8
+
+
+def test_coordinate_parsing_rejects_garbage():
+    with pytest.raises(ValueError, match="layer, row, col"):
+        SuperWeight.parse("(2, 3968)")

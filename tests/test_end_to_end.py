@@ -1,0 +1,89 @@
+"""The user's commands, run as a user runs them: run.py in a subprocess, results on disk, one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DATA_DIR, ROOT, SMALL_EVAL, compose_cfg
+from outlierlab.results import read_result
+from outlierlab.runner import execute
+
+pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data beside the checkout")
+
+
+def run_cli(args, tmp_path, **env):
+    environment = {**os.environ, "OUTLIERLAB_RESULTS_DIR": str(tmp_path / "results"),
+                   "OUTLIERLAB_DATA_DIR": str(DATA_DIR), "OUTLIERLAB_CACHE_DIR": str(tmp_path / "cache"),
+                   "WANDB_MODE": "offline", "WANDB_SILENT": "true", **env}
+    return subprocess.run([sys.executable, "run.py", *args, f"hydra.run.dir={tmp_path}/outputs",
+                           f"hydra.sweep.dir={tmp_path}/multirun"],
+                          cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def test_prune_sw_end_to_end_on_a_tiny_model(tmp_path):
+    done = run_cli(["+exp=prune_sw", "model=tiny_llama", f"logger.dir={tmp_path}/wandb", *SMALL_EVAL], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| variant" in done.stdout and "prune_sw_restore_sa" in done.stdout
+    record = read_result(tmp_path / "results" / "prune_sw" / "tiny_llama" / "quick.json")
+    for key in ("config", "model", "environment", "git", "wall_time_s", "evaluations", "weights_restored"):
+        assert key in record
+    assert record["weights_restored"] is True
+    assert record["model"]["source"] == "tiny" and record["model"]["dtype"] == "float32"
+    wikitext = record["evaluations"]["wikitext2"]
+    assert wikitext["seqlen"] == 64 and wikitext["bos"] == "prepend" and len(wikitext["text_sha256"]) == 64
+    assert wikitext["data"]["origin"] == "local" and wikitext["data"]["files"]
+    assert record["environment"]["torch"] and record["environment"]["transformers"]
+    rows = {row["variant"]: row for row in record["table"]["rows"]}
+    assert rows["original"]["wikitext2"] > 1
+    assert rows["prune_sw"]["note"] == "skipped: no super weight"  # a random model has none
+    assert list((tmp_path / "wandb").rglob("*.wandb"))  # logged to W&B (offline)
+
+
+def test_multirun_over_models(tmp_path):
+    done = run_cli(["-m", "+exp=prune_sw", "model=tiny_llama,tiny_gpt2", "logger=none", *SMALL_EVAL], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for model in ("tiny_llama", "tiny_gpt2"):
+        assert (tmp_path / "results" / "prune_sw" / model / "quick.json").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["+exp=prune_sw", "model=llama8b"], "Could not find 'model/llama8b'"),
+    (["+exp=no_such_exp"], "Could not find 'exp/no_such_exp'"),
+    (["+exp=prune_sw", "model.sorce=x"], "model.sorce"),
+    (["+exp=prune_sw", "+exp.variants.mine=[no_such_intervention]"], "unknown intervention 'no_such_intervention'"),
+    (["+exp=prune_sw", "exp.interventions.prune_non_sw.k=-5"], "exp.interventions.prune_non_sw: k=-5"),
+    (["+exp=prune_sw", "model=tiny_llama", "model.super_weights=[{coord:'(1, 64, 3)'}]"], "outside down_proj's shape"),
+    (["+exp=prune_sw", "model=tiny_llama", "model.super_weights=[{coord:'(7, 1, 3)'}]"], "layer 7 is outside"),
+    (["+exp=prune_sw", "paths.data_dir=/nonexistent/data"], "paths.data_dir=/nonexistent/data does not exist"),
+    (["+exp=prune_sw", "model.bos=sometimes"], "model.bos=sometimes"),
+    (["+exp=prune_sw", "model=llama7b"], "hub is unreachable"),
+    (["model=tiny_llama"], "no experiment selected"),
+])
+def test_bad_input_is_one_line_before_any_weights_load(args, message, tmp_path):
+    done = run_cli([*args, "logger=none"], tmp_path, HF_HUB_OFFLINE="1")
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "cache").exists()  # no weights were loaded or converted
+
+
+def test_missing_data_file_is_reported_before_loading(tmp_path):
+    (tmp_path / "data" / "wikitext-2-raw-v1").mkdir(parents=True)
+    done = run_cli(["+exp=prune_sw", "model=tiny_llama", "logger=none"], tmp_path,
+                   OUTLIERLAB_DATA_DIR=str(tmp_path / "data"))
+    assert done.returncode == 2
+    assert "wiki.test.raw" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_in_process_run_restores_weights_and_records_the_protocol(tmp_path):
+    cfg = compose_cfg(["+exp=prune_sw", "model=tiny_gpt2", "logger=none", *SMALL_EVAL,
+                       f"paths.results_dir={tmp_path}", f"paths.data_dir={DATA_DIR}"])
+    record = execute(cfg)
+    assert record["weights_restored"]
+    saved = json.loads((tmp_path / "prune_sw" / "tiny_gpt2" / "quick.json").read_text())
+    assert saved["config"]["eval"]["ppl"]["c4"]["sampling"] == "random"
+    assert saved["evaluations"]["c4"]["windows"] == 2
