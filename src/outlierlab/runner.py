@@ -146,6 +146,10 @@ class RunContext:
             self._windows[key] = build_windows(self.cfg.eval.ppl[key], self.corpora[key], self.loaded)
         return self._windows[key]
 
+    def evaluated_protocols(self) -> dict[str, dict]:
+        """Protocol, data provenance and sha256 of every window set this run scored."""
+        return {key: windows.meta for key, windows in self._windows.items()}
+
     def perplexities(self, label: str) -> dict[str, dict]:
         """Every PPL protocol of the eval suite on the model as it is now."""
         results = {}
@@ -178,7 +182,7 @@ def execute(cfg: DictConfig) -> dict:
         "started_at": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
         "wall_time_s": round(time.time() - started, 2),
         "weights_sha256": weights_before, "weights_restored": weights_before == weights_after,
-        "evaluations": {key: {k: v for k, v in context.windows(key).meta.items()} for key in context._windows},
+        "evaluations": context.evaluated_protocols(),
         "environment": library_versions(), "git": git_state(Path(__file__).resolve().parents[2]),
         "overrides": _hydra_overrides(), "config": OmegaConf.to_container(cfg, resolve=True),
         **outcome,

@@ -31,10 +31,12 @@ class Corpus:
         return text, hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _wikitext2_files(data_dir: Path, split: str) -> list[Path]:
+    return [data_dir / "wikitext-2-raw-v1" / f"wiki.{split}.raw"]
+
+
 def _wikitext2_local(data_dir: Path, split: str) -> tuple[list[str], list[Path]]:
-    path = data_dir / "wikitext-2-raw-v1" / f"wiki.{split}.raw"
-    if not path.is_file():
-        raise FileNotFoundError(path)
+    path, = _wikitext2_files(data_dir, split)
     with open(path, encoding="utf-8") as handle:
         # The Hugging Face rows of wikitext-2-raw-v1: one per line, blank lines as "" (see the data README).
         return [line if line.strip() else "" for line in handle.readlines()], [path]
@@ -45,12 +47,14 @@ def _wikitext2_hub(split: str) -> list[str]:
     return list(load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split=split)["text"])
 
 
-def _c4_local(data_dir: Path, split: str) -> tuple[list[str], list[Path]]:
+def _c4_files(data_dir: Path, split: str) -> list[Path]:
     if split != "validation":
         raise DataError(f"the local C4 sample has only the validation split, not '{split}'")
-    paths = sorted((data_dir / "c4").glob("*.jsonl.gz"))
-    if not paths:
-        raise FileNotFoundError(data_dir / "c4" / "*.jsonl.gz")
+    return sorted((data_dir / "c4").glob("*.jsonl.gz")) or [data_dir / "c4" / "*.jsonl.gz"]
+
+
+def _c4_local(data_dir: Path, split: str) -> tuple[list[str], list[Path]]:
+    paths = _c4_files(data_dir, split)
     documents = []
     for path in paths:
         with gzip.open(path, "rt", encoding="utf-8") as handle:
@@ -65,9 +69,10 @@ def _c4_hub(split: str) -> list[str]:
     return list(load_dataset("allenai/c4", data_files=files, split=split)["text"])
 
 
+# name -> (expected local files, local reader, hub reader, hub dataset)
 CORPORA = {
-    "wikitext2": (_wikitext2_local, _wikitext2_hub, "Salesforce/wikitext wikitext-2-raw-v1"),
-    "c4": (_c4_local, _c4_hub, "allenai/c4 en validation shard 0"),
+    "wikitext2": (_wikitext2_files, _wikitext2_local, _wikitext2_hub, "Salesforce/wikitext wikitext-2-raw-v1"),
+    "c4": (_c4_files, _c4_local, _c4_hub, "allenai/c4 en validation shard 0"),
 }
 
 
@@ -81,16 +86,15 @@ def check_corpus(name: str, split: str, data_dir: str | None) -> None:
     if not Path(data_dir).is_dir():
         raise DataError(f"paths.data_dir={data_dir} does not exist (set OUTLIERLAB_DATA_DIR or paths.data_dir, "
                         f"or paths.data_dir=null to read from the Hugging Face hub)")
-    local, _, _ = CORPORA[name]
-    try:
-        local(Path(data_dir), split)
-    except FileNotFoundError as missing:
-        raise DataError(f"dataset '{name}' split '{split}': data file {missing} not found in paths.data_dir={data_dir}")
+    files, _, _, _ = CORPORA[name]
+    for path in files(Path(data_dir), split):
+        if not path.is_file():
+            raise DataError(f"dataset '{name}' split '{split}': data file {path} not found (paths.data_dir={data_dir})")
 
 
 def load_corpus(name: str, split: str, data_dir: str | None) -> Corpus:
     check_corpus(name, split, data_dir)
-    local, hub, hub_name = CORPORA[name]
+    _, local, hub, hub_name = CORPORA[name]
     if data_dir is not None:
         documents, paths = local(Path(data_dir), split)
         provenance = {"origin": "local", "files": {str(p): file_sha256(p) for p in paths}}
