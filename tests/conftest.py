@@ -1,7 +1,6 @@
 """Shared fixtures: real configs composed with hydra.compose, shrunk for CPU tests."""
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 

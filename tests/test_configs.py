@@ -50,3 +50,12 @@ def test_ppl_protocols_match_the_papers():
 def test_coordinate_parsing_rejects_garbage():
     with pytest.raises(ValueError, match="layer, row, col"):
         SuperWeight.parse("(2, 3968)")
+
+
+def test_slurm_launcher_composes():
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["+exp=prune_sw", "model=llama7b", "hydra/launcher=slurm"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == 1
