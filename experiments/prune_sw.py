@@ -41,6 +41,7 @@ def run(ctx) -> dict:
         try:
             with ctx.edit(list(names), context) as session:
                 ppl = ctx.perplexities(label=variant)
+                zeroshot = ctx.zeroshot(label=variant)
                 edits = list(session.log)
         except NoSuperWeights:
             row["note"] = "skipped: no super weight"
@@ -50,8 +51,14 @@ def run(ctx) -> dict:
             row[key] = ppl[key]["ppl"]
             if with_paper:
                 row[f"paper {key}"] = reference.get("values", {}).get(variant, {}).get(key)
+        if zeroshot:
+            for task, scores in zeroshot["tasks"].items():
+                row[task] = None if scores["acc"] is None else 100 * scores["acc"]
+            row["zero-shot mean"] = None if zeroshot["mean"] is None else 100 * zeroshot["mean"]
+            if with_paper:
+                row["paper zero-shot mean"] = reference.get("values", {}).get(variant, {}).get("zeroshot_mean")
         rows.append(row)
-        details[variant] = {"interventions": list(names), "edits": edits, "ppl": ppl}
+        details[variant] = {"interventions": list(names), "edits": edits, "ppl": ppl, "zeroshot": zeroshot}
 
     baseline = next((r for r in rows if r["variant"] == "original" and protocols[0] in r), None)
     for row in rows:
@@ -60,8 +67,18 @@ def run(ctx) -> dict:
     columns = ["variant", *protocols, "x original"]
     if with_paper:
         columns += [f"paper {key}" for key in protocols]
+    suite = ctx.cfg.eval.get("zeroshot")
+    if suite:
+        columns += [*suite.tasks, "zero-shot mean"] + (["paper zero-shot mean"] if with_paper else [])
     if any("note" in row for row in rows):
         columns.append("note")
+    caption = f"PPL ({ctx.cfg.eval.name} protocols); super weights {origin}: {', '.join(map(str, chosen)) or 'none'}"
+    zeroshot = next((d["zeroshot"] for d in details.values() if d.get("zeroshot")), None)
+    if zeroshot:
+        caveats = [f"{task}: {scores['data']}" for task, scores in zeroshot["tasks"].items()
+                   if scores["data"] not in ("verbatim", "hub")]
+        caption += f"; zero-shot acc x100, limit {zeroshot['limit']} per task"
+        caption += f" (data: {', '.join(caveats)})" if caveats else ""
     return {
         "super_weights": {"used": [str(w) for w in chosen], "origin": origin,
                           "detected": [str(w) for w in detected], "registry": [str(w) for w in registry],
@@ -70,7 +87,5 @@ def run(ctx) -> dict:
         "detection_iterations": detection["iterations"],
         "variants": details,
         "reference": reference if with_paper else None,
-        "table": {"columns": columns, "rows": rows,
-                  "caption": f"PPL ({ctx.cfg.eval.name} protocols); super weights {origin}: "
-                             f"{', '.join(map(str, chosen)) or 'none'}"},
+        "table": {"columns": columns, "rows": rows, "caption": caption},
     }

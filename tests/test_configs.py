@@ -59,3 +59,12 @@ def test_slurm_launcher_composes():
                       return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+def test_zeroshot_suites_compose():
+    quick = compose_cfg(["+exp=prune_sw", "eval=zeroshot_quick"]).eval
+    assert quick.ppl.wikitext2.windows == 8 and quick.zeroshot.limit == 25
+    assert set(quick.zeroshot.tasks) <= {"winogrande", "arc_challenge", "arc_easy", "piqa", "sciq", "hellaswag",
+                                         "lambada_openai"}
+    sw7 = compose_cfg(["+exp=prune_sw", "eval=zeroshot_quick", "eval/zeroshot=sw7"]).eval.zeroshot
+    assert len(sw7.tasks) == 7 and sw7.limit is None

@@ -87,3 +87,18 @@ def test_in_process_run_restores_weights_and_records_the_protocol(tmp_path):
     saved = json.loads((tmp_path / "prune_sw" / "tiny_gpt2" / "quick.json").read_text())
     assert saved["config"]["eval"]["ppl"]["c4"]["sampling"] == "random"
     assert saved["evaluations"]["c4"]["windows"] == 2
+
+
+def test_zeroshot_columns_end_to_end(tmp_path):
+    cfg = compose_cfg(["+exp=prune_sw", "model=tiny_llama", "eval=zeroshot_quick", "logger=none", *SMALL_EVAL,
+                       "eval.zeroshot.limit=3", "eval.zeroshot.tasks=[arc_easy,winogrande,sciq]",
+                       "exp.variants={original:[],prune_non_sw:[prune_non_sw]}",
+                       f"paths.results_dir={tmp_path}", f"paths.data_dir={DATA_DIR}", f"paths.cache_dir={tmp_path}"])
+    record = execute(cfg)
+    columns = record["table"]["columns"]
+    assert {"arc_easy", "winogrande", "sciq", "zero-shot mean"} <= set(columns)
+    row = record["table"]["rows"][0]
+    assert 0 <= row["arc_easy"] <= 100 and row["sciq"] is None
+    assert "arc_easy: reconstructed" in record["table"]["caption"] and "sciq: skipped" in record["table"]["caption"]
+    zeroshot = record["variants"]["original"]["zeroshot"]
+    assert zeroshot["lm_eval_version"] and zeroshot["tasks"]["arc_easy"]["task_version"] is not None

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from outlierlab import tracking
 from outlierlab.evals.data import Corpus, DataError, check_corpus, load_corpus
 from outlierlab.evals.ppl import SAMPLING, Windows, build_windows, perplexity
+from outlierlab.evals.zeroshot import build_tasks, check_tasks, evaluate_zeroshot
 from outlierlab.interventions.base import EditSession, Intervention
 from outlierlab.models.coords import SuperWeight, check_in_shape
 from outlierlab.models.hashing import weights_sha256
@@ -97,6 +98,8 @@ def preflight(cfg: DictConfig) -> Plan:
     data_dir = None if data_dir in (None, "", "null") else str(Path(data_dir).expanduser())
     for key, protocol in (cfg.eval.get("ppl") or {}).items():
         check_corpus(protocol.dataset, protocol.split, data_dir)
+    if cfg.eval.get("zeroshot"):
+        check_tasks(cfg.eval.zeroshot.tasks, data_dir)
     try:
         recipe = hydra.utils.get_method(cfg.exp.recipe)
     except Exception as error:
@@ -127,6 +130,7 @@ class RunContext:
     plan: Plan
     corpora: dict[str, Corpus]
     _windows: dict[str, Windows] = field(default_factory=dict)
+    _zeroshot_tasks: tuple | None = None
 
     @property
     def registry_super_weights(self) -> list[SuperWeight]:
@@ -145,6 +149,15 @@ class RunContext:
         if key not in self._windows:
             self._windows[key] = build_windows(self.cfg.eval.ppl[key], self.corpora[key], self.loaded)
         return self._windows[key]
+
+    def zeroshot(self, label: str) -> dict | None:
+        """The eval suite's zero-shot tasks through lm-eval on the model as it is now (None if the suite has none)."""
+        suite = self.cfg.eval.get("zeroshot")
+        if not suite:
+            return None
+        if self._zeroshot_tasks is None:
+            self._zeroshot_tasks = build_tasks(suite.tasks, self.plan.data_dir, self.cfg.paths.cache_dir)
+        return evaluate_zeroshot(self.loaded, suite, self._zeroshot_tasks, label=label)
 
     def evaluated_protocols(self) -> dict[str, dict]:
         """Protocol, data provenance and sha256 of every window set this run scored."""
@@ -192,6 +205,8 @@ def execute(cfg: DictConfig) -> dict:
     table = outcome.get("table")
     if table:
         print(markdown(table["columns"], table["rows"]))
+        if table.get("caption"):
+            print(table["caption"])
     print(f"result: {path}")
     tracking.log_run(cfg, record)
     return record

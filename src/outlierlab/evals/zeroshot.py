@@ -1,0 +1,123 @@
+"""Zero-shot accuracy through lm-eval, on the model as the interventions left it.
+
+lm-eval's own task definitions (prompt templates, targets, metrics) are used unchanged; offline, only where the data
+comes from is overridden, per task, from the local data directory. Tasks without local data are reported as skipped;
+tasks whose local data is not the original are marked with their data status, never silently mixed in.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from outlierlab.evals.data import DataError
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    """Where a task's evaluation split lives under the data directory, and how faithful that copy is."""
+    split: str  # the lm-eval split the file stands for: "validation" or "test"
+    files: tuple[str, ...]
+    status: str  # verbatim | reconstructed | approximate (see each data folder's README)
+    join_labels: str | None = None  # a .lst file with one label per line, joined into field `label`
+
+
+LOCAL_TASKS = {
+    "arc_easy": LocalTask("test", ("arc/ARC-Easy-Test.reconstructed.jsonl",), "reconstructed"),
+    "arc_challenge": LocalTask("test", ("arc/ARC-Challenge-Test.reconstructed.jsonl",), "reconstructed"),
+    "winogrande": LocalTask("validation", ("winogrande/dev.jsonl",), "verbatim"),
+    "piqa": LocalTask("validation", ("piqa/valid.jsonl",), "verbatim", join_labels="piqa/valid-labels.lst"),
+}
+
+
+def _joined_with_labels(data_dir: Path, task: LocalTask, cache_dir: Path) -> Path:
+    """piqa ships labels in a separate file: write one jsonl with a `label` field (cached by content)."""
+    rows = (data_dir / task.files[0]).read_text(encoding="utf-8").splitlines()
+    labels = (data_dir / task.join_labels).read_text().split()
+    if len(rows) != len(labels):
+        raise DataError(f"{task.files[0]}: {len(rows)} rows but {len(labels)} labels in {task.join_labels}")
+    merged = [json.dumps({**json.loads(row), "label": int(label)}) for row, label in zip(rows, labels)]
+    text = "\n".join(merged) + "\n"
+    target = cache_dir / "zeroshot" / f"{Path(task.files[0]).stem}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_suffix(".tmp")
+        staging.write_text(text, encoding="utf-8")
+        staging.replace(target)
+    return target
+
+
+def check_tasks(names, data_dir: str | None) -> None:
+    """Pre-flight: every task is known to lm-eval's naming here and its local files exist (when offline)."""
+    if data_dir is None:
+        return
+    for name in names:
+        local = LOCAL_TASKS.get(name)
+        for relative in (local.files + ((local.join_labels,) if local.join_labels else ())) if local else ():
+            if not (Path(data_dir) / relative).is_file():
+                raise DataError(f"zero-shot task '{name}': data file {Path(data_dir) / relative} not found")
+
+
+def build_tasks(names, data_dir: str | None, cache_dir: str | Path):
+    """-> (lm-eval TaskManager, {name: Task}, {name: status or skip reason})."""
+    from lm_eval.tasks import TaskManager
+    manager = TaskManager()
+    tasks, status = {}, {}
+    for name in names:
+        entry = manager._entry(name)
+        if entry is None:
+            raise DataError(f"zero-shot task '{name}' is not an lm-eval task")
+        if data_dir is None:  # online: the official task as it is
+            tasks[name] = manager._load_spec(name)
+            status[name] = "hub"
+            continue
+        local = LOCAL_TASKS.get(name)
+        if local is None:
+            status[name] = "skipped: no local data"
+            continue
+        path = (_joined_with_labels(Path(data_dir), local, Path(cache_dir).expanduser()) if local.join_labels
+                else Path(data_dir) / local.files[0])
+        # Only the data source changes; templates, targets and metrics stay the official ones. lm-eval merges
+        # overrides onto the registered task only through its factory (a bare dict spec would replace it).
+        overrides = {"task": name, "dataset_path": "json", "dataset_name": None,
+                     "dataset_kwargs": {"data_files": {local.split: str(path)}},
+                     "training_split": None, "validation_split": None, "test_split": None,
+                     f"{local.split}_split": local.split}
+        tasks[name] = manager._factory.build(entry, overrides=overrides, registry=manager._index)
+        status[name] = local.status
+    return manager, tasks, status
+
+
+def evaluate_zeroshot(loaded, suite, tasks_and_status, label: str = "zero-shot") -> dict:
+    """Accuracy of every task of the suite; `mean` averages acc over the tasks that ran."""
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+    manager, tasks, status = tasks_and_status
+    results = {"tasks": {}, "limit": suite.limit, "num_fewshot": 0}
+    if tasks:
+        model = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=suite.batch_size,
+                     add_bos_token=loaded.bos == "prepend")
+        print(f"{label}: lm-eval on {', '.join(tasks)} (limit {suite.limit})")
+        output = evaluator.simple_evaluate(model=model, tasks=list(tasks.values()), num_fewshot=0,
+                                           limit=suite.limit, task_manager=manager, random_seed=0,
+                                           numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        for name in tasks:
+            metrics = output["results"][name]
+            results["tasks"][name] = {
+                "acc": metrics.get("acc,none"), "acc_norm": metrics.get("acc_norm,none"),
+                "acc_stderr": metrics.get("acc_stderr,none"), "data": status[name],
+                "task_version": output["versions"].get(name), "samples": output["n-samples"][name]}
+        results["lm_eval_version"] = output.get("lm_eval_version") or _lm_eval_version()
+    for name, reason in status.items():
+        if name not in tasks:
+            results["tasks"][name] = {"acc": None, "data": reason}
+    accuracies = [t["acc"] for t in results["tasks"].values() if t["acc"] is not None]
+    results["mean"] = sum(accuracies) / len(accuracies) if accuracies else None
+    results["mean_over"] = [n for n, t in results["tasks"].items() if t["acc"] is not None]
+    return results
+
+
+def _lm_eval_version() -> str:
+    from importlib import metadata
+    return metadata.version("lm_eval")

@@ -1,0 +1,48 @@
+"""The lm-eval bridge: official task definitions on local data, on the in-memory (edited) model. Its accuracy
+equals scoring the same examples directly (sum of the continuation's log-probabilities, argmax over choices)."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import DATA_DIR
+from outlierlab.evals.zeroshot import build_tasks, evaluate_zeroshot
+
+pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data")
+
+
+def direct_accuracy(loaded, task, limit):
+    correct = 0
+    for doc in list(task.eval_docs)[:limit]:
+        context = task.doc_to_text(doc)
+        choices = task.doc_to_choice(doc)
+        scores = []
+        for choice in choices:
+            context_ids = loaded.with_bos(loaded.tokenizer(context, add_special_tokens=False)["input_ids"])
+            continuation = loaded.tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([context_ids + continuation])
+            with torch.no_grad():
+                logprobs = loaded.model(ids).logits.log_softmax(-1)[0]
+            positions = range(len(context_ids) - 1, ids.shape[1] - 1)
+            scores.append(sum(float(logprobs[p, ids[0, p + 1]]) for p in positions))
+        correct += int(max(range(len(choices)), key=scores.__getitem__) == task.doc_to_target(doc))
+    return correct / limit
+
+
+def test_bridge_accuracy_equals_direct_scoring(tiny_llama, tmp_path):
+    suite = OmegaConf.create({"tasks": ["arc_easy", "sciq"], "limit": 6, "batch_size": 4})
+    built = build_tasks(suite.tasks, str(DATA_DIR), tmp_path)
+    result = evaluate_zeroshot(tiny_llama, suite, built)
+    arc = result["tasks"]["arc_easy"]
+    assert arc["samples"]["effective"] == 6 and arc["data"] == "reconstructed" and arc["task_version"] is not None
+    assert arc["acc"] == pytest.approx(direct_accuracy(tiny_llama, built[1]["arc_easy"], 6))
+    assert result["tasks"]["sciq"] == {"acc": None, "data": "skipped: no local data"}  # reported, not dropped
+    assert result["mean_over"] == ["arc_easy"] and result["mean"] == arc["acc"]
+
+
+def test_piqa_labels_are_joined_from_their_own_file(tmp_path):
+    _, tasks, status = build_tasks(["piqa", "winogrande"], str(DATA_DIR), tmp_path)
+    labels = (DATA_DIR / "piqa" / "valid-labels.lst").read_text().split()
+    docs = list(tasks["piqa"].eval_docs)
+    assert len(docs) == len(labels) == 1838
+    assert [tasks["piqa"].doc_to_target(d) for d in docs[:20]] == [int(x) for x in labels[:20]]
+    assert len(list(tasks["winogrande"].eval_docs)) == 1267 and status["winogrande"] == "verbatim"
