@@ -48,6 +48,20 @@ def _joined_with_labels(data_dir: Path, task: LocalTask, cache_dir: Path) -> Pat
     return target
 
 
+def local_overrides(name: str, data_dir: str | Path, cache_dir: str | Path) -> tuple[dict, str] | None:
+    """The task-config keys that point `name` at its local file (None if there is no local data), and its status."""
+    local = LOCAL_TASKS.get(name)
+    if local is None:
+        return None
+    path = (_joined_with_labels(Path(data_dir), local, Path(cache_dir).expanduser()) if local.join_labels
+            else Path(data_dir) / local.files[0])
+    overrides = {"task": name, "dataset_path": "json", "dataset_name": None,
+                 "dataset_kwargs": {"data_files": {local.split: str(Path(path).resolve())}},
+                 "training_split": None, "validation_split": None, "test_split": None,
+                 f"{local.split}_split": local.split}
+    return overrides, local.status
+
+
 def check_tasks(names, data_dir: str | None) -> None:
     """Pre-flight: every task is known to lm-eval's naming here and its local files exist (when offline)."""
     if data_dir is None:
@@ -72,20 +86,14 @@ def build_tasks(names, data_dir: str | None, cache_dir: str | Path):
             tasks[name] = manager._load_spec(name)
             status[name] = "hub"
             continue
-        local = LOCAL_TASKS.get(name)
+        local = local_overrides(name, data_dir, cache_dir)
         if local is None:
             status[name] = "skipped: no local data"
             continue
-        path = (_joined_with_labels(Path(data_dir), local, Path(cache_dir).expanduser()) if local.join_labels
-                else Path(data_dir) / local.files[0])
         # Only the data source changes; templates, targets and metrics stay the official ones. lm-eval merges
         # overrides onto the registered task only through its factory (a bare dict spec would replace it).
-        overrides = {"task": name, "dataset_path": "json", "dataset_name": None,
-                     "dataset_kwargs": {"data_files": {local.split: str(path)}},
-                     "training_split": None, "validation_split": None, "test_split": None,
-                     f"{local.split}_split": local.split}
-        tasks[name] = manager._factory.build(entry, overrides=overrides, registry=manager._index)
-        status[name] = local.status
+        tasks[name] = manager._factory.build(entry, overrides=local[0], registry=manager._index)
+        status[name] = local[1]
     return manager, tasks, status
 
 
