@@ -28,6 +28,8 @@ LOCAL_TASKS = {
     "arc_challenge": LocalTask("test", ("arc/ARC-Challenge-Test.reconstructed.jsonl",), "reconstructed"),
     "winogrande": LocalTask("validation", ("winogrande/dev.jsonl",), "verbatim"),
     "piqa": LocalTask("validation", ("piqa/valid.jsonl",), "verbatim", join_labels="piqa/valid-labels.lst"),
+    "boolq": LocalTask("validation", ("boolq/val.superglue_format.jsonl",), "derived (SuperGLUE layout of dev)"),
+    "lambada_openai": LocalTask("test", ("lambada_openai/lambada_test_en.jsonl",), "rebuilt"),
 }
 
 
