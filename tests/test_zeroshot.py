@@ -48,9 +48,11 @@ def test_piqa_labels_are_joined_from_their_own_file(tmp_path):
     assert len(list(tasks["winogrande"].eval_docs)) == 1267 and status["winogrande"] == "verbatim"
 
 
-@pytest.mark.parametrize("name,count", [("boolq", 3270), ("lambada_openai", 5153), ("arc_challenge", 1172)])
+@pytest.mark.parametrize("name,count", [("boolq", 3270), ("lambada_openai", 5153), ("arc_challenge", 1172),
+                                        ("openbookqa", 500), ("rte", 277)])
 def test_other_local_tasks_load_with_official_templates(name, count, tmp_path):
     _, tasks, status = build_tasks([name], str(DATA_DIR), tmp_path)
     docs = list(tasks[name].eval_docs)
-    assert len(docs) == count and status[name] != "verbatim"
+    assert len(docs) == count and status[name]
     assert tasks[name].doc_to_text(docs[0])  # the official template renders on the local fields
+    assert tasks[name].doc_to_target(docs[0]) is not None

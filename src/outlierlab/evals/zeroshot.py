@@ -6,12 +6,41 @@ tasks whose local data is not the original are marked with their data status, ne
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 from outlierlab.evals.data import DataError
+
+
+def _piqa_rows(files: list[Path]) -> list[dict]:
+    """piqa ships its labels in a separate file, one per line."""
+    rows = files[0].read_text(encoding="utf-8").splitlines()
+    labels = files[1].read_text().split()
+    if len(rows) != len(labels):
+        raise DataError(f"{files[0]}: {len(rows)} rows but {len(labels)} labels in {files[1]}")
+    return [{**json.loads(row), "label": int(label)} for row, label in zip(rows, labels)]
+
+
+def _openbookqa_rows(files: list[Path]) -> list[dict]:
+    """Original OpenBookQA layout (question.stem, question.choices) -> the HF layout lm-eval's task reads."""
+    rows = []
+    for line in files[0].read_text(encoding="utf-8").splitlines():
+        doc = json.loads(line)
+        choices = doc["question"]["choices"]
+        rows.append({"id": doc["id"], "question_stem": doc["question"]["stem"], "answerKey": doc["answerKey"],
+                     "choices": {"text": [c["text"] for c in choices], "label": [c["label"] for c in choices]}})
+    return rows
+
+
+def _rte_rows(files: list[Path]) -> list[dict]:
+    """GLUE RTE validation TSV (sentence1, sentence2, label, idx) -> rows."""
+    with open(files[0], encoding="utf-8", newline="") as handle:
+        return [{**row, "label": int(row["label"]), "idx": int(row["idx"])}
+                for row in csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)]
 
 
 @dataclass(frozen=True)
@@ -19,29 +48,28 @@ class LocalTask:
     """Where a task's evaluation split lives under the data directory, and how faithful that copy is."""
     split: str  # the lm-eval split the file stands for: "validation" or "test"
     files: tuple[str, ...]
-    status: str  # verbatim | reconstructed | approximate (see each data folder's README)
-    join_labels: str | None = None  # a .lst file with one label per line, joined into field `label`
+    status: str  # verbatim | reconstructed | derived | rebuilt (see each data folder's README)
+    convert: Callable[[list[Path]], list[dict]] | None = None  # when the file is not in the layout lm-eval reads
 
 
 LOCAL_TASKS = {
     "arc_easy": LocalTask("test", ("arc/ARC-Easy-Test.reconstructed.jsonl",), "reconstructed"),
     "arc_challenge": LocalTask("test", ("arc/ARC-Challenge-Test.reconstructed.jsonl",), "reconstructed"),
     "winogrande": LocalTask("validation", ("winogrande/dev.jsonl",), "verbatim"),
-    "piqa": LocalTask("validation", ("piqa/valid.jsonl",), "verbatim", join_labels="piqa/valid-labels.lst"),
+    "piqa": LocalTask("validation", ("piqa/valid.jsonl", "piqa/valid-labels.lst"), "verbatim", _piqa_rows),
     "boolq": LocalTask("validation", ("boolq/val.superglue_format.jsonl",), "derived (SuperGLUE layout of dev)"),
     "lambada_openai": LocalTask("test", ("lambada_openai/lambada_test_en.jsonl",), "rebuilt"),
+    "openbookqa": LocalTask("test", ("openbookqa/test.jsonl",), "verbatim", _openbookqa_rows),
+    "rte": LocalTask("validation", ("rte/validation.tsv",), "verbatim", _rte_rows),
 }
 
 
-def _joined_with_labels(data_dir: Path, task: LocalTask, cache_dir: Path) -> Path:
-    """piqa ships labels in a separate file: write one jsonl with a `label` field (cached by content)."""
-    rows = (data_dir / task.files[0]).read_text(encoding="utf-8").splitlines()
-    labels = (data_dir / task.join_labels).read_text().split()
-    if len(rows) != len(labels):
-        raise DataError(f"{task.files[0]}: {len(rows)} rows but {len(labels)} labels in {task.join_labels}")
-    merged = [json.dumps({**json.loads(row), "label": int(label)}) for row, label in zip(rows, labels)]
-    text = "\n".join(merged) + "\n"
-    target = cache_dir / "zeroshot" / f"{Path(task.files[0]).stem}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
+def _converted(data_dir: Path, task: LocalTask, cache_dir: Path) -> Path:
+    """Run the task's converter once; the jsonl is cached under a name keyed by its content."""
+    rows = task.convert([data_dir / relative for relative in task.files])
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    target = cache_dir / "zeroshot" / f"{Path(task.files[0]).parent.name}-{digest}.jsonl"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.with_suffix(".tmp")
@@ -55,7 +83,7 @@ def local_overrides(name: str, data_dir: str | Path, cache_dir: str | Path) -> t
     local = LOCAL_TASKS.get(name)
     if local is None:
         return None
-    path = (_joined_with_labels(Path(data_dir), local, Path(cache_dir).expanduser()) if local.join_labels
+    path = (_converted(Path(data_dir), local, Path(cache_dir).expanduser()) if local.convert
             else Path(data_dir) / local.files[0])
     overrides = {"task": name, "dataset_path": "json", "dataset_name": None,
                  "dataset_kwargs": {"data_files": {local.split: str(Path(path).resolve())}},
@@ -70,7 +98,7 @@ def check_tasks(names, data_dir: str | None) -> None:
         return
     for name in names:
         local = LOCAL_TASKS.get(name)
-        for relative in (local.files + ((local.join_labels,) if local.join_labels else ())) if local else ():
+        for relative in local.files if local else ():
             if not (Path(data_dir) / relative).is_file():
                 raise DataError(f"zero-shot task '{name}': data file {Path(data_dir) / relative} not found")
 
