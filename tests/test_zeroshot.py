@@ -49,10 +49,22 @@ def test_piqa_labels_are_joined_from_their_own_file(tmp_path):
 
 
 @pytest.mark.parametrize("name,count", [("boolq", 3270), ("lambada_openai", 5153), ("arc_challenge", 1172),
-                                        ("openbookqa", 500), ("rte", 277)])
+                                        ("openbookqa", 500), ("rte", 277), ("hellaswag", 10042), ("copa", 100)])
 def test_other_local_tasks_load_with_official_templates(name, count, tmp_path):
     _, tasks, status = build_tasks([name], str(DATA_DIR), tmp_path)
     docs = list(tasks[name].eval_docs)
     assert len(docs) == count and status[name]
     assert tasks[name].doc_to_text(docs[0])  # the official template renders on the local fields
     assert tasks[name].doc_to_target(docs[0]) is not None
+
+
+def test_rebuilt_copa_and_hellaswag_prompts_match_the_local_text(tmp_path):
+    _, tasks, status = build_tasks(["copa", "hellaswag"], str(DATA_DIR), tmp_path)
+    copa = list(tasks["copa"].eval_docs)[0]
+    assert tasks["copa"].doc_to_text(copa) == "The man turned on the faucet, therefore"
+    assert tasks["copa"].doc_to_target(copa) == " water flowed from the spout."  # gold = 1, the second choice
+    assert tasks["copa"].doc_to_choice(copa) == [" the toilet filled with water.", " water flowed from the spout."]
+    swag = list(tasks["hellaswag"].eval_docs)[0]
+    assert tasks["hellaswag"].doc_to_text(swag) == "Roof shingle removal: A man is sitting on a roof. he"
+    assert tasks["hellaswag"].doc_to_target(swag) == 3 and len(tasks["hellaswag"].doc_to_choice(swag)) == 4
+    assert status["hellaswag"].startswith("approximate")

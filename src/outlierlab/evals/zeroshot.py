@@ -6,6 +6,7 @@ tasks whose local data is not the original are marked with their data status, ne
 """
 from __future__ import annotations
 
+import bz2
 import csv
 import hashlib
 import json
@@ -43,6 +44,30 @@ def _rte_rows(files: list[Path]) -> list[dict]:
                 for row in csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)]
 
 
+def _hellaswag_rows(files: list[Path]) -> list[dict]:
+    """llama.cpp's preprocessed text (6 lines a task: "activity_label: ctx", gold, 4 endings) -> the fields lm-eval's
+    process_docs reads. The whole context goes to ctx_a: the original ctx_b capitalisation is lost (approximate)."""
+    with bz2.open(files[0], "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    rows = []
+    for start in range(0, len(lines) - 5, 6):
+        label, _, context = lines[start].partition(": ")
+        rows.append({"activity_label": label, "ctx_a": context, "ctx_b": "", "label": lines[start + 1].strip(),
+                     "endings": lines[start + 2:start + 6]})
+    return rows
+
+
+def _copa_rows(files: list[Path]) -> list[dict]:
+    """llm-foundry's COPA (query = premise without its period + " because"/" therefore") -> SuperGLUE fields."""
+    rows = []
+    for index, line in enumerate(files[0].read_text(encoding="utf-8").splitlines()):
+        doc = json.loads(line)
+        premise, _, connector = doc["query"].rpartition(" ")
+        rows.append({"premise": premise + ".", "question": {"because": "cause", "therefore": "effect"}[connector],
+                     "choice1": doc["choices"][0], "choice2": doc["choices"][1], "label": doc["gold"], "idx": index})
+    return rows
+
+
 @dataclass(frozen=True)
 class LocalTask:
     """Where a task's evaluation split lives under the data directory, and how faithful that copy is."""
@@ -61,6 +86,10 @@ LOCAL_TASKS = {
     "lambada_openai": LocalTask("test", ("lambada_openai/lambada_test_en.jsonl",), "rebuilt"),
     "openbookqa": LocalTask("test", ("openbookqa/test.jsonl",), "verbatim", _openbookqa_rows),
     "rte": LocalTask("validation", ("rte/validation.tsv",), "verbatim", _rte_rows),
+    "hellaswag": LocalTask("validation", ("hellaswag/hellaswag_val_full.txt.bz2",), "approximate (preprocessed text)",
+                           _hellaswag_rows),
+    "copa": LocalTask("validation", ("copa/copa_validation.llmfoundry_icl.jsonl",), "derived (llm-foundry layout)",
+                      _copa_rows),
 }
 
 
