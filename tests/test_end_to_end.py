@@ -58,6 +58,7 @@ def test_multirun_over_models(tmp_path):
     (["+exp=prune_sw", "model=tiny_llama", "model.super_weights=[{coord:'(7, 1, 3)'}]"], "layer 7 is outside"),
     (["+exp=prune_sw", "paths.data_dir=/nonexistent/data"], "paths.data_dir=/nonexistent/data does not exist"),
     (["+exp=prune_sw", "model.bos=sometimes"], "model.bos=sometimes"),
+    (["+exp=prune_sw", "exp.super_weights=guess"], "exp.super_weights=guess"),
     (["+exp=prune_sw", "model=llama7b"], "hub is unreachable"),
     (["model=tiny_llama"], "no experiment selected"),
 ])

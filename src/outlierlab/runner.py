@@ -6,7 +6,6 @@ line on stderr and exit code 2, and nothing is written to results/.
 from __future__ import annotations
 
 import datetime
-import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,6 @@ from outlierlab.models.source import ModelSource, SourceError, resolve_source
 from outlierlab.results import git_state, library_versions, result_path, write_result
 from outlierlab.tables import markdown
 
-log = logging.getLogger(__name__)
 EXP_DIR = Path(__file__).resolve().parents[2] / "conf" / "exp"
 
 
@@ -105,6 +103,8 @@ def preflight(cfg: DictConfig) -> Plan:
     except Exception as error:
         raise ConfigError(f"exp.recipe={cfg.exp.recipe} cannot be imported ({str(error).splitlines()[0]})") from None
     interventions = _instantiate_interventions(cfg)
+    if cfg.exp.get("super_weights") is not None:
+        _check_choice("exp.super_weights", cfg.exp.super_weights, ("auto", "detect", "registry"))
     try:
         super_weights = [SuperWeight.parse(entry.coord) for entry in model.get("super_weights") or []]
     except (ValueError, AttributeError) as error:

@@ -169,13 +169,14 @@ class Sites:
 
         Hook points: `layers.{i}.out` (block output), `<module site>.in` (its first input), `<module site>.out`.
         """
-        handle = self._register(site, fn)
+        handle = self.register(site, fn)
         try:
             yield
         finally:
             handle.remove()
 
-    def _register(self, site: str, fn):
+    def register(self, site: str, fn):
+        """Like `hook` but returns the handle (for hooks that live as long as an intervention)."""
         if site.startswith("layers.") and site.count(".") == 2 and site.endswith(".out"):
             module_site, point = site[: -len(".out")], "out"  # layers.{i}.out: the block's output
         else:
@@ -198,7 +199,3 @@ class Sites:
                 return (replaced, *output[1:])
             return replaced
         return module.register_forward_hook(post_hook)
-
-    def register(self, site: str, fn):
-        """Like `hook` but returns the handle (for hooks that live as long as an intervention)."""
-        return self._register(site, fn)
