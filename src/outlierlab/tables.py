@@ -1,7 +1,8 @@
-"""Plain-text tables from result rows (markdown; the paper's numbers sit in their own columns)."""
+"""Tables from result rows, as markdown and LaTeX (the paper's numbers sit in their own columns)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 
 def format_number(value) -> str:
@@ -24,3 +25,33 @@ def markdown(columns: list[str], rows: list[dict]) -> str:
     def line(values):
         return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
     return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(char, char) for char in text)
+
+
+def latex(columns: list[str], rows: list[dict], caption: str | None = None) -> str:
+    escape = _latex_escape
+    lines = ["\\begin{table}[t]", "\\centering", "\\begin{tabular}{l" + "r" * (len(columns) - 1) + "}", "\\toprule",
+             " & ".join(escape(c) for c in columns) + " \\\\", "\\midrule"]
+    lines += [" & ".join(escape(format_number(row.get(c))) for c in columns) + " \\\\" for row in rows]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    if caption:
+        lines.append(f"\\caption{{{escape(caption)}}}")
+    lines.append("\\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(columns: list[str], rows: list[dict], path_stem: Path, caption: str | None = None) -> list[Path]:
+    """Write `<path_stem>.md` and `<path_stem>.tex`; returns both paths."""
+    path_stem = Path(path_stem)
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    md, tex = path_stem.with_suffix(".md"), path_stem.with_suffix(".tex")
+    md.write_text(markdown(columns, rows) + (f"\n\n{caption}\n" if caption else "\n"))
+    tex.write_text(latex(columns, rows, caption))
+    return [md, tex]

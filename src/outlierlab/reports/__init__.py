@@ -1,0 +1,57 @@
+"""Tables and figures regenerated from results/ alone.
+
+Each study has one module in this package that registers what it can rebuild from its result JSONs:
+
+    from outlierlab.reports import register
+    register("sw", tables=build_sw_tables, figures=build_sw_figures)
+
+A builder takes (results_dir, out_dir) and returns the paths it wrote. `scripts/make_tables.py` and
+`scripts/make_figures.py` discover every module here, so adding a study never edits those scripts.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+Builder = Callable[[Path, Path], list[Path]]
+
+
+@dataclass(frozen=True)
+class Report:
+    name: str
+    tables: Builder | None = None
+    figures: Builder | None = None
+
+
+REPORTS: dict[str, Report] = {}
+
+
+def register(name: str, *, tables: Builder | None = None, figures: Builder | None = None) -> None:
+    if name in REPORTS:
+        raise ValueError(f"report '{name}' is registered twice")
+    REPORTS[name] = Report(name, tables, figures)
+
+
+def discover() -> dict[str, Report]:
+    """Import every report module of this package (each registers itself) and return the registry."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    return REPORTS
+
+
+def run_builders(kind: str, results_dir: Path, out_dir: Path, only: list[str] | None = None) -> list[Path]:
+    """Run every registered builder of `kind` ("tables" or "figures"); returns all paths written."""
+    reports = discover()
+    unknown = sorted(set(only or []) - set(reports))
+    if unknown:
+        raise ValueError(f"--only {', '.join(unknown)}: no such report (available: {', '.join(sorted(reports))})")
+    written = []
+    for name, report in sorted(reports.items()):
+        builder = getattr(report, kind)
+        if builder is None or (only and name not in only):
+            continue
+        written += builder(Path(results_dir), Path(out_dir))
+    return written
