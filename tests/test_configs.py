@@ -68,3 +68,5 @@ def test_zeroshot_suites_compose():
                                          "lambada_openai"}
     sw7 = compose_cfg(["+exp=prune_sw", "eval=zeroshot_quick", "eval/zeroshot=sw7"]).eval.zeroshot
     assert len(sw7.tasks) == 7 and sw7.limit is None
+    ma5 = compose_cfg(["+exp=prune_sw", "eval=zeroshot_quick", "eval/zeroshot=ma5"]).eval.zeroshot
+    assert ma5.tasks == ["boolq", "piqa", "winogrande", "arc_easy", "arc_challenge"] and ma5.limit is None

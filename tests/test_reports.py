@@ -32,5 +32,5 @@ def test_unknown_report_name_is_one_clear_error(tmp_path):
 def test_make_scripts_run_on_an_empty_results_dir(tmp_path):
     for script in ("make_tables.py", "make_figures.py"):
         done = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--results", str(tmp_path)],
-                              capture_output=True, text=True, cwd=ROOT)
+                              check=False, capture_output=True, text=True, cwd=ROOT)
         assert done.returncode == 0, done.stderr

@@ -68,3 +68,13 @@ def test_rebuilt_copa_and_hellaswag_prompts_match_the_local_text(tmp_path):
     assert tasks["hellaswag"].doc_to_text(swag) == "Roof shingle removal: A man is sitting on a roof. he"
     assert tasks["hellaswag"].doc_to_target(swag) == 3 and len(tasks["hellaswag"].doc_to_choice(swag)) == 4
     assert status["hellaswag"].startswith("approximate")
+
+
+def test_every_suite_names_lm_eval_tasks_with_local_data_or_a_known_gap():
+    """A suite may list a task without local data only if it is a documented gap (sciq), reported as skipped."""
+    from conftest import CONF
+    from outlierlab.evals.zeroshot import LOCAL_TASKS
+    known_gaps = {"sciq"}
+    for path in sorted((CONF / "eval" / "zeroshot").glob("*.yaml")):
+        tasks = set(OmegaConf.load(path).tasks)
+        assert tasks - set(LOCAL_TASKS) <= known_gaps, path.name
