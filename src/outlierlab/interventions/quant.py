@@ -81,7 +81,7 @@ class QuantizeWeights(Intervention):
             for weight, (row, col) in protected.get(id(view.param), []):
                 quantized[row, col] = original[row, col]
                 restored.append({"super_weight": str(weight), "value": float(original[row, col])})
-            tensors.append({"name": name, **info, **error_stats(original, quantized)})
+            tensors.append({"name": name, "numel": original.numel(), **info, **error_stats(original, quantized)})
             session.set(view.param, WHOLE, quantized.t() if view.transposed else quantized)
         session.log.append({"edit": "quantize_weights", "bits": self.bits, "block": self.block, "zero_point": self.zero_point, "clip_zscore": self.clip_zscore,
                             "restored_super_weights": restored, "summary": _summary(tensors), "tensors": tensors})

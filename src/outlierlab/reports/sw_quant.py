@@ -43,8 +43,25 @@ def _merge_weight_runs(records: list[tuple[Path, dict]]) -> dict:
             for values, value in ((bits, run["bits"]), (blocks, run["block"]), (methods, run["method"])):
                 if value not in values:
                     values.append(value)
+    # Order the x axis by weights per quantization group, finest first: measured (numel / groups) where the result
+    # records numel, else read from the label (RxC, flatN; tensor last).
+    size = {}
+    for (_, block, _), run in runs.items():
+        groups = sum(t["groups"] for t in run["tensors"])
+        numel = sum(t.get("numel", 0) for t in run["tensors"])
+        size.setdefault(block, numel / groups if numel and groups else _nominal_size(block))
+    blocks = sorted(blocks, key=lambda block: size[block])
     return {"runs": runs, "bits": bits, "blocks": blocks, "methods": methods, "original": original,
             "reference": reference, "caption": caption, "files": files, "gguf": gguf}
+
+
+def _nominal_size(block: str) -> float:
+    rows, _, cols = block.partition("x")
+    if rows.isdigit() and cols.isdigit():
+        return int(rows) * int(cols)
+    if block.startswith("flat") and block[4:].isdigit():
+        return int(block[4:])
+    return float("inf")
 
 
 def _paper_columns(reference: dict | None) -> list[tuple[str, str, str, dict]]:
@@ -121,7 +138,7 @@ def _fig7(model: str, merged: dict, out_dir: Path) -> list[Path]:
             ax.set_xticks(range(len(blocks)), blocks, rotation=30, fontsize=8)
             ax.set_title(f"{model}, INT{bits}", fontsize=10)
             ax.set_ylabel(METRIC_NAMES.get(metric, metric))
-            ax.set_xlabel("block (rows x cols of W)")
+            ax.set_xlabel("granularity (block: rows x cols of W)")
             ax.grid(alpha=0.3)
             if row == 0 and col == 0:
                 ax.legend(fontsize=7)
