@@ -20,7 +20,8 @@ def check(cfg) -> None:
     """Before any weights load: the calibration corpus exists."""
     calibration = cfg.exp.calibration
     data_dir = cfg.paths.data_dir
-    check_corpus(calibration.dataset, calibration.split, None if data_dir in (None, "", "null") else str(Path(data_dir).expanduser()))
+    data_dir = None if data_dir in (None, "", "null") else str(Path(data_dir).expanduser())
+    check_corpus(calibration.dataset, calibration.split, data_dir)
 
 
 def _activation_error(edits: list[dict]) -> float | None:

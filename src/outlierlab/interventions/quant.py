@@ -83,7 +83,8 @@ class QuantizeWeights(Intervention):
                 restored.append({"super_weight": str(weight), "value": float(original[row, col])})
             tensors.append({"name": name, "numel": original.numel(), **info, **error_stats(original, quantized)})
             session.set(view.param, WHOLE, quantized.t() if view.transposed else quantized)
-        session.log.append({"edit": "quantize_weights", "bits": self.bits, "block": self.block, "zero_point": self.zero_point, "clip_zscore": self.clip_zscore,
+        session.log.append({"edit": "quantize_weights", "bits": self.bits, "block": self.block,
+                            "zero_point": self.zero_point, "clip_zscore": self.clip_zscore,
                             "restored_super_weights": restored, "summary": _summary(tensors), "tensors": tensors})
 
 

@@ -123,7 +123,8 @@ def _fig7(model: str, merged: dict, out_dir: Path) -> list[Path]:
         for col, bits in enumerate(merged["bits"]):
             ax = axes[row][col]
             for method in merged["methods"]:
-                color, marker, label = styles.get(method, (None, "^", method))
+                extra = ("tab:green", "tab:purple", "tab:orange", "tab:brown")[merged["methods"].index(method) % 4]
+                color, marker, label = styles.get(method, (extra, "^", method))
                 values = [merged["runs"].get((bits, block, method), {}).get("scores", {}).get(metric)
                           for block in blocks]
                 points = [(i, v) for i, v in enumerate(values) if v is not None]
