@@ -6,6 +6,7 @@ line on stderr and exit code 2, and nothing is written to results/.
 from __future__ import annotations
 
 import datetime
+import inspect
 import sys
 import time
 from dataclasses import dataclass, field
@@ -102,6 +103,12 @@ def preflight(cfg: DictConfig) -> Plan:
         recipe = hydra.utils.get_method(cfg.exp.recipe)
     except Exception as error:
         raise ConfigError(f"exp.recipe={cfg.exp.recipe} cannot be imported ({str(error).splitlines()[0]})") from None
+    check = getattr(inspect.getmodule(recipe), "check", None)  # a recipe module may check its own exp keys
+    if check is not None:
+        try:
+            check(cfg)
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(str(error).splitlines()[0].strip("'\"")) from None
     interventions = _instantiate_interventions(cfg)
     if cfg.exp.get("super_weights") is not None:
         _check_choice("exp.super_weights", cfg.exp.super_weights, ("auto", "detect", "registry"))
@@ -136,11 +143,13 @@ class RunContext:
     def registry_super_weights(self) -> list[SuperWeight]:
         return self.plan.super_weights
 
-    def edit(self, names: list[str], context: dict) -> EditSession:
-        """Apply the named interventions in order; use as `with ctx.edit(...) as session:` to undo them."""
+    def edit(self, names: list, context: dict) -> EditSession:
+        """Apply the interventions in order (names from exp.interventions, or Intervention objects a recipe built
+        from its exp config); use as `with ctx.edit(...) as session:` to undo them."""
         session = EditSession(self.loaded, context)
         try:
-            return session.apply(self.plan.interventions[name] for name in names)
+            return session.apply(name if isinstance(name, Intervention) else self.plan.interventions[name]
+                                 for name in names)
         except BaseException:
             session.undo()
             raise

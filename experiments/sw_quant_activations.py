@@ -1,0 +1,76 @@
+"""Paper SW Tables 3/4: W8A8 (simulated) with naive activation RTN, with the super activation held out, and with
+SmoothQuant's smoothing as the data-calibrated baseline.
+
+1. Build the calibration windows (exp.calibration, a PPL protocol config) for SmoothQuant.
+2. For each variant (interventions applied in order to the original model): PPL (+ zero-shot), then undo.
+3. One row per variant with the activation and weight quantization error beside the scores.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from outlierlab.evals.data import check_corpus, load_corpus
+from outlierlab.evals.ppl import build_windows
+
+
+def check(cfg) -> None:
+    """Before any weights load: the calibration corpus exists."""
+    calibration = cfg.exp.calibration
+    data_dir = cfg.paths.data_dir
+    data_dir = None if data_dir in (None, "", "null") else str(Path(data_dir).expanduser())
+    check_corpus(calibration.dataset, calibration.split, data_dir)
+
+
+def _activation_error(edits: list[dict]) -> float | None:
+    """sqrt(sum of squared errors / sum of squares) over every quantized linear input of the variant."""
+    inputs = [r for e in edits if e["edit"] == "quantize_activations" for r in e["inputs"].values()]
+    total = sum(r["sum_sq"] for r in inputs)
+    return math.sqrt(sum(r["sum_sq_error"] for r in inputs) / total) if total else None
+
+
+def run(ctx) -> dict:
+    exp = ctx.cfg.exp
+    calibration = build_windows(exp.calibration, load_corpus(exp.calibration.dataset, exp.calibration.split,
+                                                             ctx.plan.data_dir), ctx.loaded)
+    context = {"calibration_ids": calibration.ids}
+    protocols = list(ctx.cfg.eval.ppl)
+    reference = (OmegaConf.to_container(exp.reference.models).get(ctx.cfg.model.name)
+                 if exp.get("reference") else None)
+
+    rows, details = [], {}
+    for variant, names in exp.variants.items():
+        with ctx.edit(list(names), context) as session:
+            ppl = ctx.perplexities(label=variant)
+            zeroshot = ctx.zeroshot(label=variant)
+            edits = list(session.log)
+        row = {"variant": variant, **{key: ppl[key]["ppl"] for key in protocols}}
+        if zeroshot:
+            row["zero-shot mean"] = None if zeroshot["mean"] is None else 100 * zeroshot["mean"]
+        row["act. rel. error"] = _activation_error(edits)
+        weights = [e["summary"]["mean_relative_error"] for e in edits if e["edit"] == "quantize_weights"]
+        row["weight rel. error"] = weights[0] if weights else None
+        if reference:
+            for key in protocols:
+                row[f"paper {key}"] = reference.get(variant, {}).get(key)
+        rows.append(row)
+        details[variant] = {"interventions": list(names), "edits": edits, "ppl": ppl, "zeroshot": zeroshot}
+
+    baseline = next(r for r in rows if r["variant"] == "original") if "original" in exp.variants else None
+    for row in rows:
+        if baseline:
+            row["x original"] = row[protocols[0]] / baseline[protocols[0]]
+    columns = ["variant", *protocols, *(["x original"] if baseline else [])]
+    columns += ["zero-shot mean"] if ctx.cfg.eval.get("zeroshot") else []
+    columns += ["act. rel. error", "weight rel. error"] + ([f"paper {k}" for k in protocols] if reference else [])
+    caption = (f"W8A8 simulated ({ctx.cfg.eval.name} protocols); act. rel. error = ||X^-X||/||X|| over every "
+               f"quantized linear input; SmoothQuant calibrated on {calibration.meta['windows']} x "
+               f"{calibration.meta['seqlen']} tokens of {exp.calibration.dataset} (seed {exp.calibration.seed})")
+    return {
+        "calibration": calibration.meta,
+        "variants": details,
+        "reference": {"source": exp.reference.source, "values": reference} if reference else None,
+        "table": {"columns": columns, "rows": rows, "caption": caption},
+    }

@@ -1,0 +1,84 @@
+"""SmoothQuant (Xiao et al. 2023, arXiv 2211.10438): per-channel smoothing factors from calibration maxima.
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
+
+X_j is input channel j of the linears that read one norm's output (calibrated on data), W_j the column j of those
+linears' weights (max over all of them). X / s and W * s give the same product, with the activation outliers moved
+into the weights. Which linears share a norm is one table per architecture family (as SmoothQuant's smooth.py does
+for Llama and OPT: the attention projections after the first norm, the MLP's input projections after the second;
+o_proj and down_proj are not smoothed).
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+# family name (models/sites.py) -> [(norm site, candidate linear paths inside the block)]. A fused projection
+# (Phi-3's qkv_proj / gate_up_proj) is listed beside the split ones; the ones a model has are used.
+SMOOTH_GROUPS: dict[str, list[tuple[str, list[str]]]] = {
+    "llama-like": [("norm1", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj"]),
+                   ("norm2", ["mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj"])],
+    "opt": [("norm1", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]), ("norm2", ["fc1"])],
+    "gpt2": [("norm1", ["attn.c_attn"]), ("norm2", ["mlp.c_fc"])],
+}
+
+# SmoothQuant's smooth.py clamps both maxima and the factors at 1e-5 (avoids 0 ** negative and division by 0).
+EPSILON = 1e-5
+
+
+class NoSmoothingTable(ValueError):
+    pass
+
+
+def smoothing_groups(sites) -> list[tuple[int, str, list[tuple[str, torch.nn.Module]]]]:
+    """[(layer, norm site, [(linear name, module)])] for every block of this model."""
+    table = SMOOTH_GROUPS.get(sites.family.name)
+    if table is None:
+        raise NoSmoothingTable(f"SmoothQuant has no norm -> linear table for family '{sites.family.name}' "
+                               f"(known: {', '.join(SMOOTH_GROUPS)}); add one to quant/smoothing.py")
+    groups = []
+    for layer in range(sites.num_layers):
+        block = sites.module(f"layers.{layer}")
+        for norm, paths in table:
+            linears = [(f"layers.{layer}.{path}.weight", block.get_submodule(path)) for path in paths
+                       if _has(block, path)]
+            if not linears:
+                raise NoSmoothingTable(f"layers.{layer} has none of {', '.join(paths)} after {norm}")
+            groups.append((layer, f"layers.{layer}.{norm}", linears))
+    return groups
+
+
+def _has(module: torch.nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+@torch.no_grad()
+def calibrate_input_maxima(loaded, ids: torch.Tensor, norm_sites: list[str], batch_size: int = 1
+                           ) -> dict[str, torch.Tensor]:
+    """Running per-channel max |x| of each norm's output over the calibration windows (streamed: one vector per
+    site is all that is kept)."""
+    maxima: dict[str, torch.Tensor] = {}
+
+    def fold(site):
+        def hook(output: torch.Tensor):
+            current = output.detach().abs().float().reshape(-1, output.shape[-1]).amax(dim=0)
+            maxima[site] = current if site not in maxima else torch.maximum(maxima[site], current)
+        return hook
+
+    handles = [loaded.sites.register(f"{site}.out", fold(site)) for site in norm_sites]
+    try:
+        for batch in tqdm(ids.split(batch_size), desc="smoothquant calibration", leave=False):
+            loaded.model(batch.to(loaded.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return maxima
+
+
+def smoothing_factors(input_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), as SmoothQuant's smooth_ln_fcs."""
+    return (input_max.clamp(min=EPSILON).pow(alpha) / weight_max.clamp(min=EPSILON).pow(1 - alpha)).clamp(min=EPSILON)
