@@ -33,15 +33,15 @@ def run(ctx) -> dict:
             rows.append({"variant": variant, "note": "skipped: no super weight"})
             continue
         peak = max(residual[variant], key=lambda layer: layer["max_abs"])
-        rows.append({"variant": variant, "max |h|": peak["max_abs"], "layer": peak["layer"],
-                     "channel": peak["channel"], "final layer max |h|": residual[variant][-1]["max_abs"]})
+        rows.append({"variant": variant, "max abs(h)": peak["max_abs"], "layer": peak["layer"],
+                     "channel": peak["channel"], "final layer max abs(h)": residual[variant][-1]["max_abs"]})
     baseline = residual.get("original")
     for row in rows:
-        if baseline and "max |h|" in row:
-            row["x original"] = row["max |h|"] / max(layer["max_abs"] for layer in baseline)
+        if baseline and "max abs(h)" in row:
+            row["x original"] = row["max abs(h)"] / max(layer["max_abs"] for layer in baseline)
 
     spike = max(down_proj, key=lambda layer: layer["output_max"]["abs"])
-    columns = ["variant", "max |h|", "layer", "channel", "final layer max |h|", "x original"]
+    columns = ["variant", "max abs(h)", "layer", "channel", "final layer max abs(h)", "x original"]
     if any("note" in row for row in rows):
         columns.append("note")
     caption = (f"max |residual| over layers on {len(prompts)} prompt(s); super weights {origin}: "

@@ -29,7 +29,7 @@ def run(ctx) -> dict:
     detected = [SuperWeight(*entry["coord"]) for entry in detection["super_weights"]]
     chosen, origin = choose_super_weights(cfg.super_weights, detected, ctx.registry_super_weights)
     if not chosen:
-        return {"super_weights": {"used": [], "origin": origin}, "detection": detection | {"iterations": None},
+        return {"super_weights": {"used": [], "origin": origin}, "detection": {k: v for k, v in detection.items() if k != "iterations"},
                 "table": {"columns": ["note"], "rows": [{"note": "skipped: no super weight"}], "caption": ""}}
 
     windows = ctx.windows(cfg.protocol)
@@ -38,7 +38,8 @@ def run(ctx) -> dict:
     for variant, names in cfg.variants.items():
         with ctx.edit(list(names), {"super_weights": chosen}):
             probs[variant] = mean_next_token_probs(ctx.loaded.model, windows, batch_size, desc=f"{variant} probs")
-    shift = probability_shift(ctx.loaded.tokenizer, probs["original"], probs["prune_sw"], cfg.stopwords, cfg.top)
+    shift = probability_shift(ctx.loaded.tokenizer, probs["original"], probs["prune_sw"], cfg.stopwords, cfg.top,
+                              focus=list(cfg.focus))
 
     rows = [{"token": repr(entry["text"]), "stopword": "yes" if entry["stopword"] else "", "p original":
              entry["p_before"], "p pruned": entry["p_after"], "gain": entry["gain"], "x original": entry["ratio"]}
@@ -47,7 +48,8 @@ def run(ctx) -> dict:
                f"({', '.join(map(str, chosen))}) are zeroed; {windows.meta['windows']} windows of "
                f"{windows.meta['seqlen']} tokens of {windows.meta['dataset']} {windows.meta['split']}; stopword mass "
                f"{shift['stopword_mass_before']:.3f} -> {shift['stopword_mass_after']:.3f}; "
-               f"{100 * shift['stopword_share_of_top_gainers']:.0f}% of the top {cfg.top} gainers are stopwords")
+               f"{100 * shift['stopword_share_of_top_gainers']:.0f}% of the top {cfg.top} gainers are stopwords; "
+               + ", ".join(f"{word!r} x{entry['ratio']:.2f}" for word, entry in shift["focus"].items()))
     return {
         "super_weights": {"used": [str(w) for w in chosen], "origin": origin, "detected": [str(w) for w in detected]},
         "detection": {k: v for k, v in detection.items() if k != "iterations"},

@@ -30,9 +30,11 @@ def is_stopword(text: str, words: set[str], whitespace: bool) -> bool:
     return (whitespace and stripped == "") or stripped in words
 
 
-def probability_shift(tokenizer, before: torch.Tensor, after: torch.Tensor, stopwords, top: int) -> dict:
+def probability_shift(tokenizer, before: torch.Tensor, after: torch.Tensor, stopwords, top: int,
+                      focus: list[str] = ()) -> dict:
     """The `top` tokens that gain the most mean probability (after - before), the `top` that lose the most, the
-    stopwords' total probability mass before and after, and the share of stopwords among the top gainers."""
+    stopwords' total probability mass before and after, the share of stopwords among the top gainers, and for each
+    word in `focus` the mass of every token spelling it (any case, any surrounding whitespace) before and after."""
     words = {str(word).lower() for word in stopwords.words}
     vocab = min(len(before), len(tokenizer))  # logits may be padded beyond the tokenizer's vocabulary
     before, after = before[:vocab], after[:vocab]
@@ -46,7 +48,14 @@ def probability_shift(tokenizer, before: torch.Tensor, after: torch.Tensor, stop
                  "ratio": float(after[i] / before[i]) if before[i] > 0 else float("inf")} for i in indices.tolist()]
 
     gainers = describe(gain.topk(top).indices)
+    words_of = {}
+    for word in focus:
+        ids = [i for i, text in enumerate(texts) if text.strip().lower() == str(word).lower()]
+        mass_before, mass_after = float(before[ids].sum()), float(after[ids].sum())
+        words_of[str(word)] = {"tokens": len(ids), "p_before": mass_before, "p_after": mass_after,
+                               "ratio": mass_after / mass_before if mass_before > 0 else float("inf")}
     return {"gainers": gainers, "losers": describe((-gain).topk(top).indices),
             "stopword_tokens": int(flags.sum()), "vocab": vocab,
             "stopword_mass_before": float(before[flags].sum()), "stopword_mass_after": float(after[flags].sum()),
-            "stopword_share_of_top_gainers": sum(g["stopword"] for g in gainers) / len(gainers)}
+            "stopword_share_of_top_gainers": sum(g["stopword"] for g in gainers) / len(gainers),
+            "focus": words_of}

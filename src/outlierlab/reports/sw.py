@@ -46,13 +46,19 @@ def table1(results_dir: Path, out_dir: Path) -> list[Path]:
         for key in ("wikitext2", "c4"):
             if key in columns:
                 paper_columns[f"paper {key}"] = key
-        if "zero-shot mean" in columns or any(v.get("zeroshot_mean") is not None for v in values.values()):
+        if "zero-shot mean" in columns:
             paper_columns["paper zero-shot mean"] = "zeroshot_mean"
+        first = next((key for key in ("wikitext2", "c4") if key in columns), None)
+        paper_baseline = values.get("original", {}).get(first)
         rows = []
         for row in table["rows"]:
             paper = values.get(row["variant"], {})
             rows.append({**{c: row.get(c) for c in columns},
                          **{name: paper.get(key) for name, key in paper_columns.items()}})
+            if paper_baseline and paper.get(first) is not None:
+                rows[-1]["paper x original"] = paper[first] / paper_baseline
+        if any("paper x original" in row for row in rows):
+            paper_columns["paper x original"] = None
         caption = f"Paper SW Table 1 on {_title(record)}: {table.get('caption', '')}"
         if values:
             caption += f". Paper columns: {reference.get('source', 'paper')} (not this model)"
@@ -120,8 +126,12 @@ def fig3(stem: str, record: dict, out_dir: Path) -> list[Path]:
         axis.set_title(f"{name}")
         axis.grid(alpha=0.3)
     used = ", ".join(record["super_weights"]["used"]) or "none"
-    figure.suptitle(f"SW Fig. 3 - {_title(record)}; super weights {used}\nprompt: \"{record['detection']['prompt']}\"",
-                    fontsize=9)
+    title = f"SW Fig. 3 - {_title(record)}; super weights {used}\nprompt: \"{record['detection']['prompt']}\""
+    reference = record["config"]["exp"].get("reference")
+    if reference:
+        title += (f"; {reference['source']}: layer {reference['layer']}, input {reference['input_spike']}, "
+                  f"output {reference['output_spike']}")
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     return save_figure(figure, Path(out_dir) / f"sw_fig3_{stem}")
 
@@ -174,6 +184,13 @@ def fig5(stem: str, record: dict, out_dir: Path, count: int = 20) -> list[Path]:
              color=["tab:blue", "tab:red"])
     mass.set_ylabel("total probability on stopword tokens")
     mass.set_title(f"{shift['stopword_tokens']} stopword tokens", fontsize=9)
+    reference = record["config"]["exp"].get("reference") or {}
+    if reference.get("ratios"):
+        ours = shift.get("focus") or {}
+        lines = [f"{word!r}: paper {ratio}x, ours " + (f"{ours[word]['ratio']:.2f}x" if word in ours else "n/a")
+                 for word, ratio in reference["ratios"].items()]
+        mass.text(0.5, -0.18, f"{reference['source']}\n" + "\n".join(lines), transform=mass.transAxes,
+                  ha="center", va="top", fontsize=7)
     used = ", ".join(record["super_weights"]["used"])
     figure.suptitle(f"SW Fig. 5 - {_title(record)}; super weights {used} zeroed", fontsize=10)
     figure.tight_layout()
