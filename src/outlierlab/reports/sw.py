@@ -187,8 +187,8 @@ def fig5(stem: str, record: dict, out_dir: Path, count: int = 20) -> list[Path]:
     reference = record["config"]["exp"].get("reference") or {}
     if reference.get("ratios"):
         ours = shift.get("focus") or {}
-        lines = [f"{word!r}: paper {ratio}x, ours " + (f"{ours[word]['ratio']:.2f}x" if word in ours else "n/a")
-                 for word, ratio in reference["ratios"].items()]
+        lines = [f"{word!r}: paper {ratio}x, ours " + (f"{ours[word]['ratio']:.2f}x" if ours.get(word, {}).get(
+                 "tokens") and math.isfinite(ours[word]["ratio"]) else "n/a") for word, ratio in reference["ratios"].items()]
         mass.text(0.5, -0.18, f"{reference['source']}\n" + "\n".join(lines), transform=mass.transAxes,
                   ha="center", va="top", fontsize=7)
     used = ", ".join(record["super_weights"]["used"])
@@ -207,9 +207,13 @@ def fig6(stem: str, record: dict, out_dir: Path) -> list[Path]:
     figure, axes = plt.subplots(1, 2 if has_zeroshot else 1, figsize=(10 if has_zeroshot else 5.5, 3.8),
                                 squeeze=False)
     ppl_axis = axes[0][0]
+    values = []
     for key in points[0]["ppl"]:
-        ppl_axis.plot(scales, [p["ppl"][key]["ppl"] for p in points], marker="o", markersize=3, label=key)
-    ppl_axis.set_yscale("log")
+        values += [p["ppl"][key]["ppl"] for p in points]
+        ppl_axis.plot(scales, values[-len(points):], marker="o", markersize=3, label=key)
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    if finite and max(finite) > 10 * min(finite):
+        ppl_axis.set_yscale("log")
     ppl_axis.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
     ppl_axis.set_xlabel("super weight scale s")
     ppl_axis.set_ylabel("perplexity")
