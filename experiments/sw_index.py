@@ -42,7 +42,8 @@ def run(ctx) -> dict:
                "z-score": fact["weight_zscore"], "input spike": fact["input_spike"],
                "output spike": fact["output_spike"], "detected": _detected_note(weight, detected, rejected),
                "registry": "yes" if weight in registry else ("no" if registry else "none listed"),
-               "row = MA channel": (weight.row == activation["channel"]) if activation["massive"] else "no MA"}
+               "row = MA channel": ("yes" if weight.row == activation["channel"] else "no") if activation["massive"]
+               else "no MA"}
         if protocols:
             with ctx.edit(["zero_sw"], {"super_weights": [weight]}):
                 importance[str(weight)] = ctx.perplexities(label=f"zero {weight}")

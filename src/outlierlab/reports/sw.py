@@ -80,9 +80,12 @@ def table2(results_dir: Path, out_dir: Path) -> list[Path]:
         table = record["table"]
         protocol = next((c for c in table["columns"] if c not in ("x original",) and c in
                          (record["config"]["eval"].get("ppl") or {})), None)
+        copied = ["candidate", "value", "rank", "z-score", "input spike", "output spike", "detected", "registry"]
         for index, row in enumerate(table["rows"]):
-            rows.append({"model": stem if index == 0 else "", **{c: row.get(c) for c in columns[1:10]},
+            match = row.get("row = MA channel")
+            rows.append({"model": stem if index == 0 else "", **{c: row.get(c) for c in copied},
                          "MA channel": ma if index == 0 else None,
+                         "row = MA channel": {True: "yes", False: "no"}.get(match, match),
                          "PPL zeroed": row.get(protocol) if protocol else None, "x original": row.get("x original")})
         notes.append(f"{stem}: {record['detection']['stop_reason']}"
                      + (f"; PPL = {protocol} ({record['config']['eval']['name']})" if protocol else ""))
