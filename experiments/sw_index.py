@@ -35,7 +35,7 @@ def run(ctx) -> dict:
 
     protocols = list(ctx.cfg.eval.get("ppl") or {}) if cfg.importance else []
     original = ctx.perplexities(label="original") if protocols else {}
-    rows = [{"candidate": "none (original)", **{key: original[key]["ppl"] for key in protocols}}]
+    rows = [{"candidate": "none (original)", **{key: original[key]["ppl"] for key in protocols}}] if protocols else []
     importance = {}
     for weight, fact in zip(candidates, facts):
         row = {"candidate": str(weight), "value": fact["value"], "rank": fact["magnitude_rank"],

@@ -29,7 +29,8 @@ def run(ctx) -> dict:
     detected = [SuperWeight(*entry["coord"]) for entry in detection["super_weights"]]
     chosen, origin = choose_super_weights(cfg.super_weights, detected, ctx.registry_super_weights)
     if not chosen:
-        return {"super_weights": {"used": [], "origin": origin}, "detection": {k: v for k, v in detection.items() if k != "iterations"},
+        return {"super_weights": {"used": [], "origin": origin},
+                "detection": {k: v for k, v in detection.items() if k != "iterations"},
                 "table": {"columns": ["note"], "rows": [{"note": "skipped: no super weight"}], "caption": ""}}
 
     windows = ctx.windows(cfg.protocol)

