@@ -6,7 +6,7 @@
     Fig. 4   results/sw_activations/*/*.json   -> figures/sw_fig4_<model>_<tag>    (max |residual| per layer)
     Fig. 5   results/sw_stopwords/*/*.json     -> figures/sw_fig5_<model>_<tag>    (tokens gaining probability)
     Fig. 6   results/sw_scale/*/*.json         -> figures/sw_fig6_<model>_<tag>    (PPL and accuracy vs SW scale)
-The experiments' own tables (sw_activations, sw_stopwords, sw_scale) are written as tables/sw_<exp>_<model>_<tag>.
+The experiments' own tables are written as tables/<exp>_<model>_<tag> (exp = sw_activations, sw_stopwords, sw_scale).
 Every builder returns [] when its results are absent.
 """
 from __future__ import annotations
@@ -101,7 +101,7 @@ def experiment_tables(results_dir: Path, out_dir: Path) -> list[Path]:
     for exp in ("sw_activations", "sw_stopwords", "sw_scale"):
         for stem, record in _records(results_dir, exp):
             table = record["table"]
-            written += write_table(table["columns"], table["rows"], Path(out_dir) / f"sw_{exp}_{stem}",
+            written += write_table(table["columns"], table["rows"], Path(out_dir) / f"{exp}_{stem}",
                                    f"{_title(record)}: {table.get('caption', '')}")
     return written
 
