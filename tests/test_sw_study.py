@@ -87,13 +87,16 @@ def test_table1_has_the_papers_numbers_beside_ours(tmp_path):
     cfg = compose_cfg(["+exp=prune_sw"])
     record = {"model": {"name": "m", "kind": "tiny"},
               "config": {"exp": {"reference": OmegaConf.to_container(cfg.exp.reference)}},
-              "table": {"columns": ["variant", "wikitext2", "c4", "x original"], "caption": "c",
-                        "rows": [{"variant": "original", "wikitext2": 30.0, "c4": 40.0, "x original": 1.0},
-                                 {"variant": "prune_sw", "wikitext2": 90.0, "c4": 80.0, "x original": 3.0}]}}
+              "table": {"columns": ["variant", "wikitext2", "c4", "x original", "zero-shot mean"], "caption": "c",
+                        "rows": [{"variant": "original", "wikitext2": 30.0, "c4": 40.0, "x original": 1.0,
+                                  "zero-shot mean": 48.0},
+                                 {"variant": "prune_sw", "wikitext2": 90.0, "c4": 80.0, "x original": 3.0,
+                                  "zero-shot mean": 44.0}]}}
     write_result(record, tmp_path / "prune_sw" / "m" / "quick.json")
     md, _ = table1(tmp_path, tmp_path / "out")
     text = md.read_text()
-    assert "paper wikitext2" in text and "1211" in text and "70.110" in text
+    assert "paper wikitext2" in text and "1211" in text and "70.110" in text and "35.140" in text
+    assert "213.20" in text  # the paper's PPL ratio, 1211 / 5.68, beside ours
 
 
 @pytest.mark.parametrize("overrides,message", [
