@@ -11,17 +11,7 @@ from omegaconf import OmegaConf
 
 from outlierlab.interventions.super_weight import NoSuperWeights
 from outlierlab.models.coords import SuperWeight
-from outlierlab.probes.super_weight import detect_super_weights
-
-
-def choose_super_weights(mode: str, detected: list[SuperWeight], registry: list[SuperWeight]):
-    if mode == "detect":
-        return detected, "detected"
-    if mode == "registry":
-        return registry, "registry"
-    if mode == "auto":
-        return (registry, "registry") if registry else (detected, "detected")
-    raise ValueError(f"exp.super_weights={mode} is not one of: auto, detect, registry")
+from outlierlab.probes.super_weight import choose_super_weights, detect_super_weights
 
 
 def run(ctx) -> dict:

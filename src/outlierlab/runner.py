@@ -172,10 +172,12 @@ class RunContext:
         """Protocol, data provenance and sha256 of every window set this run scored."""
         return {key: windows.meta for key, windows in self._windows.items()}
 
-    def perplexities(self, label: str) -> dict[str, dict]:
-        """Every PPL protocol of the eval suite on the model as it is now."""
+    def perplexities(self, label: str, keys: list[str] | None = None) -> dict[str, dict]:
+        """Every PPL protocol of the eval suite (or those named in `keys`) on the model as it is now."""
         results = {}
         for key, protocol in (self.cfg.eval.get("ppl") or {}).items():
+            if keys is not None and key not in keys:
+                continue
             results[key] = perplexity(self.loaded.model, self.windows(key), protocol.batch_size,
                                       desc=f"{label} {protocol.name}")
         return results

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,3 +102,11 @@ def resolve_source(model_cfg) -> ModelSource:
             f"model.source={source}: the Hugging Face hub is unreachable ({reason}) and the model is not in the "
             f"local HF cache; download it elsewhere and pass model.source=/path/to/model_dir (or a .gguf file)")
     return ModelSource("hub", source, details={"cached": False})
+
+
+def source_name(source: str) -> str:
+    """A results-folder name for a model known only by its source (conf/model/path.yaml): the file stem of a .gguf
+    or pkg:// file, the last component of a directory or hub id; characters other than [A-Za-z0-9._-] become _."""
+    text = str(source).rstrip("/")
+    name = Path(text).stem if text.endswith(".gguf") else text.rpartition("/")[2]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "model"

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from outlierlab.interventions.base import EditSession
 from outlierlab.models.coords import SuperWeight
-from outlierlab.probes.stats import DownProjStats
+from outlierlab.probes.stats import DownProjStats, ResidualStats
 
 # The prompt of the paper's Fig. 3 / the authors' notebook.
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
@@ -39,7 +39,9 @@ def down_proj_profile(loaded, prompt: str) -> list[dict]:
 
 def detect_super_weights(loaded, prompt: str = DEFAULT_PROMPT, spike_ratio: float = 50.0,
                          min_share: float = 0.5, min_weight_zscore: float = 10.0, max_iterations: int = 10) -> dict:
-    """Returns {"super_weights": [...], "iterations": [...], "stop_reason": ...}; the model is unchanged afterwards.
+    """Returns {"super_weights": [...], "rejected": {...} | None, "iterations": [...], "stop_reason": ...}; the model
+    is unchanged afterwards. Each super weight (and the rejected last candidate) carries its value (for GGUF models a
+    dequantized block-quantized value), its magnitude rank in its matrix, z-score, and the input/output spikes.
 
     Each iteration takes the largest spike that is not an already-found weight. It is a super weight when that one
     weight makes at least `min_share` of the spike (w * x[col] / y[row]) and is itself an outlier of its matrix
@@ -49,6 +51,7 @@ def detect_super_weights(loaded, prompt: str = DEFAULT_PROMPT, spike_ratio: floa
     """
     tokens = loaded.tokenizer.convert_ids_to_tokens(loaded.encode(prompt))
     found: list[dict] = []
+    rejected = None  # the spike that stopped detection, when it was one weight's location but not a super weight
     iterations = []
     stop_reason = f"reached max_iterations={max_iterations}"
     with EditSession(loaded) as session:
@@ -74,19 +77,119 @@ def detect_super_weights(loaded, prompt: str = DEFAULT_PROMPT, spike_ratio: floa
             value = float(view.param.data[index])
             share = value * feed["value"] / peak["value"]
             zscore = abs(value) / float(view.param.data.float().std())
-            if share < min_share:
-                stop_reason = f"largest remaining spike {weight} is not one weight's doing (share {share:.2f})"
-                break
-            if zscore < min_weight_zscore:
-                stop_reason = f"largest remaining spike {weight} comes from an ordinary weight (z-score {zscore:.1f})"
-                break
-            found.append({
+            candidate = {
                 "coord": list(weight), "label": str(weight), "value": value,
                 "magnitude_rank": int((view.param.data.abs() > abs(value)).sum()) + 1,
                 "output_spike": peak["value"], "input_spike": feed["value"], "position": peak["position"],
                 "token": tokens[peak["position"]], "output_ratio": out_ratio[layer], "input_ratio": in_ratio[layer],
-                "contribution_share": share, "weight_zscore": zscore, "iteration": iteration})
+                "contribution_share": share, "weight_zscore": zscore, "iteration": iteration}
+            if share < min_share:
+                stop_reason = f"largest remaining spike {weight} is not one weight's doing (share {share:.2f})"
+                rejected = {**candidate, "reason": stop_reason}
+                break
+            if zscore < min_weight_zscore:
+                stop_reason = f"largest remaining spike {weight} comes from an ordinary weight (z-score {zscore:.1f})"
+                rejected = {**candidate, "reason": stop_reason}
+                break
+            found.append(candidate)
             session.set(view.param, index, 0.0)
     return {"prompt": prompt, "spike_ratio": spike_ratio, "min_share": min_share,
-            "min_weight_zscore": min_weight_zscore, "super_weights": found,
+            "min_weight_zscore": min_weight_zscore, "super_weights": found, "rejected": rejected,
             "stop_reason": stop_reason, "iterations": iterations}
+
+
+def choose_super_weights(mode: str, detected: list[SuperWeight], registry: list[SuperWeight]):
+    """Which super weights a study edits: `detect` (data-free detection), `registry` (model.super_weights) or `auto`
+    (the registry when the model YAML lists some, else detect). Returns (weights, origin)."""
+    if mode == "detect":
+        return detected, "detected"
+    if mode == "registry":
+        return registry, "registry"
+    if mode == "auto":
+        return (registry, "registry") if registry else (detected, "detected")
+    raise ValueError(f"exp.super_weights={mode} is not one of: auto, detect, registry")
+
+
+@torch.no_grad()
+def describe_weights(loaded, weights: list[SuperWeight], prompt: str = DEFAULT_PROMPT) -> list[dict]:
+    """For each (layer, row, col): its value (for GGUF models a dequantized block-quantized value), magnitude rank
+    in its down_proj matrix (1 = largest |w|), z-score, and on `prompt` (one forward of the model as it is) the
+    down_proj output y[row] and input x[col] at the token where |y[row]| peaks: the "output/input spike" of Fig. 3.
+    Only the addressed channels are kept from each forward."""
+    ids = torch.tensor([loaded.encode(prompt)], device=loaded.device)
+    tokens = loaded.tokenizer.convert_ids_to_tokens(ids[0].tolist())
+    channels = {layer: (sorted({w.row for w in weights if w.layer == layer}),
+                        sorted({w.col for w in weights if w.layer == layer}))
+                for layer in sorted({w.layer for w in weights})}
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+
+    def keep(point: str, layer: int, picked: list[int]):
+        def fold(tensor: torch.Tensor):
+            seen[(point, layer)] = tensor[0, :, picked].detach().float().cpu()
+        return fold
+
+    handles = []
+    for layer, (rows, cols) in channels.items():
+        handles.append(loaded.sites.register(f"layers.{layer}.mlp.down_proj.in", keep("in", layer, cols)))
+        handles.append(loaded.sites.register(f"layers.{layer}.mlp.down_proj.out", keep("out", layer, rows)))
+    try:
+        loaded.model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    described = []
+    for weight in weights:
+        view = loaded.sites.down_proj(weight.layer)
+        matrix = view.param.data
+        value = float(matrix[view.index(weight.row, weight.col)])
+        rows, cols = channels[weight.layer]
+        output = seen[("out", weight.layer)][:, rows.index(weight.row)]
+        position = int(output.abs().argmax())
+        described.append({
+            "coord": list(weight), "label": str(weight), "value": value,
+            "magnitude_rank": int((matrix.abs() > abs(value)).sum()) + 1,
+            "weight_zscore": abs(value) / float(matrix.float().std()),
+            "output_spike": float(output[position]),
+            "input_spike": float(seen[("in", weight.layer)][position, cols.index(weight.col)]),
+            "position": position, "token": tokens[position]})
+    return described
+
+
+@torch.no_grad()
+def massive_activation(loaded, prompt: str = DEFAULT_PROMPT, min_abs: float = 100.0,
+                       min_ratio: float = 1000.0) -> dict:
+    """The residual stream's largest |h| over layers on `prompt` (ResidualStats), and whether it is a massive
+    activation in the MA paper's sense (|h| >= min_abs and >= min_ratio x that layer's median |h|). Its channel is
+    the one a super weight's row should equal."""
+    ids = torch.tensor([loaded.encode(prompt)], device=loaded.device)
+    with ResidualStats(loaded.sites, k=1) as stats:
+        stats.observe(ids)
+        loaded.model(ids)
+    per_layer = [{"layer": s["layer"], "channel": s["top"][0]["channel"], "abs": s["top"][0]["abs"],
+                  "value": s["top"][0]["value"], "position": s["top"][0]["position"], "median": s["mean_median"]}
+                 for s in stats.summary()]
+    peak = max(per_layer, key=lambda entry: entry["abs"])
+    ratio = peak["abs"] / (peak["median"] or 1e-12)
+    massive = peak["abs"] >= min_abs and ratio >= min_ratio
+    layers_with_channel = [e["layer"] for e in per_layer
+                           if e["channel"] == peak["channel"] and e["abs"] >= min_abs
+                           and e["abs"] >= min_ratio * (e["median"] or 1e-12)]
+    token = loaded.tokenizer.convert_ids_to_tokens([int(ids[0, peak["position"]])])[0]
+    return {"prompt": prompt, "min_abs": min_abs, "min_ratio": min_ratio, "massive": massive,
+            "channel": peak["channel"], "layer": peak["layer"], "value": peak["value"], "abs": peak["abs"],
+            "ratio_to_median": ratio, "position": peak["position"], "token": token,
+            "layers": layers_with_channel, "per_layer": per_layer}
+
+
+@torch.no_grad()
+def residual_profile(loaded, prompts: list[str]) -> list[dict]:
+    """Per layer: max |residual| (`layers.{i}.out`) over `prompts`, its channel and position, and the median |h|
+    (paper SW Fig. 4: the super activation appears where the super weight sits and is carried to the end)."""
+    with ResidualStats(loaded.sites, k=1) as stats:
+        for prompt in tqdm(prompts, desc="residual profile", leave=False):
+            ids = torch.tensor([loaded.encode(prompt)], device=loaded.device)
+            stats.observe(ids)
+            loaded.model(ids)
+    return [{"layer": s["layer"], "max_abs": s["top"][0]["abs"], "value": s["top"][0]["value"],
+             "channel": s["top"][0]["channel"], "sequence": s["top"][0]["sequence"],
+             "position": s["top"][0]["position"], "median": s["mean_median"]} for s in stats.summary()]

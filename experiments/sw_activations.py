@@ -1,0 +1,60 @@
+"""Paper SW Fig. 3 (down_proj input/output spikes per layer) and Fig. 4 (max |residual| per layer with the super
+weight, the other outlier weights, or both removed).
+
+1. Find the super weights (detection always runs; `exp.super_weights` picks detected or registry ones).
+2. Fig. 3: max |input| and |output| of every down_proj on the detection prompt, unedited model.
+3. Fig. 4: for each variant (interventions applied in order, then undone), max |residual| after every layer over
+   `exp.prompts`.
+"""
+from __future__ import annotations
+
+from outlierlab.interventions.super_weight import NoSuperWeights
+from outlierlab.models.coords import SuperWeight
+from outlierlab.probes.super_weight import (choose_super_weights, detect_super_weights, down_proj_profile,
+                                            residual_profile)
+
+
+def run(ctx) -> dict:
+    cfg = ctx.cfg.exp
+    detection = detect_super_weights(ctx.loaded, **cfg.detection)
+    detected = [SuperWeight(*entry["coord"]) for entry in detection["super_weights"]]
+    chosen, origin = choose_super_weights(cfg.super_weights, detected, ctx.registry_super_weights)
+    context = {"super_weights": chosen}
+    down_proj = down_proj_profile(ctx.loaded, cfg.detection.prompt)
+
+    prompts = list(cfg.prompts)
+    residual, edits, rows = {}, {}, []
+    for variant, names in cfg.variants.items():
+        try:
+            with ctx.edit(list(names), context) as session:
+                residual[variant] = residual_profile(ctx.loaded, prompts)
+                edits[variant] = list(session.log)
+        except NoSuperWeights:
+            rows.append({"variant": variant, "note": "skipped: no super weight"})
+            continue
+        peak = max(residual[variant], key=lambda layer: layer["max_abs"])
+        rows.append({"variant": variant, "max abs(h)": peak["max_abs"], "layer": peak["layer"],
+                     "channel": peak["channel"], "final layer max abs(h)": residual[variant][-1]["max_abs"]})
+    baseline = residual.get("original")
+    for row in rows:
+        if baseline and "max abs(h)" in row:
+            row["x original"] = row["max abs(h)"] / max(layer["max_abs"] for layer in baseline)
+
+    spike = max(down_proj, key=lambda layer: layer["output_max"]["abs"])
+    columns = ["variant", "max abs(h)", "layer", "channel", "final layer max abs(h)", "x original"]
+    if any("note" in row for row in rows):
+        columns.append("note")
+    caption = (f"max |residual| over layers on {len(prompts)} prompt(s); super weights {origin}: "
+               f"{', '.join(map(str, chosen)) or 'none'}; largest down_proj output spike: layer {spike['layer']}, "
+               f"{spike['output_max']['value']:.1f} in channel {spike['output_max']['channel']} from input "
+               f"{spike['input_at_output_peak']['value']:.1f} in channel {spike['input_at_output_peak']['channel']}")
+    return {
+        "super_weights": {"used": [str(w) for w in chosen], "origin": origin, "detected": [str(w) for w in detected]},
+        "detection": {k: v for k, v in detection.items() if k != "iterations"},
+        "prompts": prompts,
+        "down_proj_profile": down_proj,
+        "residual_profile": residual,
+        "variants": {variant: {"interventions": list(cfg.variants[variant]), "edits": edits[variant]}
+                     for variant in residual},
+        "table": {"columns": columns, "rows": rows, "caption": caption},
+    }

@@ -1,0 +1,87 @@
+"""Paper SW Table 2: the super-weight index of one model, with detection and importance as separate columns.
+
+1. Detect super weights data-free (one prompt; detect, zero, detect again) and find the massive-activation channel
+   on the same prompt (ResidualStats): a super weight's row should be that channel.
+2. Candidates = detected super weights, the model YAML's registry, and the spike that stopped detection (it had a
+   location but failed the one-weight test). Each gets its value, magnitude rank, z-score and input/output spikes
+   on the unedited model.
+3. Importance: PPL with each candidate alone zeroed, and with all detected ones zeroed together. A model can show
+   the super-weight pattern without a single point of failure when several layers write the same activation.
+"""
+from __future__ import annotations
+
+from outlierlab.models.coords import SuperWeight
+from outlierlab.probes.super_weight import describe_weights, detect_super_weights, massive_activation
+
+
+def _detected_note(weight, detected, rejected) -> str:
+    if weight in detected:
+        return f"yes (iteration {detected[weight]['iteration']})"
+    if rejected and weight == SuperWeight(*rejected["coord"]):
+        return f"no: stopped here (share {rejected['contribution_share']:.2f}, z {rejected['weight_zscore']:.1f})"
+    return "no"
+
+
+def run(ctx) -> dict:
+    cfg = ctx.cfg.exp
+    detection = detect_super_weights(ctx.loaded, **cfg.detection)
+    detected = {SuperWeight(*entry["coord"]): entry for entry in detection["super_weights"]}
+    rejected = detection["rejected"]
+    registry = list(ctx.registry_super_weights)
+    candidates = list(dict.fromkeys([*detected, *registry,
+                                     *([SuperWeight(*rejected["coord"])] if rejected else [])]))
+    facts = describe_weights(ctx.loaded, candidates, cfg.detection.prompt)
+    activation = massive_activation(ctx.loaded, cfg.detection.prompt, **cfg.massive_activation)
+
+    protocols = list(ctx.cfg.eval.get("ppl") or {}) if cfg.importance else []
+    original = ctx.perplexities(label="original") if protocols else {}
+    rows = [{"candidate": "none (original)", **{key: original[key]["ppl"] for key in protocols}}] if protocols else []
+    importance = {}
+    for weight, fact in zip(candidates, facts):
+        row = {"candidate": str(weight), "value": fact["value"], "rank": fact["magnitude_rank"],
+               "z-score": fact["weight_zscore"], "input spike": fact["input_spike"],
+               "output spike": fact["output_spike"], "detected": _detected_note(weight, detected, rejected),
+               "registry": "yes" if weight in registry else ("no" if registry else "none listed"),
+               "row = MA channel": ("yes" if weight.row == activation["channel"] else "no") if activation["massive"]
+               else "no MA"}
+        if protocols:
+            with ctx.edit(["zero_sw"], {"super_weights": [weight]}):
+                importance[str(weight)] = ctx.perplexities(label=f"zero {weight}")
+            row.update({key: importance[str(weight)][key]["ppl"] for key in protocols})
+        rows.append(row)
+    if protocols and detected:
+        with ctx.edit(["zero_sw"], {"super_weights": list(detected)}):
+            importance["all detected"] = ctx.perplexities(label="zero all detected")
+        rows.append({"candidate": "all detected", **{key: importance["all detected"][key]["ppl"] for key in protocols}})
+    if protocols:
+        for row in rows:
+            row["x original"] = row[protocols[0]] / original[protocols[0]]["ppl"]
+
+    columns = ["candidate", "value", "rank", "z-score", "input spike", "output spike", "detected", "registry",
+               "row = MA channel", *protocols, *(["x original"] if protocols else [])]
+    if activation["massive"]:
+        ma = (f"massive activation: channel {activation['channel']}, {activation['value']:.0f} after "
+              f"layers[{activation['layer']}] at token {activation['position']} "
+              f"({activation['ratio_to_median']:.0f}x the median)")
+    else:
+        ma = f"no massive activation (largest |h| {activation['abs']:.1f}, {activation['ratio_to_median']:.0f}x median)"
+    caption = (f"{ctx.cfg.model.name}: super-weight candidates (layer, row, col) of down_proj; {ma}; "
+               f"detection stopped: {detection['stop_reason']}; spikes on the prompt \"{cfg.detection.prompt}\"")
+    if protocols:
+        caption += f"; PPL ({ctx.cfg.eval.name}) with that weight alone zeroed"
+    if ctx.loaded.info.get("kind") == "gguf":
+        caption += "; weight values are dequantized GGUF block-quantized values"
+    return {
+        "super_weights": {"detected": [str(w) for w in detected], "registry": [str(w) for w in registry],
+                          "registry_agrees": sorted(detected) == sorted(registry) if registry else None,
+                          "rows_equal_ma_channel": [w.row == activation["channel"] for w in detected]
+                          if activation["massive"] else None},
+        "candidates": [{**fact, "detected": weight in detected, "in_registry": weight in registry,
+                        "detection": detected.get(weight) or (rejected if rejected and weight == SuperWeight(
+                            *rejected["coord"]) else None)} for weight, fact in zip(candidates, facts)],
+        "massive_activation": activation,
+        "detection": {k: v for k, v in detection.items() if k != "iterations"},
+        "detection_iterations": detection["iterations"],
+        "importance": {"original": original, **importance},
+        "table": {"columns": columns, "rows": rows, "caption": caption},
+    }

@@ -1,0 +1,61 @@
+"""Paper SW Fig. 5: pruning the super weight shifts next-token probability towards stopwords.
+
+1. Find the super weights (detection always runs; `exp.super_weights` picks detected or registry ones).
+2. Mean next-token distribution over the windows of the eval protocol `exp.protocol`, original and pruned.
+3. The tokens that gain (and lose) the most mean probability, each marked stopword or not; the stopwords' total
+   probability mass before and after.
+"""
+from __future__ import annotations
+
+from outlierlab.evals.stopwords import mean_next_token_probs, probability_shift
+from outlierlab.models.coords import SuperWeight
+from outlierlab.probes.super_weight import choose_super_weights, detect_super_weights
+
+
+def check(cfg) -> None:
+    protocols = list(cfg.eval.get("ppl") or {})
+    if cfg.exp.protocol not in protocols:
+        raise ValueError(f"exp.protocol={cfg.exp.protocol} is not a protocol of eval={cfg.eval.name} "
+                         f"(it has: {', '.join(protocols) or 'none'})")
+    if set(cfg.exp.variants) != {"original", "prune_sw"}:
+        raise ValueError(f"exp.variants must be exactly original and prune_sw (got: {', '.join(cfg.exp.variants)})")
+    if not isinstance(cfg.exp.top, int) or cfg.exp.top < 1:
+        raise ValueError(f"exp.top={cfg.exp.top} must be a positive integer")
+
+
+def run(ctx) -> dict:
+    cfg = ctx.cfg.exp
+    detection = detect_super_weights(ctx.loaded, **cfg.detection)
+    detected = [SuperWeight(*entry["coord"]) for entry in detection["super_weights"]]
+    chosen, origin = choose_super_weights(cfg.super_weights, detected, ctx.registry_super_weights)
+    if not chosen:
+        return {"super_weights": {"used": [], "origin": origin},
+                "detection": {k: v for k, v in detection.items() if k != "iterations"},
+                "table": {"columns": ["note"], "rows": [{"note": "skipped: no super weight"}], "caption": ""}}
+
+    windows = ctx.windows(cfg.protocol)
+    batch_size = ctx.cfg.eval.ppl[cfg.protocol].batch_size
+    probs = {}
+    for variant, names in cfg.variants.items():
+        with ctx.edit(list(names), {"super_weights": chosen}):
+            probs[variant] = mean_next_token_probs(ctx.loaded.model, windows, batch_size, desc=f"{variant} probs")
+    shift = probability_shift(ctx.loaded.tokenizer, probs["original"], probs["prune_sw"], cfg.stopwords, cfg.top,
+                              focus=list(cfg.focus))
+
+    rows = [{"token": repr(entry["text"]), "stopword": "yes" if entry["stopword"] else "", "p original":
+             entry["p_before"], "p pruned": entry["p_after"], "gain": entry["gain"], "x original": entry["ratio"]}
+            for entry in shift["gainers"]]
+    caption = (f"tokens gaining the most mean next-token probability when the super weights {origin} "
+               f"({', '.join(map(str, chosen))}) are zeroed; {windows.meta['windows']} windows of "
+               f"{windows.meta['seqlen']} tokens of {windows.meta['dataset']} {windows.meta['split']}; stopword mass "
+               f"{shift['stopword_mass_before']:.3f} -> {shift['stopword_mass_after']:.3f}; "
+               f"{100 * shift['stopword_share_of_top_gainers']:.0f}% of the top {cfg.top} gainers are stopwords; "
+               + ", ".join(f"{word!r} x{entry['ratio']:.2f}" for word, entry in shift["focus"].items()))
+    return {
+        "super_weights": {"used": [str(w) for w in chosen], "origin": origin, "detected": [str(w) for w in detected]},
+        "detection": {k: v for k, v in detection.items() if k != "iterations"},
+        "stopwords": {"name": cfg.stopwords.name, "provenance": cfg.stopwords.provenance},
+        "shift": shift,
+        "table": {"columns": ["token", "stopword", "p original", "p pruned", "gain", "x original"], "rows": rows,
+                  "caption": caption},
+    }
