@@ -20,6 +20,7 @@ from outlierlab.probes.massive_activations import (
     coordinate_reference,
     delimiter_mask,
     find_massive_activations,
+    fixed_position_trajectories,
     locations,
     mark_input_agnostic,
     position_roles,
@@ -45,6 +46,8 @@ def preflight(cfg) -> None:
             raise ConfigError(f"exp.criterion.{key}={exp.criterion[key]} must be > 0")
     if not 0 <= exp.criterion.min_share <= 1:
         raise ConfigError(f"exp.criterion.min_share={exp.criterion.min_share} must be in [0, 1]")
+    if not 0 < exp.consistent_share <= 1:
+        raise ConfigError(f"exp.consistent_share={exp.consistent_share} must be in (0, 1]")
     if not isinstance(exp.k, int) or exp.k < 1:
         raise ConfigError(f"exp.k={exp.k} must be a positive integer")
     for layer in exp.prompt.layers:
@@ -87,8 +90,14 @@ def run(ctx) -> dict:
                                               agnostic.median_band)
                   for layer in sorted({entry["layer"] for entry in found})}
     mark_input_agnostic(found, references, agnostic.max_relative_std)
-    records = locations(found)
+    consistent = locations(found, cfg.consistent_share)
+    sporadic = locations([entry for entry in found if entry["share"] < cfg.consistent_share])
+    for kind, group in (("consistent", consistent), ("sporadic", sporadic)):
+        for record in group:
+            record["kind"] = kind
+    records = consistent + sporadic
     super_weight_rows(records, ctx.registry_super_weights)
+    trajectories = fixed_position_trajectories(stats, sorted({r["channel"] for r in consistent}), bos)
 
     layers = [{"layer": row["layer"], "top1": row["mean_topk"][0], "top2": row["mean_topk"][min(1, cfg.k - 1)],
                "top3": row["mean_topk"][min(2, cfg.k - 1)], "median": row["mean_median"],
@@ -98,7 +107,7 @@ def run(ctx) -> dict:
     for row in layers:
         for entry in row["top"]:
             entry["decoded"] = decode(entry["token"])
-    first_ma = min((entry["layer"] for entry in found), default=None)
+    first_ma = min((record["first_layer"] for record in consistent), default=None)
     peak = max(layers, key=lambda row: row["top1"])["layer"]
     prompt_ids = loaded.encode(cfg.prompt.text)
     surface_layers = resolve_layers(cfg.prompt.layers, first_ma, peak, loaded.sites.num_layers)
@@ -115,7 +124,7 @@ def run(ctx) -> dict:
                           if (e["layer"], e["channel"], e["role"]) == (record["peak_layer"], record["channel"],
                                                                         record["role"])), None) or {}
         rows.append({
-            "channel": record["channel"], "role": record["role"],
+            "kind": record["kind"], "channel": record["channel"], "role": record["role"],
             "tokens": ", ".join(repr(text) for text, _ in record["tokens"][:3]),
             "first layer": record["first_layer"], "value at first": record["value_at_first_layer"],
             "peak layer": record["peak_layer"], "peak mean": record["peak_mean"], "peak std": record["peak_std"],
@@ -126,20 +135,21 @@ def run(ctx) -> dict:
             "input-agnostic": record["peak_input_agnostic"],
             "SW same row": " ".join(record["super_weights_same_row"]),
             "in registry": record["channel"] in known_channels})
-    columns = ["channel", "role", "tokens", "first layer", "value at first", "peak layer", "peak mean", "peak std",
+    columns = ["kind", "channel", "role", "tokens", "first layer", "value at first", "peak layer", "peak mean", "peak std",
                "x median", "share", "rel std", "rel std top10%", "rel std median", "input-agnostic",
                "SW same row", "in registry"]
     protocol = windows.meta
     caption = (f"Massive activations (|h| > {criterion.min_abs:g} and > {criterion.median_ratio:g}x the median) "
                f"over {stats.sequences} x {protocol['seqlen']} tokens of {protocol['dataset']}, BOS {bos}; "
-               f"layer = output of layers[i]; rel std = std / RMS across sequences")
+               f"layer = output of layers[i]; consistent = massive in >= {cfg.consistent_share:g} of the sequences "
+               f"(first layer counted from there), sporadic = the rest; rel std = std / RMS across sequences")
     return {
         "criterion": {**OmegaConf.to_container(cfg.criterion), "provenance": "MA paper Sec. 2"},
         "bos": bos, "sequences": stats.sequences, "seqlen": protocol["seqlen"],
-        "layers": layers, "massive_activations": found, "locations": records,
+        "layers": layers, "massive_activations": found, "locations": records, "consistent_share": cfg.consistent_share,
+        "trajectories": trajectories,
         "first_massive_layer": first_ma, "peak_layer": peak,
-        "registry": {"known": registry, "super_weights": [str(w) for w in ctx.registry_super_weights],
-                     "min_share": cfg.registry_min_share},
+        "registry": {"known": registry, "super_weights": [str(w) for w in ctx.registry_super_weights]},
         "prompt": prompt,
         "table": {"columns": columns, "rows": rows, "caption": caption},
     }

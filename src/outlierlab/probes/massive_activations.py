@@ -20,7 +20,7 @@ Typical use (what experiments/ma_stats.py does, and what an intervention needs):
             stats.observe(batch, position_roles(batch, is_delim, loaded.bos)); loaded.model(batch)
     found = find_massive_activations(stats.summary(), stats.sequences, criterion, decode)
     # -> [{"layer", "channel", "role", "positions", "mean", "std", "max_abs", "share", ...}, ...]
-    where = locations(found)  # one entry per (channel, role): first layer, peak, value at the first layer
+    where = locations(found, min_share=0.5)  # per (channel, role): first layer, peak, value at the first layer
 """
 from __future__ import annotations
 
@@ -141,12 +141,14 @@ def mark_input_agnostic(entries: list[dict], references: dict[int, dict], max_re
         entry["input_agnostic"] = entry["relative_std"] <= max_relative_std
 
 
-def locations(entries: list[dict]) -> list[dict]:
-    """One record per (channel, role): the first and last layer where it is massive, its value at the first layer,
-    and its peak (layer and mean value over sequences)."""
+def locations(entries: list[dict], min_share: float = 0.0) -> list[dict]:
+    """One record per (channel, role), from the entries massive in at least `min_share` of the sequences: the first
+    and last layer where it is massive, its value at the first layer, and its peak (layer and mean value over
+    sequences)."""
     grouped = defaultdict(list)
     for entry in entries:
-        grouped[(entry["channel"], entry["role"])].append(entry)
+        if entry["share"] >= min_share:
+            grouped[(entry["channel"], entry["role"])].append(entry)
     records = []
     for (channel, role), group in grouped.items():
         group.sort(key=lambda e: e["layer"])
@@ -160,6 +162,24 @@ def locations(entries: list[dict]) -> list[dict]:
                         "peak_input_agnostic": peak.get("input_agnostic"),
                         "positions": peak["positions"], "tokens": peak["tokens"]})
     return sorted(records, key=lambda r: (r["first_layer"], r["channel"], ROLES.index(r["role"])))
+
+
+def fixed_position_trajectories(stats, channels: list[int], bos: str) -> dict:
+    """Mean and std across sequences of each channel at the fixed-position roles (BOS at 0, the first text token at
+    0 or 1), after every layer, from the probe's per-coordinate moments: the MA's whole path, also in layers where
+    it is below the criterion."""
+    positions = {"bos": 0, "first": 1} if bos == "prepend" else {"first": 0}
+    paths = {}
+    for channel in channels:
+        for role, position in positions.items():
+            means, stds = [], []
+            for layer in range(stats.sites.num_layers):
+                mean, std = stats.coordinate_moments(layer)
+                means.append(float(mean[position, channel]))
+                stds.append(float(std[position, channel]))
+            paths[f"{channel}@{role}"] = {"channel": channel, "role": role, "position": position,
+                                         "mean": means, "std": stds}
+    return paths
 
 
 def super_weight_rows(records: list[dict], super_weights) -> None:

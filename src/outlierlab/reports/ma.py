@@ -3,7 +3,8 @@
 Tables: ma_locations (every massive activation by channel and token role, all models and BOS settings) and
 ma_layers_<model> (layer-wise top-1/2/3 and median |h| per BOS setting). Figures: ma_surface_<model>_<run>_layer<L>
 (Fig. 1: |activation| over tokens x channels for the paper's prompt), ma_layers_<model> (Fig. 2: top-1/2/3 and
-median per layer) and ma_bos_<model> (each massive activation's value per layer, BOS prepended vs none).
+median per layer) and ma_bos_<model> (top-1/median per layer and each consistent MA channel's value at the BOS /
+first token in every layer, BOS prepended vs none).
 """
 from __future__ import annotations
 
@@ -125,20 +126,17 @@ def _bos(by_tag: dict[str, dict], model: str):
                      label=f"top-1, BOS {record['bos']}")
         axes[0].plot(layers, [row["median"] for row in record["layers"]], color=color, linestyle=":",
                      label=f"median, BOS {record['bos']}")
-        minimum = record["registry"]["min_share"]
-        series: dict[tuple[int, str], dict[int, float]] = {}
-        for entry in record["massive_activations"]:
-            if entry["share"] >= minimum:
-                series.setdefault((entry["channel"], entry["role"]), {})[entry["layer"]] = abs(entry["mean"])
-        for (channel, role), values in sorted(series.items()):
-            axes[1].plot(layers, [values.get(layer, np.nan) for layer in layers], color=color, marker=".",
-                         linestyle=ROLE_STYLE.get(role, "-"), label=f"ch {channel} @ {role}, BOS {record['bos']}")
+        for path in record.get("trajectories", {}).values():
+            axes[1].plot(layers, np.abs(path["mean"]), color=color, marker=".", linestyle=ROLE_STYLE.get(path["role"], "-"),
+                         label=f"ch {path['channel']} @ {path['role']} (pos {path['position']}), BOS {record['bos']}")
+    criterion = by_tag[tags[0]]["criterion"]
+    axes[1].axhline(criterion["min_abs"], color="grey", linewidth=0.8, linestyle="--", label="|h| = 100")
     axes[0].set_yscale("log")
     axes[0].set_ylabel("mean |activation|")
     axes[0].set_title(f"{model}: top-1 and median per layer", fontsize=10)
     axes[1].set_yscale("log")
-    axes[1].set_ylabel("|mean value| where massive")
-    axes[1].set_title(f"massive activations (in >= {minimum:g} of sequences) by channel and token", fontsize=10)
+    axes[1].set_ylabel("|mean over sequences|")
+    axes[1].set_title("consistent MA channels at the first token / BOS, every layer", fontsize=10)
     for axis in axes:
         axis.set_xlabel("layer (output of layers[i])")
         axis.grid(alpha=0.3)
