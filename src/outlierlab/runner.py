@@ -83,8 +83,10 @@ def preflight(cfg: DictConfig) -> Plan:
     _check_choice("model.dtype", model.dtype, tuple(DTYPES))
     if model.source == "tiny":
         family_for(model.tiny.model_type)
-    for key, protocol in (cfg.eval.get("ppl") or {}).items():
-        prefix = f"eval.ppl.{key}"
+    # Window protocols: eval.ppl.* are scored for PPL; exp.data.* are windows a recipe feeds to probes.
+    protocols = {**{f"eval.ppl.{key}": p for key, p in (cfg.eval.get("ppl") or {}).items()},
+                 **{f"exp.data.{key}": p for key, p in (cfg.exp.get("data") or {}).items()}}
+    for prefix, protocol in protocols.items():
         _check_choice(f"{prefix}.sampling", protocol.sampling, SAMPLING)
         _check_choice(f"{prefix}.bos", protocol.bos, ("model", *BOS_POLICIES))
         if not isinstance(protocol.seqlen, int) or protocol.seqlen < 2:
@@ -95,7 +97,7 @@ def preflight(cfg: DictConfig) -> Plan:
             raise ConfigError(f"{prefix}.windows must be set for random sampling")
     data_dir = cfg.paths.data_dir
     data_dir = None if data_dir in (None, "", "null") else str(Path(data_dir).expanduser())
-    for key, protocol in (cfg.eval.get("ppl") or {}).items():
+    for protocol in protocols.values():
         check_corpus(protocol.dataset, protocol.split, data_dir)
     if cfg.eval.get("zeroshot"):
         check_tasks(cfg.eval.zeroshot.tasks, data_dir)
@@ -136,7 +138,9 @@ class RunContext:
     loaded: LoadedModel
     plan: Plan
     corpora: dict[str, Corpus]
+    data_corpora: dict[str, Corpus] = field(default_factory=dict)
     _windows: dict[str, Windows] = field(default_factory=dict)
+    _data_windows: dict[str, Windows] = field(default_factory=dict)
     _zeroshot_tasks: tuple | None = None
 
     @property
@@ -159,6 +163,12 @@ class RunContext:
             self._windows[key] = build_windows(self.cfg.eval.ppl[key], self.corpora[key], self.loaded)
         return self._windows[key]
 
+    def data_windows(self, key: str) -> Windows:
+        """The windows of protocol `exp.data.<key>` (token ids for probes; recorded in the result like PPL's)."""
+        if key not in self._data_windows:
+            self._data_windows[key] = build_windows(self.cfg.exp.data[key], self.data_corpora[key], self.loaded)
+        return self._data_windows[key]
+
     def zeroshot(self, label: str) -> dict | None:
         """The eval suite's zero-shot tasks through lm-eval on the model as it is now (None if the suite has none)."""
         suite = self.cfg.eval.get("zeroshot")
@@ -170,7 +180,8 @@ class RunContext:
 
     def evaluated_protocols(self) -> dict[str, dict]:
         """Protocol, data provenance and sha256 of every window set this run scored."""
-        return {key: windows.meta for key, windows in self._windows.items()}
+        return {**{key: windows.meta for key, windows in self._windows.items()},
+                **{f"exp.data.{key}": windows.meta for key, windows in self._data_windows.items()}}
 
     def perplexities(self, label: str, keys: list[str] | None = None) -> dict[str, dict]:
         """Every PPL protocol of the eval suite (or those named in `keys`) on the model as it is now."""
@@ -196,9 +207,11 @@ def execute(cfg: DictConfig) -> dict:
     plan = preflight(cfg)
     corpora = {key: load_corpus(protocol.dataset, protocol.split, plan.data_dir)
                for key, protocol in (cfg.eval.get("ppl") or {}).items()}
+    data_corpora = {key: load_corpus(protocol.dataset, protocol.split, plan.data_dir)
+                    for key, protocol in (cfg.exp.get("data") or {}).items()}
     loaded = load_model(cfg.model, cfg.paths.cache_dir, plan.source)
     weights_before = weights_sha256(loaded.model)
-    context = RunContext(cfg, loaded, plan, corpora)
+    context = RunContext(cfg, loaded, plan, corpora, data_corpora)
     outcome = plan.recipe(context)
     weights_after = weights_sha256(loaded.model)
     record = {

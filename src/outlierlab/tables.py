@@ -26,7 +26,7 @@ def _md_cell(text: str) -> str:
 def markdown(columns: list[str], rows: list[dict]) -> str:
     columns_shown = [_md_cell(column) for column in columns]
     cells = [[_md_cell(format_number(row.get(column))) for column in columns] for row in rows]
-    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns_shown)]
+    widths = [max([len(column), *(len(line[i]) for line in cells)]) for i, column in enumerate(columns_shown)]
     def line(values):
         return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
     return "\n".join([line(columns_shown), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])

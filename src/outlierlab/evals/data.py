@@ -69,10 +69,30 @@ def _c4_hub(split: str) -> list[str]:
     return list(load_dataset("allenai/c4", data_files=files, split=split)["text"])
 
 
+def _wikipedia_files(data_dir: Path, split: str) -> list[Path]:
+    if split != "train":
+        raise DataError(f"the local Wikipedia sample has only the train split, not '{split}'")
+    return [data_dir / "wikipedia-en-sample" / "enwiki_pages_sample.jsonl.gz"]
+
+
+def _wikipedia_local(data_dir: Path, split: str) -> tuple[list[str], list[Path]]:
+    paths = _wikipedia_files(data_dir, split)
+    with gzip.open(paths[0], "rt", encoding="utf-8") as handle:
+        return [json.loads(line)["text"] for line in handle if line.strip()], paths
+
+
+def _wikipedia_hub(split: str) -> list[str]:
+    from datasets import load_dataset
+    # Online stand-in for the local sample: the first 10,000 articles of the 2023-11-01 English dump.
+    return list(load_dataset("wikimedia/wikipedia", "20231101.en", split=f"{split}[:10000]")["text"])
+
+
 # name -> (expected local files, local reader, hub reader, hub dataset)
 CORPORA = {
     "wikitext2": (_wikitext2_files, _wikitext2_local, _wikitext2_hub, "Salesforce/wikitext wikitext-2-raw-v1"),
     "c4": (_c4_files, _c4_local, _c4_hub, "allenai/c4 en validation shard 0"),
+    # A pretraining-style corpus for activation statistics (the MA paper samples RedPajama; not an eval set).
+    "wikipedia": (_wikipedia_files, _wikipedia_local, _wikipedia_hub, "wikimedia/wikipedia 20231101.en"),
 }
 
 
