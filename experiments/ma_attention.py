@@ -59,7 +59,7 @@ def run(ctx) -> dict:
                           "caption": note}}
     sinks = sorted({p for location in found for p in location.positions})
     first_layer = min(location.first_layer for location in found)
-    means = calibrate(ctx, found)
+    means, _ = calibrate(ctx, found)
     context = {"massive_activations": found, "ma_means": means}
     protocol = cfg.attention_data
     windows = build_windows(protocol, load_corpus(protocol.dataset, protocol.split, ctx.plan.data_dir), ctx.loaded)

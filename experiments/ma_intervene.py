@@ -11,11 +11,11 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from outlierlab.evals.data import check_corpus, load_corpus
-from outlierlab.evals.ppl import SAMPLING, build_windows
+from outlierlab.evals.ppl import SAMPLING, Windows, build_windows
 from outlierlab.interventions.massive_activation import NoMassiveActivations
 from outlierlab.models import massive
 from outlierlab.models.load import BOS_POLICIES, model_shape
-from outlierlab.probes.activation_means import calibrated_means
+from outlierlab.probes.activation_means import calibrated_means, measure_means
 from outlierlab.runner import ConfigError
 
 
@@ -70,22 +70,41 @@ def check(cfg, plan) -> None:
             raise ConfigError(f"exp.interventions.{name}.layers: {max(where)} is outside the model's {layers} layers")
 
 
-def calibrate(ctx, found) -> dict | None:
-    """The MAs' means at every layer over the calibration corpus (cached)."""
+def calibrate(ctx, found) -> tuple[dict | None, Windows | None]:
+    """The MAs' means at every layer over the calibration corpus (cached), and the calibration windows."""
     if not found:
-        return None
+        return None, None
     protocol = ctx.cfg.exp.calibration
     corpus = load_corpus(protocol.dataset, protocol.split, ctx.plan.data_dir)
     windows = build_windows(protocol, corpus, ctx.loaded)
     means = calibrated_means(ctx.loaded, found, windows, ctx.cfg.paths.cache_dir, protocol.batch_size)
     means["calibration"] = windows.meta
-    return means
+    return means, windows
+
+
+def trace(ctx, found, windows: Windows | None) -> dict | None:
+    """The MAs' mean value at every layer on the model as it is now (edited or not), over the first
+    `exp.trace_windows` calibration windows: shows whether a model rewrites an MA removed at one layer."""
+    count = ctx.cfg.exp.get("trace_windows") or 0
+    if windows is None or count < 1:
+        return None
+    first = Windows(ids=windows.ids[:count], meta={**windows.meta, "windows": min(count, len(windows.ids))})
+    measured = measure_means(ctx.loaded, found, first, ctx.cfg.exp.calibration.batch_size)
+    return {"windows": measured["sequences"], "mean": [loc["mean"] for loc in measured["locations"]],
+            "median_abs": measured["median_abs"]}
+
+
+def peak(traced: dict | None) -> float | None:
+    """Largest |mean MA value| over layers, positions and channels."""
+    if not traced:
+        return None
+    return max(abs(v) for location in traced["mean"] for layer in location for row in layer for v in row)
 
 
 def run(ctx) -> dict:
     cfg = ctx.cfg.exp
     found, notes, origin = locations(ctx.cfg)
-    means = calibrate(ctx, found)
+    means, calibration = calibrate(ctx, found)
     context = {"massive_activations": found, "ma_means": means}
 
     protocols = list(ctx.cfg.eval.ppl)
@@ -99,6 +118,7 @@ def run(ctx) -> dict:
             with ctx.edit(list(names), context) as session:
                 ppl = ctx.perplexities(label=variant)
                 zeroshot = ctx.zeroshot(label=variant)
+                traced = trace(ctx, found, calibration)
                 edits = list(session.log)
         except NoMassiveActivations:
             row["note"] = "skipped: no massive activation"
@@ -112,8 +132,10 @@ def run(ctx) -> dict:
             row["zero-shot mean"] = None if zeroshot["mean"] is None else 100 * zeroshot["mean"]
             if with_paper:
                 row["paper zero-shot mean"] = paper.get(variant, {}).get("zeroshot_mean")
+        row["peak |MA|"] = peak(traced)
         rows.append(row)
-        details[variant] = {"interventions": list(names), "edits": edits, "ppl": ppl, "zeroshot": zeroshot}
+        details[variant] = {"interventions": list(names), "edits": edits, "ppl": ppl, "zeroshot": zeroshot,
+                            "ma_trace": traced}
 
     baseline = next((r for r in rows if r["variant"] == "original" and protocols[0] in r), None)
     for row in rows:
@@ -123,6 +145,8 @@ def run(ctx) -> dict:
     columns += [f"paper {key}" for key in protocols] if with_paper else []
     if ctx.cfg.eval.get("zeroshot"):
         columns += ["zero-shot mean"] + (["paper zero-shot mean"] if with_paper else [])
+    if any(row.get("peak |MA|") is not None for row in rows):
+        columns.append("peak |MA|")
     if any("note" in row for row in rows):
         columns.append("note")
     where = "; ".join(f"layer {m.first_layer}, channels {list(m.channels)}, positions {list(m.positions)}"
@@ -131,6 +155,9 @@ def run(ctx) -> dict:
     if means:
         caption += (f"; means over {means['sequences']} calibration windows of {means['calibration']['seqlen']} "
                     f"tokens ({means['calibration']['dataset']} {means['calibration']['split']})")
+    if any(row.get("peak |MA|") is not None for row in rows):
+        caption += (f"; peak |MA| = largest |mean MA value| over all layers on the first {ctx.cfg.exp.trace_windows} "
+                    "calibration windows with the edit in place")
     zeroshot = next((d["zeroshot"] for d in details.values() if d.get("zeroshot")), None)
     if zeroshot:
         caption += f"; zero-shot: mean acc x100 over {', '.join(zeroshot['tasks'])}, limit {zeroshot['limit']} per task"

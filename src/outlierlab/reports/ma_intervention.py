@@ -6,6 +6,7 @@ Reads results/ma_intervene/<model>/<tag>.json and results/ma_attention/<model>/<
     figures/ma_attention_sinks_<model>_<tag>     sink share per layer x head (original) and per layer per variant
     figures/ma_attention_logits_<model>_<tag>    logits toward sink keys vs other keys per layer
     figures/ma_attention_decomposition_<model>_<tag>   sink part vs rest of each head's output: variance and norm
+    figures/ma_intervene_trace_<model>_<tag>     the MA's value at every layer under each intervention
 """
 from __future__ import annotations
 
@@ -145,8 +146,40 @@ def _decomposition_figure(record: dict, title: str):
     return figure
 
 
+def _trace_figure(record: dict, title: str):
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    styles = {"every_layer": "--"}
+    for variant, detail in record["variants"].items():
+        traced = detail.get("ma_trace")
+        if not traced:
+            continue
+        # per layer: the largest |mean value| over the MA coordinates
+        per_layer = np.abs(np.array([[v for location in traced["mean"] for row in location[layer] for v in row]
+                                     for layer in range(len(traced["median_abs"]))])).max(axis=1)
+        style = next((s for key, s in styles.items() if key in variant), "-")
+        axis.plot(range(len(per_layer)), per_layer, linestyle=style, marker="o", markersize=3, label=variant)
+    original = record["variants"].get("original", {}).get("ma_trace")
+    if original:
+        axis.plot(range(len(original["median_abs"])), original["median_abs"], color="black", linestyle=":",
+                  label="median |h| (original)")
+    axis.set_yscale("symlog", linthresh=1.0)
+    axis.set_xlabel("layer (output of the decoder block)")
+    axis.set_ylabel("|mean MA value| (symlog)")
+    axis.set_title(title, fontsize=10)
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    return figure
+
+
 def build_figures(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
+    for path, record in _records(results_dir, "ma_intervene"):
+        if any(detail.get("ma_trace") for detail in record.get("variants", {}).values()):
+            model, tag = path.parent.name, path.stem
+            used = "; ".join(f"channels {m['channels']} at positions {m['positions']}, first layer {m['first_layer']}"
+                             for m in record["massive_activations"]["used"])
+            title = f"{model}: the massive activation per layer under each intervention ({used})"
+            written += save_figure(_trace_figure(record, title), Path(out_dir) / f"ma_intervene_trace_{model}_{tag}")
     for path, record in _records(results_dir, "ma_attention"):
         if "original" not in record.get("variants", {}):
             continue
