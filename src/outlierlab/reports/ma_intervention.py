@@ -147,7 +147,7 @@ def _decomposition_figure(record: dict, title: str):
 
 
 def _trace_figure(record: dict, title: str):
-    figure, axis = plt.subplots(figsize=(8, 4.5))
+    figure, axis = plt.subplots(figsize=(10, 4.5))
     styles = {"every_layer": "--"}
     for variant, detail in record["variants"].items():
         traced = detail.get("ma_trace")
@@ -166,7 +166,7 @@ def _trace_figure(record: dict, title: str):
     axis.set_xlabel("layer (output of the decoder block)")
     axis.set_ylabel("|mean MA value| (symlog)")
     axis.set_title(title, fontsize=10)
-    axis.legend(fontsize=7, ncol=2)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     return figure
 
