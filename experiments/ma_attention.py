@@ -37,6 +37,8 @@ def summarize(layers: list[dict], first_layer: int) -> dict:
         "sink argmax (MA layers)": _mean([head_mean(r, "sink_argmax") for r in after]),
         "sink part rel. var": _mean([r["sink_relvar_layer"] for r in after]),
         "rest rel. var": _mean([r["rest_relvar_layer"] for r in after]),
+        "sink part dir. var": _mean([head_mean(r, "sink_dirvar") for r in after]),
+        "rest dir. var": _mean([head_mean(r, "rest_dirvar") for r in after]),
     }
 
 
@@ -77,7 +79,8 @@ def run(ctx) -> dict:
                f"{windows.meta['windows']} windows of {windows.meta['seqlen']} tokens ({protocol.dataset} "
                f"{protocol.split}); means over heads and layers; queries after the last sink position only; "
                "logit gap = mean logit to sink keys minus mean logit to the other visible keys; rel. var = "
-               "E||x - Ex||^2 / E||x||^2 of each head's output part across queries and sequences")
+               "E||x - Ex||^2 / E||x||^2 of each head's output part across queries and sequences; dir. var = "
+               "1 - ||E x/||x|| ||^2, the same for its direction alone")
     return {
         "massive_activations": {"used": [m.describe() for m in found], "origin": origin, "notes": notes},
         "sink_positions": sinks, "first_ma_layer": first_layer,

@@ -61,6 +61,9 @@ def test_sink_statistics_match_a_hand_computation():
         assert row[f"{name}_relvar"] == pytest.approx([float(spread / energy)])
         assert row[f"{name}_relvar_layer"] == pytest.approx(float(spread / energy))
         assert row[f"{name}_norm"] == pytest.approx([float(part.norm(dim=-1).mean())])
+        unit = part / part.norm(dim=-1, keepdim=True)
+        assert row[f"{name}_dirvar"] == pytest.approx([float(1 - unit.mean(0).square().sum())], abs=1e-6)
+    assert row["sink_dirvar"] == pytest.approx([0.0], abs=1e-6)  # 0.7 v0 and 0.5 v0: one direction
 
 
 def test_streaming_over_batches_equals_one_pass(tiny_llama):

@@ -16,7 +16,9 @@ Per layer and head it reports
     decomposition    each head's attention output o_q = sum_j p_qj v_j (before o_proj) split into the sink part
                      s_q = sum_{j in S} p_qj v_j and the rest r_q = o_q - s_q. For each: mean norm, and the relative
                      variance across queries and sequences, E||x - E x||^2 / E||x||^2 (0 = the same vector for every
-                     query, 1 = no common component). The MA paper's claim: s_q is nearly constant (an implicit bias).
+                     query, 1 = no common component), and the same of the direction alone, 1 - ||E x/||x|| ||^2
+                     (0 = all parallel; with one sink s_q = p_q,sink v_sink, so this is how much v_sink changes
+                     between sequences). The MA paper's claim: s_q is nearly constant (an implicit bias).
 """
 from __future__ import annotations
 
@@ -97,6 +99,8 @@ class AttentionSinks(Probe):
             self._add(layer, f"{name}_sum", part.sum(dim=(0, 2)))        # [H, d]
             self._add(layer, f"{name}_square", part.square().sum(dim=(0, 2, 3)))  # [H]
             self._add(layer, f"{name}_norm", part.norm(dim=-1).sum(dim=(0, 2)))   # [H]
+            unit = part / part.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+            self._add(layer, f"{name}_unit_sum", unit.sum(dim=(0, 2)))   # [H, d]
 
     def summary(self) -> list[dict]:
         rows = []
@@ -122,5 +126,7 @@ class AttentionSinks(Probe):
                 row[f"{name}_relvar"] = (spread / square.clamp(min=1e-30)).tolist()
                 # the layer as a whole (heads concatenated): total spread over total energy
                 row[f"{name}_relvar_layer"] = float(spread.sum() / square.sum().clamp(min=1e-30))
+                direction = 1.0 - (sums[f"{name}_unit_sum"] / queries).square().sum(-1)  # 1 - ||E x/||x|| ||^2
+                row[f"{name}_dirvar"] = direction.clamp(min=0.0).tolist()
             rows.append(row)
         return rows

@@ -60,8 +60,7 @@ def _per_layer(layers: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _mark_first_layer(axis, first_layer: int) -> None:
     axis.axvline(first_layer, color="grey", linestyle=":", linewidth=1)
-    axis.text(first_layer, 1.0, f" first MA layer ({first_layer})", transform=axis.get_xaxis_transform(),
-              va="top", ha="left", fontsize=8, color="grey")
+    axis.set_xlabel(f"layer (dotted line: first MA layer, {first_layer})")
 
 
 def _sinks_figure(record: dict, title: str):
@@ -80,7 +79,6 @@ def _sinks_figure(record: dict, title: str):
         lines.plot(ids, values.mean(axis=1), marker="o", markersize=3, label=variant)
     _mark_first_layer(lines, first)
     lines.set_ylim(0, 1.02)
-    lines.set_xlabel("layer")
     lines.set_ylabel("mean over heads")
     lines.set_title("attention share on MA tokens, per variant")
     lines.legend(fontsize=8, loc="lower right")
@@ -100,7 +98,6 @@ def _logits_figure(record: dict, title: str):
                           label=f"{label} (head range)")
     left.axhline(0, color="black", linewidth=0.6)
     _mark_first_layer(left, first)
-    left.set_xlabel("layer")
     left.set_ylabel("mean pre-softmax logit q.k/sqrt(d)")
     left.set_title("original: attention logits")
     left.legend(fontsize=7)
@@ -111,7 +108,6 @@ def _logits_figure(record: dict, title: str):
         right.plot(ids, values.mean(axis=1), color=color, marker="o", markersize=3, label=label)
     _mark_first_layer(right, first)
     right.set_ylim(-0.02, 1.02)
-    right.set_xlabel("layer")
     right.set_ylabel("fraction (mean over heads)")
     right.set_title("original: sign and argmax of the logits")
     right.legend(fontsize=7)
@@ -124,20 +120,21 @@ def _decomposition_figure(record: dict, title: str):
     first = record["first_ma_layer"]
     layers = [row for row in record["variants"]["original"]["layers"] if row.get("queries")]
     ids = np.array([row["layer"] for row in layers])
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
     for key, label, color in (("sink", "part from MA tokens", "C3"), ("rest", "part from the other tokens", "C0")):
         left.plot(ids, [row[f"{key}_relvar_layer"] for row in layers], color=color, marker="o", markersize=3,
-                  label=label)
+                  label=f"{label}: the vector")
+        if all(f"{key}_dirvar" in row for row in layers):
+            left.plot(ids, [np.mean(row[f"{key}_dirvar"]) for row in layers], color=color, linestyle="--",
+                      label=f"{label}: its direction only")
         norms = np.array([row[f"{key}_norm"] for row in layers], dtype=float)
         right.plot(ids, norms.mean(axis=1), color=color, marker="o", markersize=3, label=label)
     left.set_yscale("log")
     _mark_first_layer(left, first)
-    left.set_xlabel("layer")
-    left.set_ylabel("E||x - E x||^2 / E||x||^2")
+    left.set_ylabel("relative variance E||x - E x||^2 / E||x||^2")
     left.set_title("original: variation across queries and sequences")
-    left.legend(fontsize=8)
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     _mark_first_layer(right, first)
-    right.set_xlabel("layer")
     right.set_ylabel("mean ||x|| (mean over heads)")
     right.set_title("original: size of each part of a head's output")
     right.legend(fontsize=8)
