@@ -175,7 +175,11 @@ def build_figures(results_dir: Path, out_dir: Path) -> list[Path]:
             model, tag = path.parent.name, path.stem
             used = "; ".join(f"channels {m['channels']} at positions {m['positions']}, first layer {m['first_layer']}"
                              for m in record["massive_activations"]["used"])
-            title = f"{model}: the massive activation per layer under each intervention ({used})"
+            single = sorted({layer for detail in record["variants"].values() for edit in detail.get("edits") or []
+                             if edit.get("where") != "all" for layer in edit.get("layers", [])})
+            title = (f"{model}: the massive activation ({used}) per layer under each intervention\n"
+                     f"single-layer edits at layer {', '.join(map(str, single))}, *_every_layer from layer "
+                     f"{min(m['first_layer'] for m in record['massive_activations']['used'])} on")
             written += save_figure(_trace_figure(record, title), Path(out_dir) / f"ma_intervene_trace_{model}_{tag}")
     for path, record in _records(results_dir, "ma_attention"):
         if "original" not in record.get("variants", {}):
