@@ -42,7 +42,8 @@ def test_set_to_mean_keeps_ppl_and_zero_everywhere_wrecks_it(tmp_path):
             session.apply([intervention])
             ppl[name] = perplexity(loaded.model, test)["ppl"]
     assert ppl["mean"] == pytest.approx(original, rel=0.05)
-    assert ppl["zero_all"] > 100 * original
+    # x7.9 on this one 128-token window (x20,000 on 8 x 512 tokens: the damage grows with the context)
+    assert ppl["zero_all"] > 4 * original
     assert weights_hash(loaded.model) == before
 
     with AttentionSinks(loaded.sites, [0], layers=[20]) as probe:
