@@ -163,7 +163,9 @@ SMALL_CALIBRATION = ["exp.calibration.seqlen=32", "exp.calibration.windows=2"]
     ("exp.massive_activations=sometimes", "exp.massive_activations=sometimes"),
     ("exp.interventions.zero.layers=[1,7]", "exp.interventions.zero.layers: 7 is outside"),
     ("exp.calibration.windows=0", "exp.calibration.windows=0"),
+    ("exp.interventions.zero.layers=sometimes", "exp.interventions.zero: layers='sometimes'"),
 ])
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data beside the checkout")
 def test_bad_input_is_one_clear_error_before_loading(tmp_path, override, message):
     cfg = compose_cfg(["+exp=ma_intervene", "model=tiny_llama", EXPLICIT_MA, override,
                        f"paths.results_dir={tmp_path}", f"paths.data_dir={DATA_DIR}"])
