@@ -127,7 +127,14 @@ def preflight(cfg: DictConfig) -> Plan:
             except ValueError as error:
                 raise ConfigError(f"model.super_weights: {error}") from None
     output = result_path(cfg.paths.results_dir, cfg.exp.name, model.name, cfg.run_tag)
-    return Plan(source, interventions, super_weights, data_dir, output, recipe)
+    plan = Plan(source, interventions, super_weights, data_dir, output, recipe)
+    if cfg.exp.get("check"):  # the study's own checks of its exp keys: check(cfg, plan), raising ConfigError
+        try:
+            check = hydra.utils.get_method(cfg.exp.check)
+        except Exception as error:
+            raise ConfigError(f"exp.check={cfg.exp.check} cannot be imported ({str(error).splitlines()[0]})") from None
+        check(cfg, plan)
+    return plan
 
 
 @dataclass

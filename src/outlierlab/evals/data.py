@@ -32,7 +32,8 @@ class Corpus:
 
 
 def _wikitext2_files(data_dir: Path, split: str) -> list[Path]:
-    return [data_dir / "wikitext-2-raw-v1" / f"wiki.{split}.raw"]
+    # The raw files name the Hugging Face "validation" split "valid".
+    return [data_dir / "wikitext-2-raw-v1" / f"wiki.{ {'validation': 'valid'}.get(split, split)}.raw"]
 
 
 def _wikitext2_local(data_dir: Path, split: str) -> tuple[list[str], list[Path]]:

@@ -7,6 +7,8 @@ Site names are stable and greppable; every probe and intervention addresses a si
     layers.{i}                     decoder block i
     layers.{i}.out                 residual stream after block i (hook point)
     layers.{i}.attn                self-attention module
+    layers.{i}.attn.probs          attention probabilities [batch, heads, queries, keys] (hook point, read-only;
+                                   also .logits (pre-softmax q.k*scale) and .values: see models/attention.py)
     layers.{i}.norm1 / .norm2      pre-attention / pre-MLP norm (".weight" for its gamma)
     layers.{i}.mlp.down_proj       the MLP's output projection (".in", ".out" hook points, ".weight" its matrix)
 
@@ -93,6 +95,7 @@ def first_tensor(output):
 
 _LAYER_SITE = re.compile(r"^layers\.(\d+)(?:\.(.+))?$")
 _HOOK_SUFFIXES = ("in", "out")
+_ATTENTION_POINT = re.compile(r"^(layers\.\d+\.attn)\.(probs|logits|values)$")
 
 
 @dataclass
@@ -167,7 +170,8 @@ class Sites:
     def hook(self, site: str, fn):
         """Call fn(tensor) at a hook point; fn may return a replacement tensor. Removed when the block ends.
 
-        Hook points: `layers.{i}.out` (block output), `<module site>.in` (its first input), `<module site>.out`.
+        Hook points: `layers.{i}.out` (block output), `<module site>.in` (its first input), `<module site>.out`,
+        and inside attention `layers.{i}.attn.probs|logits|values` (read-only; see models/attention.py).
         """
         handle = self.register(site, fn)
         try:
@@ -177,6 +181,10 @@ class Sites:
 
     def register(self, site: str, fn):
         """Like `hook` but returns the handle (for hooks that live as long as an intervention)."""
+        attention = _ATTENTION_POINT.match(site)
+        if attention:
+            from outlierlab.models.attention import observe
+            return observe(self.model, self.module(attention.group(1)), attention.group(2), fn)
         if site.startswith("layers.") and site.count(".") == 2 and site.endswith(".out"):
             module_site, point = site[: -len(".out")], "out"  # layers.{i}.out: the block's output
         else:
