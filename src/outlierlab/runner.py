@@ -102,6 +102,12 @@ def preflight(cfg: DictConfig) -> Plan:
         recipe = hydra.utils.get_method(cfg.exp.recipe)
     except Exception as error:
         raise ConfigError(f"exp.recipe={cfg.exp.recipe} cannot be imported ({str(error).splitlines()[0]})") from None
+    if cfg.exp.get("check"):  # the experiment's own pre-flight checks (raise ConfigError / DataError)
+        try:
+            check = hydra.utils.get_method(cfg.exp.check)
+        except Exception as error:
+            raise ConfigError(f"exp.check={cfg.exp.check} cannot be imported ({str(error).splitlines()[0]})") from None
+        check(cfg)
     interventions = _instantiate_interventions(cfg)
     if cfg.exp.get("super_weights") is not None:
         _check_choice("exp.super_weights", cfg.exp.super_weights, ("auto", "detect", "registry"))
@@ -109,8 +115,10 @@ def preflight(cfg: DictConfig) -> Plan:
         super_weights = [SuperWeight.parse(entry.coord) for entry in model.get("super_weights") or []]
     except (ValueError, AttributeError) as error:
         raise ConfigError(f"model.super_weights: {error}") from None
-    source = resolve_source(model)
-    if super_weights:
+    # Recipes that make or load their own models (pretraining, tables over several checkpoints) set
+    # exp.load_model: false; the runner then loads nothing and ctx.loaded is None.
+    source = resolve_source(model) if cfg.exp.get("load_model", True) else None
+    if super_weights and source is not None:
         layers, hidden, intermediate = model_shape(model, source)
         for weight in super_weights:
             try:
@@ -183,15 +191,19 @@ def execute(cfg: DictConfig) -> dict:
     """Run one configured experiment end to end; returns the record written to results/."""
     started = time.time()
     plan = preflight(cfg)
-    corpora = {key: load_corpus(protocol.dataset, protocol.split, plan.data_dir)
-               for key, protocol in (cfg.eval.get("ppl") or {}).items()}
-    loaded = load_model(cfg.model, cfg.paths.cache_dir, plan.source)
-    weights_before = weights_sha256(loaded.model)
+    loaded = None
+    if plan.source is not None:
+        corpora = {key: load_corpus(protocol.dataset, protocol.split, plan.data_dir)
+                   for key, protocol in (cfg.eval.get("ppl") or {}).items()}
+        loaded = load_model(cfg.model, cfg.paths.cache_dir, plan.source)
+    else:
+        corpora = {}
+    weights_before = weights_sha256(loaded.model) if loaded else None
     context = RunContext(cfg, loaded, plan, corpora)
     outcome = plan.recipe(context)
-    weights_after = weights_sha256(loaded.model)
+    weights_after = weights_sha256(loaded.model) if loaded else None
     record = {
-        "exp": cfg.exp.name, "model": loaded.info, "run_tag": cfg.run_tag,
+        "exp": cfg.exp.name, "model": loaded.info if loaded else {"name": cfg.model.name}, "run_tag": cfg.run_tag,
         "started_at": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
         "wall_time_s": round(time.time() - started, 2),
         "weights_sha256": weights_before, "weights_restored": weights_before == weights_after,
@@ -201,7 +213,7 @@ def execute(cfg: DictConfig) -> dict:
         **outcome,
     }
     path = write_result(record, plan.output)
-    print(f"\n{cfg.exp.name} on {cfg.model.name} ({loaded.info['dtype']}, eval={cfg.eval.name})")
+    print(f"\n{cfg.exp.name} on {cfg.model.name} ({record['model'].get('dtype')}, eval={cfg.eval.name})")
     table = outcome.get("table")
     if table:
         print(markdown(table["columns"], table["rows"]))
