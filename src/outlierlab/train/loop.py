@@ -126,8 +126,10 @@ def load_checkpoint(directory: Path, model) -> dict:
 
 
 def train(model, streams: TokenStreams, tokenizer, settings, output_dir: Path, metadata: dict,
-          val_windows: torch.Tensor, prefix: int | None, resume: bool = True) -> dict:
-    """Train `model` for settings.steps steps; returns the history and where the model was saved."""
+          val_windows: torch.Tensor, prefix: int | None, resume: bool = True, stop_at: int | None = None) -> dict:
+    """Train `model` up to settings.steps steps; returns the history and where the model was saved.
+
+    `stop_at`: end this call after that step with a checkpoint (a time-limited job; the next call resumes)."""
     output_dir = Path(output_dir)
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, settings)
@@ -154,7 +156,8 @@ def train(model, streams: TokenStreams, tokenizer, settings, output_dir: Path, m
     model.train()
     started, tokens = time.time(), 0
     progress = tqdm(total=settings.steps, initial=step, desc=f"pretrain {metadata.get('variant', '')}")
-    while step < settings.steps:
+    last = settings.steps if stop_at is None else min(stop_at, settings.steps)
+    while step < last:
         batch = sample_batch(streams.train, settings.batch_size, settings.seqlen, settings.seed, step, prefix)
         batch = batch.to(device, non_blocking=True)
         with _autocast(device, settings.precision):
@@ -167,7 +170,7 @@ def train(model, streams: TokenStreams, tokenizer, settings, output_dir: Path, m
         scheduler.step()
         step += 1
         tokens += batch.numel()
-        entry = {"step": step, "loss": float(loss), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+        entry = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
         if l1_weight:
             entry["l1_gamma"] = float(l1_gamma_penalty(model))
         if step % settings.eval_every == 0 or step == settings.steps:
@@ -175,12 +178,12 @@ def train(model, streams: TokenStreams, tokenizer, settings, output_dir: Path, m
         history.append(entry)
         progress.update(1)
         progress.set_postfix(loss=f"{entry['loss']:.3f}", val=entry.get("val_loss", ""))
-        if step % settings.checkpoint_every == 0 or step == settings.steps:
+        if step % settings.checkpoint_every == 0 or step == last:
             save_checkpoint(checkpoint, model, tokenizer, {**metadata, "step": step}, state_now())
     progress.close()
     elapsed = time.time() - started
-    final = {**metadata, "step": step}
-    save_pretrained(model, tokenizer, output_dir, final)
+    if step == settings.steps:
+        save_pretrained(model, tokenizer, output_dir, {**metadata, "step": step})
     return {"history": history, "output_dir": str(output_dir), "checkpoint": str(checkpoint), "steps": step,
             "resumed_from": resumed_from, "train_seconds": round(elapsed, 2),
             "tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 and tokens else None}
