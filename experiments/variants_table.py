@@ -90,5 +90,7 @@ def run(ctx) -> dict:
                f"outputs (after o_proj); max |h|: residual stream, peak layer; massive: |h| > {exp.massive.abs_min} "
                f"and >= {exp.massive.ratio_min}x median (paper MA). W8A8: per-tensor symmetric RTN. Paper columns: "
                f"{reference['source']} - a different model, data and scale.")
-    return {"variants": details, "reference": reference,
+    model = {"name": cfg.model.name, "kind": "trained checkpoints", "dtype": "float32",
+             "checkpoints": str(exp.checkpoints), "variants": list(details)}
+    return {"model": model, "variants": details, "reference": reference,
             "table": {"columns": columns, "rows": rows, "caption": caption}}

@@ -279,3 +279,10 @@ def test_pretrain_then_variants_table_end_to_end(tmp_path):
     assert all(d["w8a8"]["weights_restored"] for d in record["variants"].values())
     assert rows["vanilla"]["paper FP ppl"] == 15.84  # QT Table 2, OPT-125m
     assert (tmp_path / "results" / "variants_table" / "tiny" / "table.json").is_file()
+    # tables and figures rebuild from results/ alone
+    from outlierlab.reports.variants import build_figures, build_tables
+    tables = build_tables(tmp_path / "results", tmp_path / "out")
+    figures = build_figures(tmp_path / "results", tmp_path / "out")
+    assert {p.name for p in tables} == {"variants_table_tiny.md", "variants_table_tiny.tex"}
+    assert {p.name for p in figures} >= {"variants_layers_tiny.png", "variants_training_tiny.png"}
+    assert "| sink" in (tmp_path / "out" / "variants_table_tiny.md").read_text()
