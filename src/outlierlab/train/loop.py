@@ -172,7 +172,8 @@ def train(model, streams: TokenStreams, tokenizer, settings, output_dir: Path, m
         tokens += batch.numel()
         entry = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
         if l1_weight:
-            entry["l1_gamma"] = float(l1_gamma_penalty(model))
+            with torch.no_grad():
+                entry["l1_gamma"] = float(l1_gamma_penalty(model))
         if step % settings.eval_every == 0 or step == settings.steps:
             entry.update(evaluate(model, val_windows, settings.eval_batch_size, settings.precision))
         history.append(entry)
