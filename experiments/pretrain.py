@@ -80,7 +80,7 @@ def run(ctx) -> dict:
     history = outcome["history"]
     evaluations = [entry for entry in history if "val_loss" in entry]
     rows = [{"step": e["step"], "train loss": e["loss"], "val loss": e["val_loss"],
-             "max |h|": e["peak"]["abs"], "at layer": e["peak"]["layer"], "position": e["peak"]["position"],
+             "max abs(h)": e["peak"]["abs"], "at layer": e["peak"]["layer"], "position": e["peak"]["position"],
              "channel": e["peak"]["channel"]} for e in evaluations]
     parameters = sum(p.numel() for p in model.parameters())
     caption = (f"{variant.name} ({size.name}: {parameters / 1e6:.2f}M parameters, {size.steps} steps x "
@@ -91,6 +91,6 @@ def run(ctx) -> dict:
                   "dtype": "float32", "device": device, "num_parameters": parameters, **metadata},
         "training": {k: v for k, v in outcome.items() if k != "history"},
         "history": history,
-        "table": {"columns": ["step", "train loss", "val loss", "max |h|", "at layer", "position", "channel"],
+        "table": {"columns": ["step", "train loss", "val loss", "max abs(h)", "at layer", "position", "channel"],
                   "rows": rows, "caption": caption},
     }

@@ -68,7 +68,7 @@ def run(ctx) -> dict:
         paper = reference["values"].get(variant, {})
         row = {"variant": variant, "val loss": fp["val_loss"], "FP ppl": math.exp(fp["val_loss"]),
                "W8A8 ppl": math.exp(w8a8_loss), "max inf-norm": attention["max_inf_norm"],
-               "avg kurtosis": attention["avg_kurtosis"], "max |h|": massive["max_abs"], "layer": massive["layer"],
+               "avg kurtosis": attention["avg_kurtosis"], "max abs(h)": massive["max_abs"], "layer": massive["layer"],
                "top1/median": massive["ratio_to_median"], "peak": massive["kind"],
                "massive": "yes" if massive["massive"] else "no",
                "paper FP ppl": paper.get("fp_ppl"), "paper inf-norm": paper.get("max_inf_norm"),
@@ -80,7 +80,7 @@ def run(ctx) -> dict:
                             "w8a8": {"val_loss": w8a8_loss, "edits": edits, "weights_restored": restored}}
         del loaded
 
-    columns = ["variant", "val loss", "FP ppl", "W8A8 ppl", "W8A8 / FP", "max inf-norm", "avg kurtosis", "max |h|",
+    columns = ["variant", "val loss", "FP ppl", "W8A8 ppl", "W8A8 / FP", "max inf-norm", "avg kurtosis", "max abs(h)",
                "layer", "top1/median", "peak", "massive", "paper FP ppl", "paper inf-norm", "paper kurtosis",
                "paper W8A8 ppl"]
     steps = {v: d["training"].get("step") for v, d in details.items()}
