@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from experiments.ma_intervene import calibrate, locations
+from experiments.ma_intervene import calibrate, check, locations  # noqa: F401 (check: the same preflight)
 from outlierlab.evals.data import load_corpus
 from outlierlab.evals.ppl import build_windows
 from outlierlab.probes.attention import AttentionSinks

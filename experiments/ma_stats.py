@@ -32,7 +32,7 @@ from outlierlab.runner import ConfigError
 LAYER_KEYWORDS = ("first_ma", "peak")
 
 
-def check(cfg) -> None:
+def check(cfg, plan) -> None:
     """Input checks before any weights load (called by the runner)."""
     exp = cfg.exp
     if "corpus" not in (exp.get("data") or {}):

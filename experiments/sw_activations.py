@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from outlierlab.interventions.super_weight import NoSuperWeights
 from outlierlab.models.coords import SuperWeight
-from outlierlab.probes.super_weight import (choose_super_weights, detect_super_weights, down_proj_profile,
-                                            residual_profile)
+from outlierlab.probes.super_weight import (
+    choose_super_weights,
+    detect_super_weights,
+    down_proj_profile,
+    residual_profile,
+)
 
 
 def run(ctx) -> dict:

@@ -11,7 +11,11 @@
 from __future__ import annotations
 
 from outlierlab.models.coords import SuperWeight
-from outlierlab.probes.super_weight import describe_weights, detect_super_weights, massive_activation
+from outlierlab.probes.super_weight import (
+    describe_weights,
+    detect_super_weights,
+    massive_activation,
+)
 
 
 def _detected_note(weight, detected, rejected) -> str:

@@ -8,7 +8,6 @@ SmoothQuant's smoothing as the data-calibrated baseline.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -16,12 +15,10 @@ from outlierlab.evals.data import check_corpus, load_corpus
 from outlierlab.evals.ppl import build_windows
 
 
-def check(cfg) -> None:
+def check(cfg, plan) -> None:
     """Before any weights load: the calibration corpus exists."""
     calibration = cfg.exp.calibration
-    data_dir = cfg.paths.data_dir
-    data_dir = None if data_dir in (None, "", "null") else str(Path(data_dir).expanduser())
-    check_corpus(calibration.dataset, calibration.split, data_dir)
+    check_corpus(calibration.dataset, calibration.split, plan.data_dir)
 
 
 def _activation_error(edits: list[dict]) -> float | None:

@@ -39,7 +39,7 @@ def sweep(exp) -> list[tuple[int, str, str, object]]:
     return runs
 
 
-def check(cfg) -> None:
+def check(cfg, plan) -> None:
     """Before any weights load (called by the runner's preflight)."""
     sweep(cfg.exp)
 

@@ -28,7 +28,7 @@ def scales(spec) -> list[float]:
     return sorted({float(v) for v in values})
 
 
-def check(cfg) -> None:
+def check(cfg, plan) -> None:
     scales(cfg.exp.scales)
     available = list(cfg.eval.get("ppl") or {})
     unknown = [key for key in cfg.exp.protocols if key not in available]

@@ -12,7 +12,7 @@ from outlierlab.models.coords import SuperWeight
 from outlierlab.probes.super_weight import choose_super_weights, detect_super_weights
 
 
-def check(cfg) -> None:
+def check(cfg, plan) -> None:
     protocols = list(cfg.eval.get("ppl") or {})
     if cfg.exp.protocol not in protocols:
         raise ValueError(f"exp.protocol={cfg.exp.protocol} is not a protocol of eval={cfg.eval.name} "

@@ -1,9 +1,14 @@
 """Data-free super-weight detection finds planted super weights (one, several in different layers), stops when none
 is left, and reports none in a plain random model; the facts reported per candidate are the planted ones."""
 from conftest import compose_cfg, plant_super_weight, weights_hash
-from outlierlab.models.load import load_model
+
 from outlierlab.models.coords import SuperWeight
-from outlierlab.probes.super_weight import describe_weights, detect_super_weights, massive_activation
+from outlierlab.models.load import load_model
+from outlierlab.probes.super_weight import (
+    describe_weights,
+    detect_super_weights,
+    massive_activation,
+)
 
 
 def test_finds_a_planted_super_weight(tiny_llama):

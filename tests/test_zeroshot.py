@@ -2,9 +2,9 @@
 equals scoring the same examples directly (sum of the continuation's log-probabilities, argmax over choices)."""
 import pytest
 import torch
+from conftest import DATA_DIR
 from omegaconf import OmegaConf
 
-from conftest import DATA_DIR
 from outlierlab.evals.zeroshot import build_tasks, evaluate_zeroshot
 
 pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data")
@@ -73,6 +73,7 @@ def test_rebuilt_copa_and_hellaswag_prompts_match_the_local_text(tmp_path):
 def test_every_suite_names_lm_eval_tasks_with_local_data_or_a_known_gap():
     """A suite may list a task without local data only if it is a documented gap (sciq), reported as skipped."""
     from conftest import CONF
+
     from outlierlab.evals.zeroshot import LOCAL_TASKS
     known_gaps = {"sciq"}
     for path in sorted((CONF / "eval" / "zeroshot").glob("*.yaml")):

@@ -23,7 +23,13 @@ from outlierlab.evals.zeroshot import build_tasks, check_tasks, evaluate_zerosho
 from outlierlab.interventions.base import EditSession, Intervention
 from outlierlab.models.coords import SuperWeight, check_in_shape
 from outlierlab.models.hashing import weights_sha256
-from outlierlab.models.load import BOS_POLICIES, DTYPES, LoadedModel, load_model, model_shape
+from outlierlab.models.load import (
+    BOS_POLICIES,
+    DTYPES,
+    LoadedModel,
+    load_model,
+    model_shape,
+)
 from outlierlab.models.sites import UnsupportedArchitecture, family_for
 from outlierlab.models.source import ModelSource, SourceError, resolve_source
 from outlierlab.results import git_state, library_versions, result_path, write_result
@@ -105,12 +111,6 @@ def preflight(cfg: DictConfig) -> Plan:
         recipe = hydra.utils.get_method(cfg.exp.recipe)
     except Exception as error:
         raise ConfigError(f"exp.recipe={cfg.exp.recipe} cannot be imported ({str(error).splitlines()[0]})") from None
-    check = getattr(inspect.getmodule(recipe), "check", None)  # a recipe module may check its own exp keys
-    if check is not None:
-        try:
-            check(cfg)
-        except (ValueError, KeyError, TypeError) as error:
-            raise ConfigError(str(error).splitlines()[0].strip("'\"")) from None
     interventions = _instantiate_interventions(cfg)
     if cfg.exp.get("super_weights") is not None:
         _check_choice("exp.super_weights", cfg.exp.super_weights, ("auto", "detect", "registry"))
@@ -118,8 +118,10 @@ def preflight(cfg: DictConfig) -> Plan:
         super_weights = [SuperWeight.parse(entry.coord) for entry in model.get("super_weights") or []]
     except (ValueError, AttributeError) as error:
         raise ConfigError(f"model.super_weights: {error}") from None
-    source = resolve_source(model)
-    if super_weights:
+    # Recipes that make or load their own models (pretraining, tables over several checkpoints) set
+    # exp.load_model: false; the runner then loads nothing and ctx.loaded is None.
+    source = resolve_source(model) if cfg.exp.get("load_model", True) else None
+    if super_weights and source is not None:
         layers, hidden, intermediate = model_shape(model, source)
         for weight in super_weights:
             try:
@@ -128,12 +130,14 @@ def preflight(cfg: DictConfig) -> Plan:
                 raise ConfigError(f"model.super_weights: {error}") from None
     output = result_path(cfg.paths.results_dir, cfg.exp.name, model.name, cfg.run_tag)
     plan = Plan(source, interventions, super_weights, data_dir, output, recipe)
-    if cfg.exp.get("check"):  # the study's own checks of its exp keys: check(cfg, plan), raising ConfigError
+    # The recipe's module may define `check(cfg, plan)`: the study's own checks of its exp keys, still before any
+    # weights load. A ValueError / KeyError / TypeError there is a config error like any other.
+    check = getattr(inspect.getmodule(recipe), "check", None)
+    if check is not None:
         try:
-            check = hydra.utils.get_method(cfg.exp.check)
-        except Exception as error:
-            raise ConfigError(f"exp.check={cfg.exp.check} cannot be imported ({str(error).splitlines()[0]})") from None
-        check(cfg, plan)
+            check(cfg, plan)
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(str(error).splitlines()[0].strip("'\"")) from None
     return plan
 
 
@@ -142,7 +146,7 @@ class RunContext:
     """What a recipe gets: the loaded model, its interventions and evaluations. Recipes call these; they never
     reach into module internals."""
     cfg: DictConfig
-    loaded: LoadedModel
+    loaded: LoadedModel | None  # None when exp.load_model is false
     plan: Plan
     corpora: dict[str, Corpus]
     data_corpora: dict[str, Corpus] = field(default_factory=dict)
@@ -212,17 +216,19 @@ def execute(cfg: DictConfig) -> dict:
     """Run one configured experiment end to end; returns the record written to results/."""
     started = time.time()
     plan = preflight(cfg)
-    corpora = {key: load_corpus(protocol.dataset, protocol.split, plan.data_dir)
-               for key, protocol in (cfg.eval.get("ppl") or {}).items()}
-    data_corpora = {key: load_corpus(protocol.dataset, protocol.split, plan.data_dir)
-                    for key, protocol in (cfg.exp.get("data") or {}).items()}
-    loaded = load_model(cfg.model, cfg.paths.cache_dir, plan.source)
-    weights_before = weights_sha256(loaded.model)
+    loaded, corpora, data_corpora = None, {}, {}
+    if plan.source is not None:  # exp.load_model: false -> the recipe makes or loads its own models
+        corpora = {key: load_corpus(protocol.dataset, protocol.split, plan.data_dir)
+                   for key, protocol in (cfg.eval.get("ppl") or {}).items()}
+        data_corpora = {key: load_corpus(protocol.dataset, protocol.split, plan.data_dir)
+                        for key, protocol in (cfg.exp.get("data") or {}).items()}
+        loaded = load_model(cfg.model, cfg.paths.cache_dir, plan.source)
+    weights_before = weights_sha256(loaded.model) if loaded else None
     context = RunContext(cfg, loaded, plan, corpora, data_corpora)
     outcome = plan.recipe(context)
-    weights_after = weights_sha256(loaded.model)
+    weights_after = weights_sha256(loaded.model) if loaded else None
     record = {
-        "exp": cfg.exp.name, "model": loaded.info, "run_tag": cfg.run_tag,
+        "exp": cfg.exp.name, "model": loaded.info if loaded else {"name": cfg.model.name}, "run_tag": cfg.run_tag,
         "started_at": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
         "wall_time_s": round(time.time() - started, 2),
         "weights_sha256": weights_before, "weights_restored": weights_before == weights_after,
@@ -232,7 +238,7 @@ def execute(cfg: DictConfig) -> dict:
         **outcome,
     }
     path = write_result(record, plan.output)
-    print(f"\n{cfg.exp.name} on {cfg.model.name} ({loaded.info['dtype']}, eval={cfg.eval.name})")
+    print(f"\n{cfg.exp.name} on {cfg.model.name} ({record['model'].get('dtype')}, eval={cfg.eval.name})")
     table = outcome.get("table")
     if table:
         print(markdown(table["columns"], table["rows"]))

@@ -11,8 +11,8 @@ import csv
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 from outlierlab.evals.data import DataError
 

@@ -10,10 +10,16 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+)
 
 from outlierlab.models.sites import Sites
 from outlierlab.models.source import ModelSource, file_sha256, resolve_source
+from outlierlab.train import modeling as _trained_models  # noqa: F401  registers model_type outlierlab_llama
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         name="llama-like",
         model_types=("llama", "mistral", "mixtral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "gemma2",
-                     "phi3", "smollm3", "granite"),
+                     "phi3", "smollm3", "granite", "outlierlab_llama"),
         layers="model.layers", attn="self_attn", norm1="input_layernorm", norm2="post_attention_layernorm",
         down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm",
     ),

@@ -1,0 +1,96 @@
+"""Which attention variants grow massive activations, and how well they quantize (papers MA, QT, RO).
+
+For each variant trained by +exp=pretrain at one size preset:
+1. load its checkpoint as a user would (model.source=<checkpoint dir>), with the BOS policy it was trained with;
+2. one pass over the held-out validation windows: validation loss, layer-wise residual top-k / median (paper MA),
+   attention-output max |x| and kurtosis (paper QT);
+3. the same windows under simulated W8A8 (per-tensor RTN of linear weights and inputs), undone afterwards;
+4. one row per variant, paper QT Table 2 (OPT-125m) beside ours.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from outlierlab.interventions.base import EditSession
+from outlierlab.interventions.fake_quant import W8A8
+from outlierlab.models.hashing import weights_sha256
+from outlierlab.models.load import load_model
+from outlierlab.runner import ConfigError
+from outlierlab.train.analysis import classify_massive, measure, validation_loss
+from outlierlab.train.data import SINK, prepare, validation_windows
+from outlierlab.train.modeling import read_metadata
+
+
+def _directory(cfg, variant: str) -> Path:
+    return Path(str(cfg.exp.checkpoints)).expanduser() / variant
+
+
+def check(cfg, plan) -> None:
+    variants = list(cfg.exp.train_variants or [])
+    if not variants:
+        raise ConfigError("exp.train_variants is empty: name at least one trained variant")
+    missing = [v for v in variants if not (_directory(cfg, v) / "config.json").is_file()]
+    if missing:
+        raise ConfigError(f"exp.train_variants: no trained model for {', '.join(missing)} in {cfg.exp.checkpoints} "
+                          f"(train it: python run.py +exp=pretrain train/size={cfg.train.size.name} "
+                          f"train/variant={missing[0]})")
+    W8A8(**cfg.exp.w8a8)  # validates the bit widths
+
+
+def run(ctx) -> dict:
+    cfg = ctx.cfg
+    exp, size = cfg.exp, cfg.train.size
+    data_dir = None if cfg.paths.data_dir in (None, "", "null") else str(cfg.paths.data_dir)
+    streams = prepare(size.data, data_dir, cfg.paths.cache_dir)
+    reference = OmegaConf.to_container(exp.reference)
+    rows, details = [], {}
+    for variant in exp.train_variants:
+        directory = _directory(cfg, variant)
+        metadata = read_metadata(directory)
+        model_cfg = OmegaConf.merge(cfg.model, {"name": f"{size.name}_{variant}", "source": str(directory),
+                                                "bos": metadata.get("bos", "none")})
+        loaded = load_model(model_cfg, cfg.paths.cache_dir)
+        prefix = loaded.tokenizer.convert_tokens_to_ids(SINK) if model_cfg.bos == "prepend" else None
+        windows = validation_windows(streams.val, size.seqlen, exp.val_windows, prefix)
+
+        fp = measure(loaded, windows, exp.batch_size, exp.top_k)
+        before = weights_sha256(loaded.model)
+        with EditSession(loaded) as session:
+            session.apply([W8A8(**exp.w8a8)])
+            w8a8_loss = validation_loss(loaded.model, windows, exp.batch_size, desc=f"{variant} w8a8")
+            edits = list(session.log)
+        restored = weights_sha256(loaded.model) == before
+        massive = classify_massive(fp["residual"], exp.massive.abs_min, exp.massive.ratio_min)
+        attention = fp["attention_output"]
+        paper = reference["values"].get(variant, {})
+        row = {"variant": variant, "val loss": fp["val_loss"], "FP ppl": math.exp(fp["val_loss"]),
+               "W8A8 ppl": math.exp(w8a8_loss), "max inf-norm": attention["max_inf_norm"],
+               "avg kurtosis": attention["avg_kurtosis"], "max abs(h)": massive["max_abs"], "layer": massive["layer"],
+               "top1/median": massive["ratio_to_median"], "peak": massive["kind"],
+               "massive": "yes" if massive["massive"] else "no",
+               "paper FP ppl": paper.get("fp_ppl"), "paper inf-norm": paper.get("max_inf_norm"),
+               "paper kurtosis": paper.get("avg_kurtosis"), "paper W8A8 ppl": paper.get("w8a8_ppl")}
+        row["W8A8 / FP"] = row["W8A8 ppl"] / row["FP ppl"]
+        rows.append(row)
+        details[variant] = {"checkpoint": str(directory), "training": metadata, "model": loaded.info,
+                            "bos": model_cfg.bos, "windows": list(windows.shape), **fp, "massive": massive,
+                            "w8a8": {"val_loss": w8a8_loss, "edits": edits, "weights_restored": restored}}
+        del loaded
+
+    columns = ["variant", "val loss", "FP ppl", "W8A8 ppl", "W8A8 / FP", "max inf-norm", "avg kurtosis", "max abs(h)",
+               "layer", "top1/median", "peak", "massive", "paper FP ppl", "paper inf-norm", "paper kurtosis",
+               "paper W8A8 ppl"]
+    steps = {v: d["training"].get("step") for v, d in details.items()}
+    devices = sorted({str(d["training"].get("device_name")) for d in details.values()})
+    caption = (f"{size.name} preset ({', '.join(devices)}; steps {sorted(set(steps.values()))}), "
+               f"{exp.val_windows} held-out windows x {size.seqlen} tokens. inf-norm and kurtosis: attention "
+               f"outputs (after o_proj); max |h|: residual stream, peak layer; massive: |h| > {exp.massive.abs_min} "
+               f"and >= {exp.massive.ratio_min}x median (paper MA). W8A8: per-tensor symmetric RTN. Paper columns: "
+               f"{reference['source']} - a different model, data and scale.")
+    model = {"name": cfg.model.name, "kind": "trained checkpoints", "dtype": "float32",
+             "checkpoints": str(exp.checkpoints), "variants": list(details)}
+    return {"model": model, "variants": details, "reference": reference,
+            "table": {"columns": columns, "rows": rows, "caption": caption}}

@@ -1,0 +1,47 @@
+"""Streaming moments of an activation site, per layer: max |x| (the "inf-norm" of paper QT) and kurtosis.
+
+Paper QT reports, per model, the maximum infinity norm and the average kurtosis of the outputs of the attention
+layers. Kurtosis here is of all elements of a layer's tensor, pooled over every sequence seen:
+E[(x - mu)^4] / E[(x - mu)^2]^2 (3 for a Gaussian), computed from running power sums in float64, so no activation
+is kept after its hook returns.
+"""
+from __future__ import annotations
+
+import torch
+
+from outlierlab.probes.stats import Probe
+
+
+class SiteMoments(Probe):
+    """`site` is a per-layer pattern with `{i}`, e.g. `layers.{i}.attn.out` (attention output after o_proj)."""
+
+    def __init__(self, sites, site: str = "layers.{i}.attn.out"):
+        super().__init__(sites)
+        self.site = site
+        layers = sites.num_layers
+        self.power_sums = torch.zeros(layers, 5, dtype=torch.float64)  # count, sum x, x^2, x^3, x^4
+        self.max_abs = torch.zeros(layers, dtype=torch.float64)
+
+    def hook_points(self):
+        for layer in range(self.sites.num_layers):
+            yield self.site.format(i=layer), self._callback(layer)
+
+    def _callback(self, layer: int):
+        def fold(tensor: torch.Tensor):
+            x = tensor.detach().double().reshape(-1)
+            self.power_sums[layer] += torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
+                                                   x.sum(), (x ** 2).sum(), (x ** 3).sum(), (x ** 4).sum()]).cpu()
+            self.max_abs[layer] = max(self.max_abs[layer], x.abs().max().cpu())
+        return fold
+
+    def kurtosis(self) -> list[float]:
+        n, s1, s2, s3, s4 = self.power_sums.unbind(dim=1)
+        mean = s1 / n
+        m2 = s2 / n - mean ** 2
+        m4 = s4 / n - 4 * mean * s3 / n + 6 * mean ** 2 * s2 / n - 3 * mean ** 4
+        return (m4 / m2 ** 2).tolist()
+
+    def summary(self) -> dict:
+        kurtosis = self.kurtosis()
+        return {"site": self.site, "max_abs": self.max_abs.tolist(), "kurtosis": kurtosis,
+                "max_inf_norm": float(self.max_abs.max()), "avg_kurtosis": sum(kurtosis) / len(kurtosis)}
