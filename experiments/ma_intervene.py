@@ -30,7 +30,8 @@ def locations(cfg) -> tuple[list[massive.MassiveActivation], list[str], str]:
         raise ConfigError(f"exp.massive_activations={spec} must be 'registry' or a list of "
                           "{first_layer, channels, positions}")
     try:
-        found, notes = massive.parse(OmegaConf.to_container(entries) if OmegaConf.is_config(entries) else entries)
+        found, notes = massive.parse(OmegaConf.to_container(entries) if OmegaConf.is_config(entries) else entries,
+                                     bos=cfg.model.bos)
     except ValueError as error:
         raise ConfigError(f"exp.massive_activations: {error}") from None
     return found, notes, origin

@@ -117,6 +117,10 @@ def test_registry_entries_parse_to_positions():
                                   {"first_layer": 2, "channels": [5], "positions": [0, 3]}])
     assert found == [MassiveActivation(1, (9, 4), (0,)), MassiveActivation(2, (5,), (0, 3))]
     assert len(notes) == 1 and "no fixed position" in notes[0]
+    per_policy = [{"first_layer": 3, "channels": [1], "tokens": ["first token"], "bos": "none"},
+                  {"first_layer": 4, "channels": [2], "tokens": ["BOS"], "bos": "prepend"}]
+    assert massive.parse(per_policy, bos="prepend")[0] == [MassiveActivation(4, (2,), (0,))]
+    assert len(massive.parse(per_policy)[0]) == 2
     with pytest.raises(ValueError, match="channel 600 is outside"):
         massive.check_fits(found + [MassiveActivation(0, (600,), (0,))], 4, 576)
 

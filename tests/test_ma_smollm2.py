@@ -22,14 +22,14 @@ pytestmark = [pytest.mark.smollm2,
 def test_set_to_mean_keeps_ppl_and_zero_everywhere_wrecks_it(tmp_path):
     cfg = compose_cfg(["model=smollm2_135m", "+calibration=wikitext2_valid"])
     loaded = load_model(cfg.model, cfg.paths.cache_dir)
-    found, _ = massive.parse(cfg.model.massive_activations)
-    assert found == [massive.MassiveActivation(2, (507,), (0,))]
+    found, _ = massive.parse(cfg.model.massive_activations, bos=cfg.model.bos)
+    assert found == [massive.MassiveActivation(11, (247, 507), (0,))]  # the registry entry for BOS none
     before = weights_hash(loaded.model)
     calibration = cfg.calibration
     calibration.seqlen, calibration.windows = 128, 2
     windows = build_windows(calibration, load_corpus("wikitext2", "validation", str(DATA_DIR)), loaded)
     means = calibrated_means(loaded, found, windows, tmp_path)
-    assert means["locations"][0]["mean"][11][0][0] > 1000 * means["median_abs"][11]  # massive indeed
+    assert means["locations"][0]["mean"][11][0][1] > 1000 * means["median_abs"][11]  # channel 507: massive indeed
     protocol = cfg.eval.ppl.wikitext2
     protocol.seqlen, protocol.windows = 128, 1
     test = build_windows(protocol, load_corpus("wikitext2", "test", str(DATA_DIR)), loaded)

@@ -11,7 +11,7 @@ entries (papers.md, or written back by a detector) or are given explicitly in an
 Registry entries name their tokens in words ("first token", "BOS", 'first "." or "\\n"'); only tokens at a fixed
 position can be addressed by position, so those map to position 0 and the others (a sequence's first delimiter sits
 at a different position in every sequence) are reported as skipped. An entry with an explicit `positions` list
-uses it as given.
+uses it as given. An entry with a `bos` key (none / prepend) holds for runs with that BOS policy only.
 """
 from __future__ import annotations
 
@@ -42,11 +42,16 @@ class MassiveActivation:
         return {"first_layer": self.first_layer, "channels": list(self.channels), "positions": list(self.positions)}
 
 
-def parse(entries) -> tuple[list[MassiveActivation], list[str]]:
-    """Model-YAML or config entries -> (locations, notes on what could not be addressed)."""
+def parse(entries, bos: str | None = None) -> tuple[list[MassiveActivation], list[str]]:
+    """Model-YAML or config entries -> (locations, notes on what could not be addressed).
+
+    An entry measured under one BOS policy (its `bos` key: the detector writes one entry per policy, since a BOS
+    token moves the MAs) applies only to runs with that policy; `bos=None` keeps every entry."""
     found, notes = [], []
     for number, entry in enumerate(entries or []):
         entry = dict(entry)
+        if bos is not None and entry.get("bos") not in (None, bos):
+            continue
         for key in ("first_layer", "channels"):
             if key not in entry:
                 raise ValueError(f"massive_activations[{number}] has no '{key}'")
