@@ -10,16 +10,14 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from outlierlab.interventions.super_weight import NoSuperWeights
-from outlierlab.models.coords import SuperWeight
-from outlierlab.probes.super_weight import choose_super_weights, detect_super_weights
+from outlierlab.probes.super_weight import super_weights_for_study
 
 
 def run(ctx) -> dict:
     cfg = ctx.cfg.exp
-    detection = detect_super_weights(ctx.loaded, **cfg.detection)
-    detected = [SuperWeight(*entry["coord"]) for entry in detection["super_weights"]]
     registry = ctx.registry_super_weights
-    chosen, origin = choose_super_weights(cfg.super_weights, detected, registry)
+    detection, detected, chosen, origin = super_weights_for_study(ctx.loaded, cfg.detection, cfg.super_weights,
+                                                                  registry)
     context = {"super_weights": chosen}
 
     protocols = list(ctx.cfg.eval.ppl)

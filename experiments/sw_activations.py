@@ -9,20 +9,17 @@ weight, the other outlier weights, or both removed).
 from __future__ import annotations
 
 from outlierlab.interventions.super_weight import NoSuperWeights
-from outlierlab.models.coords import SuperWeight
 from outlierlab.probes.super_weight import (
-    choose_super_weights,
-    detect_super_weights,
     down_proj_profile,
     residual_profile,
+    super_weights_for_study,
 )
 
 
 def run(ctx) -> dict:
     cfg = ctx.cfg.exp
-    detection = detect_super_weights(ctx.loaded, **cfg.detection)
-    detected = [SuperWeight(*entry["coord"]) for entry in detection["super_weights"]]
-    chosen, origin = choose_super_weights(cfg.super_weights, detected, ctx.registry_super_weights)
+    detection, detected, chosen, origin = super_weights_for_study(ctx.loaded, cfg.detection, cfg.super_weights,
+                                                                  ctx.registry_super_weights)
     context = {"super_weights": chosen}
     down_proj = down_proj_profile(ctx.loaded, cfg.detection.prompt)
 

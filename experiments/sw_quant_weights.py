@@ -12,9 +12,7 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from experiments.prune_sw import choose_super_weights
-from outlierlab.models.coords import SuperWeight
-from outlierlab.probes.super_weight import detect_super_weights
+from outlierlab.probes.super_weight import super_weights_for_study
 from outlierlab.quant.rtn import spec_from_label
 
 
@@ -55,9 +53,8 @@ def _scores(ctx, label: str) -> dict:
 
 def run(ctx) -> dict:
     exp = ctx.cfg.exp
-    detection = detect_super_weights(ctx.loaded, **exp.detection)
-    detected = [SuperWeight(*entry["coord"]) for entry in detection["super_weights"]]
-    chosen, origin = choose_super_weights(exp.super_weights, detected, ctx.registry_super_weights)
+    detection, detected, chosen, origin = super_weights_for_study(ctx.loaded, exp.detection, exp.super_weights,
+                                                                  ctx.registry_super_weights)
     context = {"super_weights": chosen}
 
     original = _scores(ctx, "original")

@@ -11,8 +11,7 @@ import math
 import hydra
 from omegaconf import OmegaConf
 
-from outlierlab.models.coords import SuperWeight
-from outlierlab.probes.super_weight import choose_super_weights, detect_super_weights
+from outlierlab.probes.super_weight import super_weights_for_study
 
 
 def scales(spec) -> list[float]:
@@ -39,9 +38,8 @@ def check(cfg, plan) -> None:
 
 def run(ctx) -> dict:
     cfg = ctx.cfg.exp
-    detection = detect_super_weights(ctx.loaded, **cfg.detection)
-    detected = [SuperWeight(*entry["coord"]) for entry in detection["super_weights"]]
-    chosen, origin = choose_super_weights(cfg.super_weights, detected, ctx.registry_super_weights)
+    detection, detected, chosen, origin = super_weights_for_study(ctx.loaded, cfg.detection, cfg.super_weights,
+                                                                  ctx.registry_super_weights)
     protocols = list(cfg.protocols)
     reference = {float(s): v for s, v in (cfg.get("reference") or {}).get("zeroshot_mean", {}).items()}
 

@@ -8,8 +8,7 @@
 from __future__ import annotations
 
 from outlierlab.evals.stopwords import mean_next_token_probs, probability_shift
-from outlierlab.models.coords import SuperWeight
-from outlierlab.probes.super_weight import choose_super_weights, detect_super_weights
+from outlierlab.probes.super_weight import super_weights_for_study
 
 
 def check(cfg, plan) -> None:
@@ -25,9 +24,8 @@ def check(cfg, plan) -> None:
 
 def run(ctx) -> dict:
     cfg = ctx.cfg.exp
-    detection = detect_super_weights(ctx.loaded, **cfg.detection)
-    detected = [SuperWeight(*entry["coord"]) for entry in detection["super_weights"]]
-    chosen, origin = choose_super_weights(cfg.super_weights, detected, ctx.registry_super_weights)
+    detection, detected, chosen, origin = super_weights_for_study(ctx.loaded, cfg.detection, cfg.super_weights,
+                                                                  ctx.registry_super_weights)
     if not chosen:
         return {"super_weights": {"used": [], "origin": origin},
                 "detection": {k: v for k, v in detection.items() if k != "iterations"},

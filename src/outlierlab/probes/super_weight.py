@@ -110,6 +110,14 @@ def choose_super_weights(mode: str, detected: list[SuperWeight], registry: list[
     raise ValueError(f"exp.super_weights={mode} is not one of: auto, detect, registry")
 
 
+def super_weights_for_study(loaded, detection: dict, mode: str, registry: list[SuperWeight]):
+    """What every SW study starts with: detection always runs (its trace goes into the result) and `mode` picks
+    the weights the study edits. Returns (detection trace, detected weights, chosen weights, origin)."""
+    trace = detect_super_weights(loaded, **detection)
+    detected = [SuperWeight(*entry["coord"]) for entry in trace["super_weights"]]
+    return trace, detected, *choose_super_weights(mode, detected, registry)
+
+
 @torch.no_grad()
 def describe_weights(loaded, weights: list[SuperWeight], prompt: str = DEFAULT_PROMPT) -> list[dict]:
     """For each (layer, row, col): its value (for GGUF models a dequantized block-quantized value), magnitude rank
