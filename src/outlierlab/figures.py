@@ -15,6 +15,6 @@ def save_figure(figure, path_stem: Path) -> list[Path]:
     path_stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [path_stem.with_suffix(".png"), path_stem.with_suffix(".pdf")]
     figure.savefig(paths[0], dpi=150, bbox_inches="tight")
-    figure.savefig(paths[1], bbox_inches="tight")
+    figure.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None})  # rebuilds leave git clean
     plt.close(figure)
     return paths
