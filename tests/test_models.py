@@ -37,6 +37,25 @@ def test_tiny_family_loads_and_resolves_sites(name, tmp_path):
     assert seen["out"][-1] == config.hidden_size and seen["in"][-1] == cols
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma", "gemma2"])
+def test_norm2_is_the_mlp_input_norm(model_type, tmp_path):
+    # Gemma-2's post_attention_layernorm normalizes the attention output, not the MLP input
+    loaded = load_model(compose_cfg(["model=tiny_gemma", f"model.tiny.model_type={model_type}"]).model, tmp_path)
+    seen = {}
+    norm2, mlp = loaded.sites.module("layers.0.norm2"), loaded.sites.layers[0].mlp
+    with norm2.register_forward_hook(lambda _m, _a, out: seen.update(norm=out)), \
+            mlp.register_forward_pre_hook(lambda _m, args: seen.update(mlp=args[0])):
+        loaded.model(torch.tensor([loaded.encode("hello world")]))
+    assert torch.equal(seen["norm"], seen["mlp"])
+
+
+def test_post_norm_olmo2_has_no_input_norm_sites(tmp_path):
+    loaded = load_model(compose_cfg(["model=tiny_llama", "model.tiny.model_type=olmo2"]).model, tmp_path)
+    with pytest.raises(KeyError, match="olmo2 models have no norm2"):
+        loaded.sites.module("layers.0.norm2")
+    assert loaded.sites.down_proj(0).shape[0] == loaded.model.config.hidden_size
+
+
 def test_gpt2_down_proj_is_addressed_as_out_in(tmp_path):
     loaded = load_model(compose_cfg(["model=tiny_gpt2"]).model, tmp_path)
     view = loaded.sites.down_proj(1)

@@ -194,9 +194,10 @@ def test_activation_hook_feeds_the_quantized_input(tiny_llama):
     assert weights_hash(tiny_llama.model) == before
 
 
-@pytest.mark.parametrize("name", TINY_MODELS)
-def test_smoothquant_leaves_the_float_model_unchanged(name, tmp_path):
-    loaded = load_model(compose_cfg([f"model={name}"]).model, tmp_path)
+@pytest.mark.parametrize("overrides", [[f"model={name}"] for name in TINY_MODELS]
+                         + [["model=tiny_gemma", "model.tiny.model_type=gemma2"]], ids=lambda o: " ".join(o))
+def test_smoothquant_leaves_the_float_model_unchanged(overrides, tmp_path):
+    loaded = load_model(compose_cfg(overrides).model, tmp_path)
     ids = torch.tensor([loaded.encode("SmoothQuant moves the difficulty from activations to weights.")])
     with torch.no_grad():
         logits = loaded.model(ids).logits

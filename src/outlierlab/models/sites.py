@@ -34,8 +34,8 @@ class Family:
     model_types: tuple[str, ...]
     layers: str  # attribute path from the CausalLM to the list of decoder blocks
     attn: str
-    norm1: str
-    norm2: str
+    norm1: str | None  # None: the family has no such pre-norm (OLMo-2 normalizes sublayer outputs instead)
+    norm2: str | None
     down_proj: str
     embed: str
     final_norm: str
@@ -46,9 +46,23 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="llama-like",
-        model_types=("llama", "mistral", "mixtral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "gemma2",
+        model_types=("llama", "mistral", "mixtral", "qwen2", "qwen3", "olmo", "gemma",
                      "phi3", "smollm3", "granite", "outlierlab_llama"),
         layers="model.layers", attn="self_attn", norm1="input_layernorm", norm2="post_attention_layernorm",
+        down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm",
+    ),
+    Family(
+        # Gemma-2/3 norm both sides of each sublayer: post_attention_layernorm normalizes the attention *output*;
+        # the MLP's input norm is pre_feedforward_layernorm.
+        name="gemma2-like", model_types=("gemma2", "gemma3_text"),
+        layers="model.layers", attn="self_attn", norm1="input_layernorm", norm2="pre_feedforward_layernorm",
+        down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm",
+    ),
+    Family(
+        # OLMo-2 is post-norm: post_attention_layernorm / post_feedforward_layernorm normalize the sublayer outputs,
+        # so it has no norm1/norm2 (input norms) to address.
+        name="olmo2", model_types=("olmo2",),
+        layers="model.layers", attn="self_attn", norm1=None, norm2=None,
         down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm",
     ),
     Family(
@@ -148,6 +162,8 @@ class Sites:
                  "mlp.down_proj": self.family.down_proj}
         if rest not in paths:
             raise KeyError(f"unknown site '{site}' (layer sites: {', '.join(paths)}, out)")
+        if paths[rest] is None:
+            raise KeyError(f"site '{site}': {self.family.name} models have no {rest} (input norm) to address")
         return _getattr_path(layer, paths[rest])
 
     def _layer(self, index: int, site: str) -> nn.Module:
