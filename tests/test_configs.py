@@ -80,3 +80,11 @@ def test_zeroshot_suites_compose():
 def test_a_model_given_by_path_is_named_after_its_source(source, name):
     cfg = compose_cfg(["+exp=sw_index", "model=path", f"model.source='{source}'"])
     assert cfg.model.name == name and list(cfg.model.super_weights) == []
+
+
+def test_a_trained_model_brings_its_bos_policy(tmp_path):
+    (tmp_path / "outlierlab.json").write_text('{"variant": "sink", "bos": "prepend"}')
+    assert compose_cfg(["+exp=prune_sw", "model=trained", f"model.source={tmp_path}"]).model.bos == "prepend"
+    assert compose_cfg(["+exp=prune_sw", "model=trained", f"model.source={tmp_path / 'other'}"]).model.bos == "none"
+    assert compose_cfg(["+exp=prune_sw", "model=trained", f"model.source={tmp_path}",
+                        "model.bos=none"]).model.bos == "none"  # an explicit override still wins

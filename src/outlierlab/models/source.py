@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -110,3 +111,12 @@ def source_name(source: str) -> str:
     text = str(source).rstrip("/")
     name = Path(text).stem if text.endswith(".gguf") else text.rpartition("/")[2]
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "model"
+
+
+def trained_bos(directory: str, default: str = "none") -> str:
+    """The BOS policy a model trained by +exp=pretrain was trained with (its outlierlab.json beside config.json;
+    the sink variant prepends its sink token as BOS), for conf/model/trained.yaml; `default` for other directories."""
+    metadata = Path(str(directory)).expanduser() / "outlierlab.json"  # train.modeling.METADATA_FILE
+    if not metadata.is_file():
+        return default
+    return str(json.loads(metadata.read_text()).get("bos", default))
