@@ -86,6 +86,15 @@ def test_zero_point_forms_by_hand():
     assert torch.allclose(quantized(matrix, 2, "tensor", "integer"), T([[-1.0, 0.0, 2.0]]), atol=1e-6)
 
 
+def test_symmetric_rtn_by_hand():
+    # 3 bits symmetric: levels +-3, delta = max|w| / 3 = 1; 0.5 and 1.5 round half to even (0 and 2)
+    assert torch.equal(quantized([[-1.0, 0.4, 0.5, 1.5, 3.0]], 3, "tensor", "symmetric"),
+                       T([[-1.0, 0.0, 0.0, 2.0, 3.0]]))
+    # 2 bits per channel: levels +-1; row 0 delta 4 (-4 -> -4, 1 -> 0.25 -> 0), row 1 delta 1 (0.5 -> 0, -1 -> -1)
+    assert torch.equal(quantized([[-4.0, 1.0], [0.5, -1.0]], 2, "channel", "symmetric"), T([[-4.0, 0.0], [0.0, -1.0]]))
+    assert torch.equal(quantized([[0.0, 0.0]], 4, "tensor", "symmetric"), T([[0.0, 0.0]]))
+
+
 def test_constant_group_is_unchanged():
     assert torch.equal(quantized([[0.5, 0.5], [0.5, 0.5]], 3, "tensor"), T([[0.5, 0.5], [0.5, 0.5]]))
 

@@ -1,6 +1,7 @@
-"""Simulated (fake) W8A8 quantization: the minimal per-tensor round-to-nearest used by the attention-variant table
-(paper QT reports FP vs W8A8 perplexity). A fuller quantization package (block sizes, clipping, super-weight-aware
-quantization) lives elsewhere; this module is deliberately small so the two can be unified.
+"""Simulated (fake) W8A8 quantization for the attention-variant table (paper QT reports FP vs W8A8 perplexity):
+symmetric per-tensor round-to-nearest of every linear's weight and input. The RTN itself is quant/rtn.py's (the
+same code as the super-weight study's quantizers, zero_point="symmetric"); what this intervention adds is its
+target set, which includes the LM head.
 
     quantize_rtn(x, bits)   symmetric per-tensor RTN: scale = max|x| / (2^(bits-1) - 1), x -> round(x/scale)*scale
     W8A8(...)               an Intervention: every nn.Linear in the decoder blocks (and the LM head) gets its weight
@@ -16,16 +17,12 @@ import torch
 from torch import nn
 
 from outlierlab.interventions.base import EditSession, Intervention
+from outlierlab.quant.rtn import fake_quantize_activation
 
 
 def quantize_rtn(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric per-tensor round-to-nearest to `bits` bits, returned in x's dtype (fake quantization)."""
-    levels = 2 ** (bits - 1) - 1
-    peak = x.detach().abs().amax().float()
-    if peak == 0 or not torch.isfinite(peak):
-        return x
-    scale = peak / levels
-    return (torch.clamp(torch.round(x.float() / scale), -levels, levels) * scale).to(x.dtype)
+    return fake_quantize_activation(x, bits, granularity="tensor", zero_point="symmetric")
 
 
 def _linears(session: EditSession) -> list[tuple[str, nn.Linear]]:

@@ -9,7 +9,9 @@ each quantization group X gets its own range from its min and max,
 
 or, with zero_point="integer", the common integer zero point z = round(-min(X) / delta) (so that 0 is exact):
 Q(X) = clamp(round(X / delta) + z, 0, 2^bits - 1), X^ = (Q(X) - z) * delta. A group whose max equals its min is
-returned unchanged (delta = 0). torch.round rounds half to even.
+returned unchanged (delta = 0). zero_point="symmetric" is signed RTN around 0 (the W8A8 of paper QT's table):
+delta = max|X| / (2^(bits-1) - 1), X^ = clamp(round(X / delta), -(2^(bits-1) - 1), 2^(bits-1) - 1) * delta; a group
+that is all zeros or holds a non-finite value is returned unchanged. torch.round rounds half to even.
 
 Granularity of a matrix W, addressed as (row = output channel, col = input channel):
     tensor   one group: the whole matrix
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 GRANULARITIES = ("tensor", "channel", "block", "flat")
-ZERO_POINTS = ("min", "integer")
+ZERO_POINTS = ("min", "integer", "symmetric")
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,21 @@ def _group_min_max(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return low, high
 
 
+def _symmetric_rtn_groups(groups: torch.Tensor, bits: int) -> torch.Tensor:
+    levels = 2 ** (bits - 1) - 1
+    peak = groups.abs().masked_fill(groups.isnan(), 0.0).amax(dim=1, keepdim=True)
+    delta = peak / levels
+    unchanged = (delta == 0) | ~torch.isfinite(delta)
+    safe = torch.where(unchanged, torch.ones_like(delta), delta)
+    out = (groups / safe).round().clamp(-levels, levels) * safe
+    return torch.where(unchanged, groups, out)
+
+
 def rtn_groups(groups: torch.Tensor, bits: int, zero_point: str = "min") -> torch.Tensor:
-    """Asymmetric RTN quantize-dequantize of each row of `groups` (NaN padding stays NaN)."""
+    """RTN quantize-dequantize of each row of `groups` (NaN padding stays NaN): asymmetric from the group's
+    min/max, or symmetric around 0 (zero_point="symmetric")."""
+    if zero_point == "symmetric":
+        return _symmetric_rtn_groups(groups, bits)
     levels = 2 ** bits - 1
     low, high = _group_min_max(groups)
     delta = (high - low) / levels
