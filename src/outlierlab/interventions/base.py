@@ -46,13 +46,16 @@ class EditSession:
     def set(self, param: torch.Tensor, index: tuple, values) -> None:
         """param.data[index] = values, remembering the original elements."""
         with torch.no_grad():
-            self._saved.append((param, index, param.data[index].clone()))
-            self._originals.setdefault((id(param), self._index_key(index)), param.data[index].clone())
+            # One copy, kept on the CPU: a whole-matrix edit (quantization) must not double the accelerator's memory.
+            saved = param.data[index].to("cpu", copy=True)
+            self._saved.append((param, index, saved))
+            self._originals.setdefault((id(param), self._index_key(index)), saved)
             param.data[index] = values
 
     def original(self, param: torch.Tensor, index: tuple) -> torch.Tensor:
         """The value at `index` before this session touched it."""
-        return self._originals.get((id(param), self._index_key(index)), param.data[index]).clone()
+        saved = self._originals.get((id(param), self._index_key(index)))
+        return param.data[index].clone() if saved is None else saved.to(param.device, copy=True)
 
     @staticmethod
     def _index_key(index: tuple) -> tuple:
