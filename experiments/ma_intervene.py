@@ -17,6 +17,7 @@ from outlierlab.models import massive
 from outlierlab.models.load import BOS_POLICIES, model_shape
 from outlierlab.probes.activation_means import calibrated_means, measure_means
 from outlierlab.runner import ConfigError
+from outlierlab.tables import ratio_to_baseline
 
 
 def locations(cfg) -> tuple[list[massive.MassiveActivation], list[str], str]:
@@ -116,15 +117,13 @@ def run(ctx) -> dict:
     for variant, names in cfg.variants.items():
         row = {"variant": variant}
         try:
-            with ctx.edit(list(names), context) as session:
-                ppl = ctx.perplexities(label=variant)
-                zeroshot = ctx.zeroshot(label=variant)
-                traced = trace(ctx, found, calibration)
-                edits = list(session.log)
+            details[variant] = ctx.evaluate(list(names), context, label=variant,
+                                            observe=lambda: {"ma_trace": trace(ctx, found, calibration)})
         except NoMassiveActivations:
             row["note"] = "skipped: no massive activation"
             rows.append(row)
             continue
+        ppl, zeroshot, traced = (details[variant][key] for key in ("ppl", "zeroshot", "ma_trace"))
         for key in protocols:
             row[key] = ppl[key]["ppl"]
             if with_paper:
@@ -135,13 +134,8 @@ def run(ctx) -> dict:
                 row["paper zero-shot mean"] = paper.get(variant, {}).get("zeroshot_mean")
         row["peak |MA|"] = peak(traced)
         rows.append(row)
-        details[variant] = {"interventions": list(names), "edits": edits, "ppl": ppl, "zeroshot": zeroshot,
-                            "ma_trace": traced}
 
-    baseline = next((r for r in rows if r["variant"] == "original" and protocols[0] in r), None)
-    for row in rows:
-        if baseline and protocols[0] in row:
-            row["x original"] = row[protocols[0]] / baseline[protocols[0]]
+    ratio_to_baseline(rows, protocols[0])
     columns = ["variant", *protocols, "x original"]
     columns += [f"paper {key}" for key in protocols] if with_paper else []
     if ctx.cfg.eval.get("zeroshot"):

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from outlierlab.interventions.super_weight import NoSuperWeights
 from outlierlab.probes.super_weight import super_weights_for_study
+from outlierlab.tables import ratio_to_baseline
 
 
 def run(ctx) -> dict:
@@ -27,14 +28,12 @@ def run(ctx) -> dict:
     for variant, names in cfg.variants.items():
         row = {"variant": variant}
         try:
-            with ctx.edit(list(names), context) as session:
-                ppl = ctx.perplexities(label=variant)
-                zeroshot = ctx.zeroshot(label=variant)
-                edits = list(session.log)
+            details[variant] = ctx.evaluate(list(names), context, label=variant)
         except NoSuperWeights:
             row["note"] = "skipped: no super weight"
             rows.append(row)
             continue
+        ppl, zeroshot = details[variant]["ppl"], details[variant]["zeroshot"]
         for key in protocols:
             row[key] = ppl[key]["ppl"]
             if with_paper:
@@ -46,12 +45,8 @@ def run(ctx) -> dict:
             if with_paper:
                 row["paper zero-shot mean"] = reference.get("values", {}).get(variant, {}).get("zeroshot_mean")
         rows.append(row)
-        details[variant] = {"interventions": list(names), "edits": edits, "ppl": ppl, "zeroshot": zeroshot}
 
-    baseline = next((r for r in rows if r["variant"] == "original" and protocols[0] in r), None)
-    for row in rows:
-        if baseline and protocols[0] in row:
-            row["x original"] = row[protocols[0]] / baseline[protocols[0]]
+    ratio_to_baseline(rows, protocols[0])
     columns = ["variant", *protocols, "x original"]
     if with_paper:
         columns += [f"paper {key}" for key in protocols]

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from outlierlab.evals.data import check_corpus, load_corpus
 from outlierlab.evals.ppl import build_windows
+from outlierlab.tables import ratio_to_baseline
 
 
 def check(cfg, plan) -> None:
@@ -39,10 +40,8 @@ def run(ctx) -> dict:
 
     rows, details = [], {}
     for variant, names in exp.variants.items():
-        with ctx.edit(list(names), context) as session:
-            ppl = ctx.perplexities(label=variant)
-            zeroshot = ctx.zeroshot(label=variant)
-            edits = list(session.log)
+        details[variant] = ctx.evaluate(list(names), context, label=variant)
+        ppl, zeroshot, edits = (details[variant][key] for key in ("ppl", "zeroshot", "edits"))
         row = {"variant": variant, **{key: ppl[key]["ppl"] for key in protocols}}
         if zeroshot:
             row["zero-shot mean"] = None if zeroshot["mean"] is None else 100 * zeroshot["mean"]
@@ -53,13 +52,9 @@ def run(ctx) -> dict:
             for key in protocols:
                 row[f"paper {key}"] = reference.get(variant, {}).get(key)
         rows.append(row)
-        details[variant] = {"interventions": list(names), "edits": edits, "ppl": ppl, "zeroshot": zeroshot}
 
-    baseline = next(r for r in rows if r["variant"] == "original") if "original" in exp.variants else None
-    for row in rows:
-        if baseline:
-            row["x original"] = row[protocols[0]] / baseline[protocols[0]]
-    columns = ["variant", *protocols, *(["x original"] if baseline else [])]
+    ratio_to_baseline(rows, protocols[0])
+    columns = ["variant", *protocols, *(["x original"] if "original" in exp.variants else [])]
     columns += ["zero-shot mean"] if ctx.cfg.eval.get("zeroshot") else []
     columns += ["act. rel. error", "weight rel. error"] + ([f"paper {k}" for k in protocols] if reference else [])
     caption = (f"W8A8 simulated ({ctx.cfg.eval.name} protocols); act. rel. error = ||X^-X||/||X|| over every "

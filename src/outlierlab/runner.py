@@ -169,6 +169,18 @@ class RunContext:
             session.undo()
             raise
 
+    def evaluate(self, interventions: list, context: dict, label: str, observe=None) -> dict:
+        """Apply the interventions, score the eval suite (every PPL protocol and the zero-shot tasks) on the edited
+        model, undo. `observe()` may measure more under the same edit; its dict is merged into the result:
+        {"interventions", "edits", "ppl", "zeroshot", **observe()}."""
+        with self.edit(interventions, context) as session:
+            ppl = self.perplexities(label=label)
+            zeroshot = self.zeroshot(label=label)
+            observed = observe() if observe else {}
+            edits = list(session.log)
+        names = [i.describe() if isinstance(i, Intervention) else i for i in interventions]
+        return {"interventions": names, "edits": edits, "ppl": ppl, "zeroshot": zeroshot, **observed}
+
     def windows(self, key: str) -> Windows:
         if key not in self._windows:
             self._windows[key] = build_windows(self.cfg.eval.ppl[key], self.corpora[key], self.loaded)

@@ -19,6 +19,14 @@ def format_number(value) -> str:
     return str(value)
 
 
+def ratio_to_baseline(rows: list[dict], key: str, column: str = "x original", baseline: str = "original") -> None:
+    """Add `column` = row[key] / (the baseline variant's row[key]) to every row that has `key`."""
+    base = next((row for row in rows if row.get("variant") == baseline and key in row), None)
+    for row in rows:
+        if base and key in row:
+            row[column] = row[key] / base[key]
+
+
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")  # a literal | would split the cell
 

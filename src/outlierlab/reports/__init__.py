@@ -10,8 +10,10 @@ A builder takes (results_dir, out_dir) and returns the paths it wrote. `scripts/
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import pkgutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,3 +57,17 @@ def run_builders(kind: str, results_dir: Path, out_dir: Path, only: list[str] | 
             continue
         written += builder(Path(results_dir), Path(out_dir))
     return written
+
+
+def main(kind: str, description: str) -> None:
+    """The command line of scripts/make_tables.py and make_figures.py: build every `kind` output from results/."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--results", type=Path, default=Path("results"), help="results directory to read")
+    parser.add_argument("--out", type=Path, default=None, help=f"where to write (default: <results>/{kind})")
+    parser.add_argument("--only", nargs="*", help="report names (default: all registered)")
+    args = parser.parse_args()
+    try:
+        written = run_builders(kind, args.results, args.out or args.results / kind, args.only)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    print("\n".join(map(str, written)) or f"no {kind}: nothing in results/ to build from")
