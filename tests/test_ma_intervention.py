@@ -169,7 +169,7 @@ SMALL_CALIBRATION = ["exp.calibration.seqlen=32", "exp.calibration.windows=2"]
     ("exp.calibration.windows=0", "exp.calibration.windows=0"),
     ("exp.interventions.zero.layers=sometimes", "exp.interventions.zero: layers='sometimes'"),
 ])
-@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data beside the checkout")
+@pytest.mark.requires("data")
 def test_bad_input_is_one_clear_error_before_loading(tmp_path, override, message):
     cfg = compose_cfg(["+exp=ma_intervene", "model=tiny_llama", EXPLICIT_MA, override,
                        f"paths.results_dir={tmp_path}", f"paths.data_dir={DATA_DIR}"])
@@ -177,7 +177,7 @@ def test_bad_input_is_one_clear_error_before_loading(tmp_path, override, message
         preflight(cfg)
 
 
-@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data beside the checkout")
+@pytest.mark.requires("data")
 def test_ma_intervene_end_to_end_on_a_tiny_model(tmp_path):
     cfg = compose_cfg(["+exp=ma_intervene", "model=tiny_llama", "logger=none", EXPLICIT_MA, *SMALL_EVAL,
                        *SMALL_CALIBRATION, f"paths.results_dir={tmp_path}/results", f"paths.cache_dir={tmp_path}/c",
@@ -199,7 +199,7 @@ def test_ma_intervene_end_to_end_on_a_tiny_model(tmp_path):
     assert "set_to_mean" in table and "paper llama2_7b wikitext2" in table and len(written) == 2
 
 
-@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data beside the checkout")
+@pytest.mark.requires("data")
 def test_model_without_massive_activations_skips_the_variants(tmp_path):
     cfg = compose_cfg(["+exp=ma_intervene", "model=tiny_llama", "logger=none", *SMALL_EVAL, *SMALL_CALIBRATION,
                        "exp.variants={original:[],set_to_zero:[zero]}", f"paths.results_dir={tmp_path}",

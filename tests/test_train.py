@@ -77,6 +77,29 @@ def test_sdpa_vanilla_attention_matches_transformers_eager_llama():
         assert torch.allclose(step, reference(ids).logits[:, 20:], atol=1e-5)
 
 
+def test_cached_generation_equals_uncached_and_transformers(tmp_path):
+    """The KV cache reaches OutlierAttention under whatever name this transformers release passes it (`cache` from
+    5.24, `past_key_values` before): greedy generation with the cache equals generation without it and
+    transformers' own Llama, on the locked release and on the newest (scripts/check_latest.sh)."""
+    tokenizer = byte_tokenizer()
+    ours = model_for(variant_cfg("vanilla"), tokenizer).eval()
+    reference = LlamaForCausalLM(ours.config.__class__.__base__(**{
+        k: v for k, v in ours.config.to_dict().items()
+        if k not in ("model_type", "architectures", "attention_variant", "clip_gamma", "clip_zeta", "gate_init",
+                     "transformers_version")}))
+    reference.load_state_dict(ours.state_dict())
+    reference.eval()
+    prompt = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(2))
+    greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = ours.generate(prompt, use_cache=True, **greedy)
+        uncached = ours.generate(prompt, use_cache=False, **greedy)
+        expected = reference.generate(prompt, use_cache=True, **greedy)
+        step_cached = ours(cached[:, :-1], use_cache=True)
+    assert step_cached.past_key_values.get_seq_length() == cached.shape[1] - 1  # the cache was filled
+    assert torch.equal(cached, uncached) and torch.equal(cached, expected)
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_each_variant_trains_with_falling_loss(name, streams, tmp_path):
     variant = variant_cfg(name)
@@ -254,7 +277,7 @@ def test_bad_training_input_is_one_clear_error_before_anything_runs(overrides, m
     assert isinstance(error.value, ValueError)
 
 
-@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data")
+@pytest.mark.requires("data")
 def test_pretrain_then_variants_table_end_to_end(tmp_path):
     """The user's two commands on the real corpus, shrunk: +exp=pretrain for two variants, then +exp=variants_table."""
     shrink = ["train.size.steps=4", "train.size.warmup_steps=1", "train.size.eval_every=2", "train.size.seqlen=32",

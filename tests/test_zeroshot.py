@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from outlierlab.evals.zeroshot import build_tasks, evaluate_zeroshot
 
-pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data")
+pytestmark = pytest.mark.requires("data")
 
 
 def direct_accuracy(loaded, task, limit):

@@ -32,6 +32,7 @@ from outlierlab.models.load import (
 )
 from outlierlab.models.sites import UnsupportedArchitecture, family_for
 from outlierlab.models.source import ModelSource, SourceError, resolve_source
+from outlierlab.environment import lock_status
 from outlierlab.results import git_state, library_versions, result_path, write_result
 from outlierlab.tables import markdown
 
@@ -245,7 +246,7 @@ def execute(cfg: DictConfig) -> dict:
         "wall_time_s": round(time.time() - started, 2),
         "weights_sha256": weights_before, "weights_restored": weights_before == weights_after,
         "evaluations": context.evaluated_protocols(),
-        "environment": library_versions(), "git": git_state(Path(__file__).resolve().parents[2]),
+        "environment": {**library_versions(), **lock_status()}, "git": git_state(Path(__file__).resolve().parents[2]),
         "overrides": _hydra_overrides(), "config": OmegaConf.to_container(cfg, resolve=True),
         **outcome,
     }

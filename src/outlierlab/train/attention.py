@@ -90,7 +90,11 @@ class OutlierAttention(nn.Module):
                 pi = self.config.gate_init
                 self.gate_bias.fill_(math.log(pi / (1.0 - pi)))
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, past_key_values=None,
+                **kwargs):
+        # transformers >= 5.24 passes the KV cache as `cache` (`past_key_values` is deprecated until 5.40): take
+        # either, so cached generation stays right on the locked and the newest release.
+        cache = cache if cache is not None else past_key_values
         batch, length, _ = hidden_states.shape
         shape = (batch, length, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
@@ -98,8 +102,8 @@ class OutlierAttention(nn.Module):
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         key = repeat_kv(key, self.num_key_value_groups)
         value = repeat_kv(value, self.num_key_value_groups)
         mask = explicit_mask(attention_mask, length, key.shape[2], hidden_states.device)
