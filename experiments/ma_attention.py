@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from experiments.ma_intervene import calibrate, check, locations  # noqa: F401 (check: the same preflight)
 from outlierlab.evals.data import load_corpus
 from outlierlab.evals.ppl import build_windows
 from outlierlab.probes.attention import AttentionSinks
+from outlierlab.studies.massive_activations import calibrate, locations
 
 
 def _mean(values) -> float | None:

@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from outlierlab.errors import ConfigError
 from outlierlab.probes.massive_activations import (
     MACriterion,
     activation_slices,
@@ -27,7 +28,6 @@ from outlierlab.probes.massive_activations import (
     super_weight_rows,
 )
 from outlierlab.probes.stats import ResidualStats
-from outlierlab.runner import ConfigError
 
 LAYER_KEYWORDS = ("first_ma", "peak")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from outlierlab.runner import ConfigError
+from outlierlab.errors import ConfigError
 from outlierlab.train.attention import ATTENTION_VARIANTS
 from outlierlab.train.data import (
     SINK,

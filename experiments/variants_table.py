@@ -14,11 +14,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from outlierlab.errors import ConfigError
 from outlierlab.interventions.base import EditSession
 from outlierlab.interventions.fake_quant import W8A8
 from outlierlab.models.hashing import weights_sha256
 from outlierlab.models.load import load_model
-from outlierlab.runner import ConfigError
 from outlierlab.train.analysis import classify_massive, measure, validation_loss
 from outlierlab.train.data import SINK, prepare, validation_windows
 from outlierlab.train.modeling import read_metadata

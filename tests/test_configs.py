@@ -88,3 +88,27 @@ def test_a_trained_model_brings_its_bos_policy(tmp_path):
     assert compose_cfg(["+exp=prune_sw", "model=trained", f"model.source={tmp_path / 'other'}"]).model.bos == "none"
     assert compose_cfg(["+exp=prune_sw", "model=trained", f"model.source={tmp_path}",
                         "model.bos=none"]).model.bos == "none"  # an explicit override still wins
+
+
+@pytest.mark.parametrize("exp", EXPS)
+def test_recipe_and_check_are_named_by_the_exp_yaml(exp):
+    import hydra
+    cfg = compose_cfg([f"+exp={exp}"])
+    assert callable(hydra.utils.get_method(cfg.exp.recipe))
+    if cfg.exp.get("check"):
+        assert callable(hydra.utils.get_method(cfg.exp.check))
+
+
+def test_recipes_import_only_the_library():
+    """A recipe never imports another recipe or the runner (shared pieces live in src/), and src/ never imports
+    experiments/ (design.md: data flows one way)."""
+    import ast
+    root = CONF.parent
+    for path in [*(root / "experiments").glob("*.py"), *(root / "src").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                assert not name.startswith("experiments"), f"{path.relative_to(root)} imports {name}"
+                if path.parent.name == "experiments":
+                    assert name != "outlierlab.runner", f"{path.relative_to(root)} imports the runner"

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import DATA_DIR, SMALL_EVAL, compose_cfg, weights_hash
 
+from outlierlab.errors import ConfigError
 from outlierlab.evals.data import Corpus
 from outlierlab.evals.ppl import build_windows
 from outlierlab.interventions.base import EditSession
@@ -17,7 +18,7 @@ from outlierlab.models import massive
 from outlierlab.models.massive import MassiveActivation
 from outlierlab.probes.activation_means import calibrated_means
 from outlierlab.reports import ma_intervention
-from outlierlab.runner import ConfigError, execute, preflight
+from outlierlab.runner import execute, preflight
 
 MA = MassiveActivation(first_layer=1, channels=(3, 7), positions=(0, 2))
 

@@ -10,6 +10,7 @@ from conftest import (
     weights_hash,
 )
 
+from outlierlab.errors import ConfigError
 from outlierlab.interventions.base import EditSession
 from outlierlab.interventions.quant import (
     QuantizeActivations,
@@ -26,7 +27,7 @@ from outlierlab.quant.rtn import (
     zscore_clip_groups,
 )
 from outlierlab.quant.targets import linear_modules
-from outlierlab.runner import ConfigError, execute, preflight
+from outlierlab.runner import execute, preflight
 
 T = torch.tensor
 

@@ -6,7 +6,6 @@ line on stderr and exit code 2, and nothing is written to results/.
 from __future__ import annotations
 
 import datetime
-import inspect
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,7 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from outlierlab import tracking
-from outlierlab.evals.data import Corpus, DataError, check_corpus, load_corpus
+from outlierlab.errors import USER_ERRORS, ConfigError  # noqa: F401 (re-exported for older imports)
+from outlierlab.evals.data import Corpus, check_corpus, load_corpus
 from outlierlab.evals.ppl import SAMPLING, Windows, build_windows, perplexity
 from outlierlab.evals.zeroshot import build_tasks, check_tasks, evaluate_zeroshot
 from outlierlab.interventions.base import EditSession, Intervention
@@ -30,20 +30,13 @@ from outlierlab.models.load import (
     load_model,
     model_shape,
 )
-from outlierlab.models.sites import UnsupportedArchitecture, family_for
-from outlierlab.models.source import ModelSource, SourceError, resolve_source
+from outlierlab.models.sites import family_for
+from outlierlab.models.source import ModelSource, resolve_source
 from outlierlab.environment import lock_status
 from outlierlab.results import git_state, library_versions, result_path, write_result
 from outlierlab.tables import markdown
 
 EXP_DIR = Path(__file__).resolve().parents[2] / "conf" / "exp"
-
-
-class ConfigError(ValueError):
-    pass
-
-
-USER_ERRORS = (ConfigError, SourceError, DataError, UnsupportedArchitecture)
 
 
 @dataclass
@@ -82,6 +75,13 @@ def _instantiate_interventions(cfg) -> dict[str, Intervention]:
     return interventions
 
 
+def _import(key: str, path: str):
+    try:
+        return hydra.utils.get_method(path)
+    except Exception as error:
+        raise ConfigError(f"{key}={path} cannot be imported ({str(error).splitlines()[0]})") from None
+
+
 def preflight(cfg: DictConfig) -> Plan:
     if "exp" not in cfg or cfg.exp is None:
         raise ConfigError(f"no experiment selected: append +exp=NAME (available: {_available(EXP_DIR)})")
@@ -108,10 +108,8 @@ def preflight(cfg: DictConfig) -> Plan:
         check_corpus(protocol.dataset, protocol.split, data_dir)
     if cfg.eval.get("zeroshot"):
         check_tasks(cfg.eval.zeroshot.tasks, data_dir)
-    try:
-        recipe = hydra.utils.get_method(cfg.exp.recipe)
-    except Exception as error:
-        raise ConfigError(f"exp.recipe={cfg.exp.recipe} cannot be imported ({str(error).splitlines()[0]})") from None
+    recipe = _import("exp.recipe", cfg.exp.recipe)
+    check = _import("exp.check", cfg.exp.check) if cfg.exp.get("check") else None
     interventions = _instantiate_interventions(cfg)
     if cfg.exp.get("super_weights") is not None:
         _check_choice("exp.super_weights", cfg.exp.super_weights, ("auto", "detect", "registry"))
@@ -131,9 +129,8 @@ def preflight(cfg: DictConfig) -> Plan:
                 raise ConfigError(f"model.super_weights: {error}") from None
     output = result_path(cfg.paths.results_dir, cfg.exp.name, model.name, cfg.run_tag)
     plan = Plan(source, interventions, super_weights, data_dir, output, recipe)
-    # The recipe's module may define `check(cfg, plan)`: the study's own checks of its exp keys, still before any
-    # weights load. A ValueError / KeyError / TypeError there is a config error like any other.
-    check = getattr(inspect.getmodule(recipe), "check", None)
+    # exp.check names the study's own checks of its exp keys, `check(cfg, plan)`, still before any weights load.
+    # A ValueError / KeyError / TypeError there is a config error like any other.
     if check is not None:
         try:
             check(cfg, plan)

@@ -11,11 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from outlierlab.errors import DataError  # noqa: F401 (re-exported)
 from outlierlab.models.source import file_sha256
-
-
-class DataError(ValueError):
-    pass
 
 
 @dataclass

@@ -23,9 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-
-class UnsupportedArchitecture(ValueError):
-    pass
+from outlierlab.errors import UnsupportedArchitecture  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
