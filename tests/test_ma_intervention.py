@@ -26,13 +26,9 @@ MA = MassiveActivation(first_layer=1, channels=(3, 7), positions=(0, 2))
 def block_outputs(loaded, ids) -> dict[int, torch.Tensor]:
     """Every `layers.{i}.out` as the rest of the model sees it (hooks registered after any intervention's)."""
     seen = {}
-    handles = [loaded.sites.register(f"layers.{i}.out", lambda h, i=i: seen.__setitem__(i, h.detach().clone()))
-               for i in range(loaded.sites.num_layers)]
-    try:
+    with loaded.sites.hooks(loaded.sites.per_layer("layers.{i}.out",
+                                                   lambda i: lambda h: seen.__setitem__(i, h.detach().clone()))):
         logits = loaded.model(ids).logits
-    finally:
-        for handle in handles:
-            handle.remove()
     return seen, logits
 
 

@@ -65,6 +65,36 @@ def test_gpt2_down_proj_is_addressed_as_out_in(tmp_path):
         view.index(64, 0)
 
 
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hooks_are_removed_on_exit_even_on_error(tiny_llama):
+    sites, seen = tiny_llama.sites, {}
+    hooks = sites.per_layer("layers.{i}.out", lambda i: lambda h: seen.__setitem__(i, h.shape))
+    assert list(hooks) == [f"layers.{i}.out" for i in range(sites.num_layers)]
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with sites.hooks({**hooks, "layers.0.mlp.down_proj.in": lambda x: None}):
+            assert _hook_count(tiny_llama.model) == sites.num_layers + 1
+            tiny_llama.model(torch.tensor([tiny_llama.encode("hi")]))
+            raise RuntimeError("inside the block")
+    assert sorted(seen) == list(range(sites.num_layers)) and _hook_count(tiny_llama.model) == 0
+    with pytest.raises(KeyError, match="not a hook point"):  # a bad site: the hooks already attached come off
+        with sites.hooks({"layers.0.out": lambda h: None, "layers.0.mlp.down_proj": lambda h: None}):
+            pass
+    assert _hook_count(tiny_llama.model) == 0
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_block_linears_are_every_linear_in_the_blocks(name, tmp_path):
+    from transformers.pytorch_utils import Conv1D
+    loaded = load_model(compose_cfg([f"model={name}"]).model, tmp_path)
+    found = dict(loaded.sites.block_linears())
+    expected = [m for block in loaded.sites.layers for m in block.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    assert len(found) == len(expected) > 0 and all(any(m is e for e in expected) for m in found.values())
+    assert loaded.sites.down_proj(0).param is found["layers.0." + loaded.sites.family.down_proj + ".weight"].weight
+
+
 def test_unknown_sites_and_architectures_fail_clearly(tiny_llama):
     with pytest.raises(KeyError, match="layer 99 does not exist"):
         tiny_llama.sites.module("layers.99.mlp.down_proj")

@@ -14,11 +14,9 @@ def test_residual_stats_stream_equals_one_pass(tiny_llama):
             tiny_llama.model(batch)
     everything = torch.cat(batches)
     hidden = {}  # one pass over all sequences, keeping whole activations (what the probe must avoid)
-    handles = [tiny_llama.sites.register(f"layers.{i}.out", lambda h, i=i: hidden.__setitem__(i, h.clone()))
-               for i in range(tiny_llama.sites.num_layers)]
-    tiny_llama.model(everything)
-    for handle in handles:
-        handle.remove()
+    with tiny_llama.sites.hooks(tiny_llama.sites.per_layer("layers.{i}.out",
+                                                           lambda i: lambda h: hidden.__setitem__(i, h.clone()))):
+        tiny_llama.model(everything)
     for layer, summary in enumerate(stats.summary()):
         magnitude = hidden[layer].abs()
         per_sequence = magnitude.reshape(magnitude.shape[0], -1)

@@ -61,7 +61,12 @@ class EditSession:
     def _index_key(index: tuple) -> tuple:
         return tuple(tuple(i.tolist()) if isinstance(i, torch.Tensor) else i for i in index)
 
+    def hook(self, site: str, fn) -> None:
+        """fn at a site (Sites hook point) until the session ends."""
+        self._handles.append(self.sites.register(site, fn))
+
     def add_hook(self, handle) -> None:
+        """A hook registered on a module directly (block linears have no site name); removed when the session ends."""
         self._handles.append(handle)
 
     def apply(self, interventions) -> "EditSession":

@@ -80,7 +80,7 @@ class SetMassiveActivations(Intervention):
         logged = {}
         for layer, entries in _by_layer(session, self.layers).items():
             edits = [(location, self._values(session, number, layer)) for number, location in entries]
-            session.add_hook(session.sites.register(f"layers.{layer}.out", self._hook(edits)))
+            session.hook(f"layers.{layer}.out", self._hook(edits))
             logged[layer] = [None if values is None else values.tolist() for _, values in edits]
         session.log.append({"edit": "set_massive_activations", "value": self.value, "where": self.layers,
                             "layers": sorted(logged), "values": None if self.value == "zero" else logged})
@@ -111,7 +111,7 @@ class ZeroMedianActivations(Intervention):
     def apply(self, session: EditSession) -> None:
         plan = _by_layer(session, self.layers)
         for layer, entries in plan.items():
-            session.add_hook(session.sites.register(f"layers.{layer}.out", self._hook([loc for _, loc in entries])))
+            session.hook(f"layers.{layer}.out", self._hook([loc for _, loc in entries]))
         session.log.append({"edit": "zero_median_activations", "where": self.layers, "layers": sorted(plan),
                             "per_sequence": sum(len(loc.positions) * len(loc.channels) for loc in _locations(session))})
 

@@ -155,7 +155,7 @@ class SmoothQuant(Intervention):
                 view = weight_view(module)
                 scaled = view.as_out_in() * scale.to(view.param.dtype)[None, :]
                 session.set(view.param, WHOLE, scaled.t() if view.transposed else scaled)
-            session.add_hook(session.sites.register(f"{norm}.out", self._divide(scale)))
+            session.hook(f"{norm}.out", self._divide(scale))
             factors[norm] = {"linears": [name for name, _ in linears], "input_max": float(maxima[norm].max()),
                              "scale_min": float(scale.min()), "scale_max": float(scale.max()),
                              "smoothed_input_max": float((maxima[norm] / scale).max())}

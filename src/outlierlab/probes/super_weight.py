@@ -136,15 +136,12 @@ def describe_weights(loaded, weights: list[SuperWeight], prompt: str = DEFAULT_P
             seen[(point, layer)] = tensor[0, :, picked].detach().float().cpu()
         return fold
 
-    handles = []
+    hooks = {}
     for layer, (rows, cols) in channels.items():
-        handles.append(loaded.sites.register(f"layers.{layer}.mlp.down_proj.in", keep("in", layer, cols)))
-        handles.append(loaded.sites.register(f"layers.{layer}.mlp.down_proj.out", keep("out", layer, rows)))
-    try:
+        hooks[f"layers.{layer}.mlp.down_proj.in"] = keep("in", layer, cols)
+        hooks[f"layers.{layer}.mlp.down_proj.out"] = keep("out", layer, rows)
+    with loaded.sites.hooks(hooks):
         loaded.model(ids)
-    finally:
-        for handle in handles:
-            handle.remove()
     described = []
     for weight in weights:
         view = loaded.sites.down_proj(weight.layer)
