@@ -61,9 +61,11 @@ class QuantizeWeights(Intervention):
         if clip_zscore is not None and (isinstance(clip_zscore, bool) or not isinstance(clip_zscore, (int, float))
                                         or not clip_zscore > 0 or not math.isfinite(clip_zscore)):
             raise ValueError(f"clip_zscore={clip_zscore} must be a positive number or null")
+        if not isinstance(restore_super_weights, bool):
+            raise ValueError(f"restore_super_weights={restore_super_weights} must be true or false")
         check_match(match)
         self.bits, self.block, self.zero_point = bits, self._spec.label(), zero_point
-        self.clip_zscore, self.restore_super_weights, self.match = clip_zscore, bool(restore_super_weights), match
+        self.clip_zscore, self.restore_super_weights, self.match = clip_zscore, restore_super_weights, match
 
     def apply(self, session: EditSession) -> None:
         protected: dict[int, list[tuple[SuperWeight, tuple[int, int]]]] = {}
