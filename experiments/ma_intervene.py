@@ -11,6 +11,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from outlierlab.evals.ppl import Windows
+from outlierlab.interventions.base import StudyContext
 from outlierlab.interventions.massive_activation import NoMassiveActivations
 from outlierlab.probes.activation_means import measure_means
 from outlierlab.studies.massive_activations import calibrate, locations
@@ -40,7 +41,7 @@ def run(ctx) -> dict:
     cfg = ctx.cfg.exp
     found, notes, origin = locations(ctx.cfg)
     means, calibration = calibrate(ctx, found)
-    context = {"massive_activations": found, "ma_means": means}
+    context = StudyContext(massive_activations=found, ma_means=means)
 
     protocols = list(ctx.cfg.eval.ppl)
     reference = OmegaConf.to_container(cfg.reference) if cfg.get("reference") else {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
+from outlierlab.interventions.base import StudyContext
 from outlierlab.interventions.super_weight import NoSuperWeights
 from outlierlab.probes.super_weight import super_weights_for_study
 from outlierlab.tables import ratio_to_baseline
@@ -19,7 +20,7 @@ def run(ctx) -> dict:
     registry = ctx.registry_super_weights
     detection, detected, chosen, origin = super_weights_for_study(ctx.loaded, cfg.detection, cfg.super_weights,
                                                                   registry)
-    context = {"super_weights": chosen}
+    context = StudyContext(super_weights=chosen)
 
     protocols = list(ctx.cfg.eval.ppl)
     reference = OmegaConf.to_container(cfg.reference) if cfg.get("reference") else {}

@@ -8,6 +8,7 @@ weight, the other outlier weights, or both removed).
 """
 from __future__ import annotations
 
+from outlierlab.interventions.base import StudyContext
 from outlierlab.interventions.super_weight import NoSuperWeights
 from outlierlab.probes.super_weight import (
     down_proj_profile,
@@ -20,7 +21,7 @@ def run(ctx) -> dict:
     cfg = ctx.cfg.exp
     detection, detected, chosen, origin = super_weights_for_study(ctx.loaded, cfg.detection, cfg.super_weights,
                                                                   ctx.registry_super_weights)
-    context = {"super_weights": chosen}
+    context = StudyContext(super_weights=chosen)
     down_proj = down_proj_profile(ctx.loaded, cfg.detection.prompt)
 
     prompts = list(cfg.prompts)

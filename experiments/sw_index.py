@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+from outlierlab.interventions.base import StudyContext
 from outlierlab.models.coords import SuperWeight
 from outlierlab.probes.super_weight import (
     describe_weights,
@@ -49,12 +50,12 @@ def run(ctx) -> dict:
                "row = MA channel": ("yes" if weight.row == activation["channel"] else "no") if activation["massive"]
                else "no MA"}
         if protocols:
-            with ctx.edit(["zero_sw"], {"super_weights": [weight]}):
+            with ctx.edit(["zero_sw"], StudyContext(super_weights=[weight])):
                 importance[str(weight)] = ctx.perplexities(label=f"zero {weight}")
             row.update({key: importance[str(weight)][key]["ppl"] for key in protocols})
         rows.append(row)
     if protocols and detected:
-        with ctx.edit(["zero_sw"], {"super_weights": list(detected)}):
+        with ctx.edit(["zero_sw"], StudyContext(super_weights=list(detected))):
             importance["all detected"] = ctx.perplexities(label="zero all detected")
         rows.append({"candidate": "all detected", **{key: importance["all detected"][key]["ppl"] for key in protocols}})
     if protocols:

@@ -11,15 +11,8 @@ import math
 
 from omegaconf import OmegaConf
 
-from outlierlab.evals.data import check_corpus, load_corpus
-from outlierlab.evals.ppl import build_windows
+from outlierlab.interventions.base import StudyContext
 from outlierlab.tables import ratio_to_baseline
-
-
-def check(cfg, plan) -> None:
-    """Before any weights load: the calibration corpus exists."""
-    calibration = cfg.exp.calibration
-    check_corpus(calibration.dataset, calibration.split, plan.data_dir)
 
 
 def _activation_error(edits: list[dict]) -> float | None:
@@ -31,9 +24,8 @@ def _activation_error(edits: list[dict]) -> float | None:
 
 def run(ctx) -> dict:
     exp = ctx.cfg.exp
-    calibration = build_windows(exp.calibration, load_corpus(exp.calibration.dataset, exp.calibration.split,
-                                                             ctx.plan.data_dir), ctx.loaded)
-    context = {"calibration_ids": calibration.ids}
+    calibration = ctx.protocol_windows("exp.calibration")
+    context = StudyContext(calibration_ids=calibration.ids)
     protocols = list(ctx.cfg.eval.ppl)
     reference = (OmegaConf.to_container(exp.reference.models).get(ctx.cfg.model.name)
                  if exp.get("reference") else None)

@@ -12,6 +12,7 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from outlierlab.interventions.base import StudyContext
 from outlierlab.probes.super_weight import super_weights_for_study
 from outlierlab.quant.rtn import spec_from_label
 
@@ -55,7 +56,7 @@ def run(ctx) -> dict:
     exp = ctx.cfg.exp
     detection, detected, chosen, origin = super_weights_for_study(ctx.loaded, exp.detection, exp.super_weights,
                                                                   ctx.registry_super_weights)
-    context = {"super_weights": chosen}
+    context = StudyContext(super_weights=chosen)
 
     original = _scores(ctx, "original")
     runs = []

@@ -11,6 +11,7 @@ import math
 import hydra
 from omegaconf import OmegaConf
 
+from outlierlab.interventions.base import StudyContext
 from outlierlab.probes.super_weight import super_weights_for_study
 
 
@@ -46,7 +47,7 @@ def run(ctx) -> dict:
     rows, points = [], []
     for scale in (scales(cfg.scales) if chosen else []):
         intervention = hydra.utils.instantiate(cfg.interventions.scale_sw, scale=scale)
-        with ctx.edit([intervention], {"super_weights": chosen}):
+        with ctx.edit([intervention], StudyContext(super_weights=chosen)):
             ppl = ctx.perplexities(label=f"scale {scale:g}", keys=protocols)
             zeroshot = ctx.zeroshot(label=f"scale {scale:g}")
         row = {"scale": scale, **{key: ppl[key]["ppl"] for key in protocols}}

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from outlierlab.evals.stopwords import mean_next_token_probs, probability_shift
+from outlierlab.interventions.base import StudyContext
 from outlierlab.probes.super_weight import super_weights_for_study
 
 
@@ -35,7 +36,7 @@ def run(ctx) -> dict:
     batch_size = ctx.cfg.eval.ppl[cfg.protocol].batch_size
     probs = {}
     for variant, names in cfg.variants.items():
-        with ctx.edit(list(names), {"super_weights": chosen}):
+        with ctx.edit(list(names), StudyContext(super_weights=chosen)):
             probs[variant] = mean_next_token_probs(ctx.loaded.model, windows, batch_size, desc=f"{variant} probs")
     shift = probability_shift(ctx.loaded.tokenizer, probs["original"], probs["prune_sw"], cfg.stopwords, cfg.top,
                               focus=list(cfg.focus))

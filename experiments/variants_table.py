@@ -43,8 +43,7 @@ def check(cfg, plan) -> None:
 def run(ctx) -> dict:
     cfg = ctx.cfg
     exp, size = cfg.exp, cfg.train.size
-    data_dir = None if cfg.paths.data_dir in (None, "", "null") else str(cfg.paths.data_dir)
-    streams = prepare(size.data, data_dir, cfg.paths.cache_dir)
+    streams = prepare(size.data, ctx.plan.data_dir, cfg.paths.cache_dir)
     reference = OmegaConf.to_container(exp.reference)
     rows, details = [], {}
     for variant in exp.train_variants:

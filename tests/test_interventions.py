@@ -80,6 +80,12 @@ def test_every_edit_is_undone_bit_exactly(name, tmp_path):
     assert torch.equal(loaded.model(ids).logits, logits_before)  # hooks are gone too
 
 
+def test_the_study_context_is_typed(tiny_llama):
+    with pytest.raises(TypeError, match="super_weight"):  # a misspelled field is an error, not an empty context
+        EditSession(tiny_llama, {"super_weight": [SW]})
+    assert EditSession(tiny_llama, {"super_weights": [SW]}).context.super_weights == [SW]
+
+
 def test_undo_happens_on_error(tiny_llama):
     before = weights_hash(tiny_llama.model)
     with pytest.raises(RuntimeError):

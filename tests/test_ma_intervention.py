@@ -185,6 +185,7 @@ def test_ma_intervene_end_to_end_on_a_tiny_model(tmp_path):
     assert set(rows) == set(cfg.exp.variants)
     assert all(rows[v]["wikitext2"] > 1 and rows[v]["c4"] > 1 for v in rows)
     assert record["ma_means"]["sequences"] == 2 and record["ma_means"]["cache"]["hit"] is False
+    assert record["evaluations"]["exp.calibration"] == record["ma_means"]["calibration"]  # every window set recorded
     assert record["variants"]["set_to_mean_every_layer"]["edits"][0]["layers"] == [1, 2, 3]
     zeroed = record["variants"]["set_to_zero_every_layer"]["ma_trace"]["mean"][0]  # [layer][position][channel]
     assert all(v == 0.0 for layer in zeroed[1:] for row in layer for v in row) and zeroed[0][0][0] != 0.0

@@ -15,6 +15,11 @@ from outlierlab.errors import DataError  # noqa: F401 (re-exported)
 from outlierlab.models.source import file_sha256
 
 
+def data_directory(value) -> str | None:
+    """paths.data_dir normalised, once (runner.preflight; recipes read plan.data_dir): None reads the hub."""
+    return None if value in (None, "", "null") else str(Path(str(value)).expanduser())
+
+
 @dataclass
 class Corpus:
     name: str

@@ -52,7 +52,7 @@ class QuantizeWeights(Intervention):
     e.g. 'mlp\\.down_proj'.
 
     clip_zscore: clip each quantization group to +-(mean|w| + z std|w|) before its range is taken (the SW authors'
-    z-score clipping); restore_super_weights: write the super weights (`session.context["super_weights"]`) back at
+    z-score clipping); restore_super_weights: write the super weights (`session.context.super_weights`) back at
     their values from before quantization."""
 
     def __init__(self, bits: int = 4, block: str = "128x128", zero_point: str = "min",
@@ -70,7 +70,7 @@ class QuantizeWeights(Intervention):
     def apply(self, session: EditSession) -> None:
         protected: dict[int, list[tuple[SuperWeight, tuple[int, int]]]] = {}
         if self.restore_super_weights:
-            for weight in session.context.get("super_weights") or []:
+            for weight in session.context.super_weights:
                 weight = SuperWeight(*weight)
                 view = session.sites.down_proj(weight.layer)
                 view.index(weight.row, weight.col)  # IndexError names a coordinate outside the matrix
@@ -132,7 +132,7 @@ class QuantizeActivations(Intervention):
 
 class SmoothQuant(Intervention):
     """SmoothQuant's smoothing (alpha = migration strength; 0.5 is its default), calibrated on
-    `session.context["calibration_ids"]` ([n, seqlen] token ids) with the model as it is when applied.
+    `session.context.calibration_ids` ([n, seqlen] token ids) with the model as it is when applied.
 
     Exact in float: the norm's output is divided by s (a hook on `layers.{i}.norm1|norm2.out`) and the columns of the
     linears reading it are multiplied by s (an edit). For a norm with a plain gamma this equals SmoothQuant's folding
@@ -144,9 +144,9 @@ class SmoothQuant(Intervention):
         self.alpha = float(alpha)
 
     def apply(self, session: EditSession) -> None:
-        ids = session.context.get("calibration_ids")
+        ids = session.context.calibration_ids
         if ids is None:
-            raise ValueError("SmoothQuant needs calibration data: context['calibration_ids'] is missing")
+            raise ValueError("SmoothQuant needs calibration data: context.calibration_ids is missing")
         groups = smoothing_groups(session.sites)
         maxima = calibrate_input_maxima(session.loaded, ids, [norm for _, norm, _ in groups])
         factors = {}
