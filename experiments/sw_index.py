@@ -27,6 +27,23 @@ def _detected_note(weight, detected, rejected) -> str:
     return "no"
 
 
+def _candidate_row(weight, fact, detected, rejected, registry, activation) -> dict:
+    return {"candidate": str(weight), "value": fact["value"], "rank": fact["magnitude_rank"],
+            "z-score": fact["weight_zscore"], "input spike": fact["input_spike"],
+            "output spike": fact["output_spike"], "detected": _detected_note(weight, detected, rejected),
+            "registry": "yes" if weight in registry else ("no" if registry else "none listed"),
+            "row = MA channel": ("yes" if weight.row == activation["channel"] else "no") if activation["massive"]
+            else "no MA"}
+
+
+def _describe_activation(activation: dict) -> str:
+    if activation["massive"]:
+        return (f"massive activation: channel {activation['channel']}, {activation['value']:.0f} after "
+                f"layers[{activation['layer']}] at token {activation['position']} "
+                f"({activation['ratio_to_median']:.0f}x the median)")
+    return f"no massive activation (largest |h| {activation['abs']:.1f}, {activation['ratio_to_median']:.0f}x median)"
+
+
 def run(ctx) -> dict:
     cfg = ctx.cfg.exp
     detection = detect_super_weights(ctx.loaded, **cfg.detection)
@@ -43,12 +60,7 @@ def run(ctx) -> dict:
     rows = [{"candidate": "none (original)", **{key: original[key]["ppl"] for key in protocols}}] if protocols else []
     importance = {}
     for weight, fact in zip(candidates, facts):
-        row = {"candidate": str(weight), "value": fact["value"], "rank": fact["magnitude_rank"],
-               "z-score": fact["weight_zscore"], "input spike": fact["input_spike"],
-               "output spike": fact["output_spike"], "detected": _detected_note(weight, detected, rejected),
-               "registry": "yes" if weight in registry else ("no" if registry else "none listed"),
-               "row = MA channel": ("yes" if weight.row == activation["channel"] else "no") if activation["massive"]
-               else "no MA"}
+        row = _candidate_row(weight, fact, detected, rejected, registry, activation)
         if protocols:
             with ctx.edit(["zero_sw"], StudyContext(super_weights=[weight])):
                 importance[str(weight)] = ctx.perplexities(label=f"zero {weight}")
@@ -64,13 +76,8 @@ def run(ctx) -> dict:
 
     columns = ["candidate", "value", "rank", "z-score", "input spike", "output spike", "detected", "registry",
                "row = MA channel", *protocols, *(["x original"] if protocols else [])]
-    if activation["massive"]:
-        ma = (f"massive activation: channel {activation['channel']}, {activation['value']:.0f} after "
-              f"layers[{activation['layer']}] at token {activation['position']} "
-              f"({activation['ratio_to_median']:.0f}x the median)")
-    else:
-        ma = f"no massive activation (largest |h| {activation['abs']:.1f}, {activation['ratio_to_median']:.0f}x median)"
-    caption = (f"{ctx.cfg.model.name}: super-weight candidates (layer, row, col) of down_proj; {ma}; "
+    caption = (f"{ctx.cfg.model.name}: super-weight candidates (layer, row, col) of down_proj; "
+               f"{_describe_activation(activation)}; "
                f"detection stopped: {detection['stop_reason']}; spikes on the prompt \"{cfg.detection.prompt}\"")
     if protocols:
         caption += f"; PPL ({ctx.cfg.eval.name}) with that weight alone zeroed"

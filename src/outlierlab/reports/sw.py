@@ -15,15 +15,12 @@ import math
 from pathlib import Path
 
 from outlierlab.figures import plt, save_figure
-from outlierlab.reports import register
-from outlierlab.results import read_result
+from outlierlab.reports import register, results
 from outlierlab.tables import write_table
 
 
-def _records(results_dir: Path, exp: str) -> list[tuple[str, dict]]:
-    """(stem "<model>_<tag>", record) for every results/<exp>/<model>/<tag>.json, sorted."""
-    return [(f"{path.parent.name}_{path.stem}", read_result(path))
-            for path in sorted(Path(results_dir).glob(f"{exp}/*/*.json"))]
+def _by_stem(results_dir: Path, exp: str) -> list[tuple[str, dict]]:
+    return [(result.stem, result.record) for result in results(results_dir, exp)]
 
 
 def _title(record: dict) -> str:
@@ -37,7 +34,7 @@ def _title(record: dict) -> str:
 def table1(results_dir: Path, out_dir: Path) -> list[Path]:
     """Paper SW Table 1 per prune_sw result, with the paper's Llama-7B numbers (from the exp config the run used)."""
     written = []
-    for stem, record in _records(results_dir, "prune_sw"):
+    for stem, record in _by_stem(results_dir, "prune_sw"):
         table = record["table"]
         reference = (record["config"]["exp"].get("reference") or {})
         values = reference.get("values") or {}
@@ -68,7 +65,7 @@ def table1(results_dir: Path, out_dir: Path) -> list[Path]:
 
 def table2(results_dir: Path, out_dir: Path) -> list[Path]:
     """Paper SW Table 2 (the super-weight index), every sw_index result in one table, one row block per model."""
-    records = _records(results_dir, "sw_index")
+    records = _by_stem(results_dir, "sw_index")
     if not records:
         return []
     columns = ["model", "candidate", "value", "rank", "z-score", "input spike", "output spike", "detected",
@@ -99,7 +96,7 @@ def table2(results_dir: Path, out_dir: Path) -> list[Path]:
 def experiment_tables(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
     for exp in ("sw_activations", "sw_stopwords", "sw_scale"):
-        for stem, record in _records(results_dir, exp):
+        for stem, record in _by_stem(results_dir, exp):
             table = record["table"]
             written += write_table(table["columns"], table["rows"], Path(out_dir) / f"{exp}_{stem}",
                                    f"{_title(record)}: {table.get('caption', '')}")
@@ -254,11 +251,11 @@ def fig6(stem: str, record: dict, out_dir: Path) -> list[Path]:
 
 def figures(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
-    for stem, record in _records(results_dir, "sw_activations"):
+    for stem, record in _by_stem(results_dir, "sw_activations"):
         written += fig3(stem, record, out_dir) + fig4(stem, record, out_dir)
-    for stem, record in _records(results_dir, "sw_stopwords"):
+    for stem, record in _by_stem(results_dir, "sw_stopwords"):
         written += fig5(stem, record, out_dir)
-    for stem, record in _records(results_dir, "sw_scale"):
+    for stem, record in _by_stem(results_dir, "sw_scale"):
         written += fig6(stem, record, out_dir)
     return written
 
