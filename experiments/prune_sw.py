@@ -35,5 +35,6 @@ def run(ctx) -> dict:
         **weights.record(registry=True),
         "variants": details,
         "reference": reference if with_paper else None,
+        "paper_reference": reference or None,  # the paper's numbers whatever the model: the report prints them
         "table": table.render(caption),
     }

@@ -8,6 +8,8 @@ weight, the other outlier weights, or both removed).
 """
 from __future__ import annotations
 
+from omegaconf import OmegaConf
+
 from outlierlab.interventions.super_weight import NoSuperWeights
 from outlierlab.probes.super_weight import down_proj_profile, residual_profile
 from outlierlab.studies.super_weights import SuperWeightChoice
@@ -51,5 +53,6 @@ def run(ctx) -> dict:
         "residual_profile": residual,
         "variants": {variant: {"interventions": list(cfg.variants[variant]), "edits": edits[variant]}
                      for variant in residual},
+        "paper_reference": OmegaConf.to_container(cfg.reference) if cfg.get("reference") else None,
         "table": {"columns": columns, "rows": rows, "caption": caption},
     }

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+from omegaconf import OmegaConf
+
 from outlierlab.evals.stopwords import mean_next_token_probs, probability_shift
 from outlierlab.studies.super_weights import SuperWeightChoice
 
@@ -51,6 +53,7 @@ def run(ctx) -> dict:
         **weights.record(),
         "stopwords": {"name": cfg.stopwords.name, "provenance": cfg.stopwords.provenance},
         "shift": shift,
+        "paper_reference": OmegaConf.to_container(cfg.reference) if cfg.get("reference") else None,
         "table": {"columns": ["token", "stopword", "p original", "p pruned", "gain", "x original"], "rows": rows,
                   "caption": caption},
     }

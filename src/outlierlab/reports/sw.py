@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from outlierlab.figures import plt, save_figure
-from outlierlab.reports import register, results
+from outlierlab.reports import recorded, register, results
 from outlierlab.tables import write_table
 
 
@@ -32,11 +32,11 @@ def _title(record: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------- tables
 
 def table1(results_dir: Path, out_dir: Path) -> list[Path]:
-    """Paper SW Table 1 per prune_sw result, with the paper's Llama-7B numbers (from the exp config the run used)."""
+    """Paper SW Table 1 per prune_sw result, with the paper's Llama-7B numbers (as the run recorded them)."""
     written = []
     for stem, record in _by_stem(results_dir, "prune_sw"):
         table = record["table"]
-        reference = (record["config"]["exp"].get("reference") or {})
+        reference = recorded(record, "paper_reference", "exp.reference") or {}
         values = reference.get("values") or {}
         columns = [c for c in table["columns"] if not c.startswith("paper ")]
         paper_columns = {}
@@ -75,8 +75,7 @@ def table2(results_dir: Path, out_dir: Path) -> list[Path]:
         activation = record["massive_activation"]
         ma = activation["channel"] if activation["massive"] else "none"
         table = record["table"]
-        protocol = next((c for c in table["columns"] if c not in ("x original",) and c in
-                         (record["config"]["eval"].get("ppl") or {})), None)
+        protocol = next((c for c in table["columns"] if c in record["importance"]["original"]), None)
         copied = ["candidate", "value", "rank", "z-score", "input spike", "output spike", "detected", "registry"]
         for index, row in enumerate(table["rows"] or [{"candidate": "none"}]):
             match = row.get("row = MA channel")
@@ -85,7 +84,7 @@ def table2(results_dir: Path, out_dir: Path) -> list[Path]:
                          "row = MA channel": {True: "yes", False: "no"}.get(match, match),
                          "PPL zeroed": row.get(protocol) if protocol else None, "x original": row.get("x original")})
         notes.append(f"{stem}: {record['detection']['stop_reason']}"
-                     + (f"; PPL = {protocol} ({record['config']['eval']['name']})" if protocol else ""))
+                     + (f"; PPL = {protocol} ({recorded(record, 'eval', 'eval.name')})" if protocol else ""))
     caption = ("Paper SW Table 2: super-weight candidates (layer, row, col) of down_proj per model; value, magnitude "
                "rank and z-score in its matrix, down_proj input/output at the token where the output peaks on the "
                "detection prompt; detection and importance (PPL with that weight alone zeroed) are separate columns. "
@@ -127,7 +126,7 @@ def fig3(stem: str, record: dict, out_dir: Path) -> list[Path]:
         axis.grid(alpha=0.3)
     used = ", ".join(record["super_weights"]["used"]) or "none"
     title = f"SW Fig. 3 - {_title(record)}; super weights {used}\nprompt: \"{record['detection']['prompt']}\""
-    reference = record["config"]["exp"].get("reference")
+    reference = recorded(record, "paper_reference", "exp.reference")
     if reference:
         title += (f"; {reference['source']}: layer {reference['layer']}, input {reference['input_spike']}, "
                   f"output {reference['output_spike']}")
@@ -184,7 +183,7 @@ def fig5(stem: str, record: dict, out_dir: Path, count: int = 20) -> list[Path]:
              color=["tab:blue", "tab:red"])
     mass.set_ylabel("total probability on stopword tokens")
     mass.set_title(f"{shift['stopword_tokens']} stopword tokens", fontsize=9)
-    reference = record["config"]["exp"].get("reference") or {}
+    reference = recorded(record, "paper_reference", "exp.reference") or {}
     if reference.get("ratios"):
         ours = shift.get("focus") or {}
         def measured(word: str) -> str:
