@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from experiments.ma_intervene import calibrate, check, locations  # noqa: F401 (check: the same preflight)
-from outlierlab.evals.data import load_corpus
-from outlierlab.evals.ppl import build_windows
+from outlierlab.interventions.base import StudyContext
 from outlierlab.probes.attention import AttentionSinks
+from outlierlab.studies.massive_activations import calibrate, locations
 
 
 def _mean(values) -> float | None:
@@ -62,9 +61,9 @@ def run(ctx) -> dict:
     sinks = sorted({p for location in found for p in location.positions})
     first_layer = min(location.first_layer for location in found)
     means, _ = calibrate(ctx, found)
-    context = {"massive_activations": found, "ma_means": means}
+    context = StudyContext(massive_activations=found, ma_means=means)
     protocol = cfg.attention_data
-    windows = build_windows(protocol, load_corpus(protocol.dataset, protocol.split, ctx.plan.data_dir), ctx.loaded)
+    windows = ctx.protocol_windows("exp.attention_data")
 
     rows, details = [], {}
     for variant, names in cfg.variants.items():

@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from outlierlab.errors import ConfigError
 from outlierlab.probes.massive_activations import (
     MACriterion,
     activation_slices,
@@ -27,7 +28,6 @@ from outlierlab.probes.massive_activations import (
     super_weight_rows,
 )
 from outlierlab.probes.stats import ResidualStats
-from outlierlab.runner import ConfigError
 
 LAYER_KEYWORDS = ("first_ma", "peak")
 
@@ -68,23 +68,22 @@ def resolve_layers(requested, first_ma: int | None, peak: int, num_layers: int) 
     return sorted(layers)
 
 
-def run(ctx) -> dict:
+@torch.no_grad()
+def stream(ctx, windows, criterion: MACriterion, bos: str) -> ResidualStats:
+    """Fold every window into per-layer statistics (top-k, median, MA hits by channel and role, moments)."""
     cfg, loaded = ctx.cfg.exp, ctx.loaded
-    windows = ctx.data_windows("corpus")
-    bos = windows.meta["bos"]
-    criterion = MACriterion(**cfg.criterion)
     is_delimiter = delimiter_mask(loaded.tokenizer, list(cfg.delimiters))
-
     stats = ResidualStats(loaded.sites, k=cfg.k, exceedance=criterion.exceedance(), moments=True)
-    with torch.no_grad(), stats:
+    with stats:
         for batch in tqdm(windows.ids.split(cfg.data.corpus.batch_size), desc="ma_stats"):
             stats.observe(batch, position_roles(batch, is_delimiter, bos))
             loaded.model(batch.to(loaded.device))
-    summary = stats.summary()
+    return stats
 
-    def decode(token: int) -> str:
-        return loaded.tokenizer.decode([token])
-    found = find_massive_activations(summary, stats.sequences, criterion, decode)
+
+def classify(found: list[dict], stats: ResidualStats, cfg) -> tuple[list[dict], list[dict]]:
+    """Mark the input-agnostic MAs; group them per (channel, role) as consistent or sporadic. Returns (all groups,
+    consistent groups)."""
     agnostic = cfg.input_agnostic
     references = {layer: coordinate_reference(*stats.coordinate_moments(layer), agnostic.top_fraction,
                                               agnostic.median_band)
@@ -95,20 +94,62 @@ def run(ctx) -> dict:
     for kind, group in (("consistent", consistent), ("sporadic", sporadic)):
         for record in group:
             record["kind"] = kind
-    records = consistent + sporadic
-    super_weight_rows(records, ctx.registry_super_weights)
-    trajectories = fixed_position_trajectories(stats, sorted({r["channel"] for r in consistent}), bos)
+    return consistent + sporadic, consistent
 
-    layers = [{"layer": row["layer"], "top1": row["mean_topk"][0], "top2": row["mean_topk"][min(1, cfg.k - 1)],
-               "top3": row["mean_topk"][min(2, cfg.k - 1)], "median": row["mean_median"],
+
+def layer_rows(summary: list[dict], found: list[dict], k: int, decode) -> list[dict]:
+    layers = [{"layer": row["layer"], "top1": row["mean_topk"][0], "top2": row["mean_topk"][min(1, k - 1)],
+               "top3": row["mean_topk"][min(2, k - 1)], "median": row["mean_median"],
                "top1_over_median": row["mean_topk"][0] / row["mean_median"] if row["mean_median"] > 0 else None,
                "massive": sum(1 for e in found if e["layer"] == row["layer"]), "top": row["top"]}
               for row in summary]
     for row in layers:
         for entry in row["top"]:
             entry["decoded"] = decode(entry["token"])
+    return layers
+
+
+def table_row(record: dict, found: list[dict], known_channels: set[int]) -> dict:
+    reference = next((e.get("reference") for e in found
+                      if (e["layer"], e["channel"], e["role"]) == (record["peak_layer"], record["channel"],
+                                                                    record["role"])), None) or {}
+    return {
+        "kind": record["kind"], "channel": record["channel"], "role": record["role"],
+        "tokens": ", ".join(repr(text) for text, _ in record["tokens"][:3]),
+        "first layer": record["first_layer"], "value at first": record["value_at_first_layer"],
+        "peak layer": record["peak_layer"], "peak mean": record["peak_mean"], "peak std": record["peak_std"],
+        "x median": record["peak_ratio_to_median"], "share": record["peak_share"],
+        "rel std": record["peak_relative_std"],
+        "rel std top10%": reference.get("top", {}).get("relative_std"),
+        "rel std median": reference.get("median", {}).get("relative_std"),
+        "input-agnostic": record["peak_input_agnostic"],
+        "SW same row": " ".join(record["super_weights_same_row"]),
+        "in registry": record["channel"] in known_channels}
+
+
+COLUMNS = ["kind", "channel", "role", "tokens", "first layer", "value at first", "peak layer", "peak mean", "peak std",
+           "x median", "share", "rel std", "rel std top10%", "rel std median", "input-agnostic", "SW same row",
+           "in registry"]
+
+
+def run(ctx) -> dict:
+    cfg, loaded = ctx.cfg.exp, ctx.loaded
+    windows = ctx.data_windows("corpus")
+    bos = windows.meta["bos"]
+    criterion = MACriterion(**cfg.criterion)
+    stats = stream(ctx, windows, criterion, bos)
+    summary = stats.summary()
+
+    def decode(token: int) -> str:
+        return loaded.tokenizer.decode([token])
+    found = find_massive_activations(summary, stats.sequences, criterion, decode)
+    records, consistent = classify(found, stats, cfg)
+    super_weight_rows(records, ctx.registry_super_weights)
+    trajectories = fixed_position_trajectories(stats, sorted({r["channel"] for r in consistent}), bos)
+    layers = layer_rows(summary, found, cfg.k, decode)
     first_ma = min((record["first_layer"] for record in consistent), default=None)
     peak = max(layers, key=lambda row: row["top1"])["layer"]
+
     prompt_ids = loaded.encode(cfg.prompt.text)
     surface_layers = resolve_layers(cfg.prompt.layers, first_ma, peak, loaded.sites.num_layers)
     prompt = {"text": cfg.prompt.text, "bos": loaded.bos, "ids": prompt_ids,
@@ -118,26 +159,6 @@ def run(ctx) -> dict:
     known = ctx.cfg.model.get("massive_activations")
     registry = OmegaConf.to_container(known, resolve=True) if known else []
     known_channels = {channel for entry in registry for channel in entry.get("channels", [])}
-    rows = []
-    for record in records:
-        reference = next((e.get("reference") for e in found
-                          if (e["layer"], e["channel"], e["role"]) == (record["peak_layer"], record["channel"],
-                                                                        record["role"])), None) or {}
-        rows.append({
-            "kind": record["kind"], "channel": record["channel"], "role": record["role"],
-            "tokens": ", ".join(repr(text) for text, _ in record["tokens"][:3]),
-            "first layer": record["first_layer"], "value at first": record["value_at_first_layer"],
-            "peak layer": record["peak_layer"], "peak mean": record["peak_mean"], "peak std": record["peak_std"],
-            "x median": record["peak_ratio_to_median"], "share": record["peak_share"],
-            "rel std": record["peak_relative_std"],
-            "rel std top10%": reference.get("top", {}).get("relative_std"),
-            "rel std median": reference.get("median", {}).get("relative_std"),
-            "input-agnostic": record["peak_input_agnostic"],
-            "SW same row": " ".join(record["super_weights_same_row"]),
-            "in registry": record["channel"] in known_channels})
-    columns = ["kind", "channel", "role", "tokens", "first layer", "value at first", "peak layer", "peak mean", "peak std",
-               "x median", "share", "rel std", "rel std top10%", "rel std median", "input-agnostic",
-               "SW same row", "in registry"]
     protocol = windows.meta
     caption = (f"Massive activations (|h| > {criterion.min_abs:g} and > {criterion.median_ratio:g}x the median) "
                f"over {stats.sequences} x {protocol['seqlen']} tokens of {protocol['dataset']}, BOS {bos}; "
@@ -151,5 +172,6 @@ def run(ctx) -> dict:
         "first_massive_layer": first_ma, "peak_layer": peak,
         "registry": {"known": registry, "super_weights": [str(w) for w in ctx.registry_super_weights]},
         "prompt": prompt,
-        "table": {"columns": columns, "rows": rows, "caption": caption},
+        "table": {"columns": COLUMNS, "rows": [table_row(r, found, known_channels) for r in records],
+                  "caption": caption},
     }

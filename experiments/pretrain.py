@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from outlierlab.runner import ConfigError
+from outlierlab.errors import ConfigError
 from outlierlab.train.attention import ATTENTION_VARIANTS
 from outlierlab.train.data import (
     SINK,
@@ -24,11 +24,6 @@ from outlierlab.train.data import (
 )
 from outlierlab.train.loop import train
 from outlierlab.train.modeling import build_model
-
-
-def _data_dir(cfg) -> str | None:
-    value = cfg.paths.data_dir
-    return None if value in (None, "", "null") else str(value)
 
 
 def check(cfg, plan) -> None:
@@ -53,13 +48,13 @@ def check(cfg, plan) -> None:
         raise ConfigError(f"train.size.compile={size.compile} is not one of: auto, on, off")
     if variant.l1_gamma < 0:
         raise ConfigError(f"train.variant.l1_gamma={variant.l1_gamma} must be >= 0")
-    check_data(size.data, _data_dir(cfg))
+    check_data(size.data, plan.data_dir)
 
 
 def run(ctx) -> dict:
     cfg = ctx.cfg
     size, variant = cfg.train.size, cfg.train.variant
-    streams = prepare(size.data, _data_dir(cfg), cfg.paths.cache_dir)
+    streams = prepare(size.data, ctx.plan.data_dir, cfg.paths.cache_dir)
     tokenizer = with_sink(streams.tokenizer) if variant.sink_token else streams.tokenizer
     prefix = tokenizer.convert_tokens_to_ids(SINK) if variant.sink_token else None
 

@@ -10,52 +10,21 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from outlierlab.interventions.super_weight import NoSuperWeights
-from outlierlab.probes.super_weight import super_weights_for_study
-from outlierlab.tables import ratio_to_baseline
+from outlierlab.studies.super_weights import SuperWeightChoice
+from outlierlab.studies.variants import VariantTable
 
 
 def run(ctx) -> dict:
     cfg = ctx.cfg.exp
-    registry = ctx.registry_super_weights
-    detection, detected, chosen, origin = super_weights_for_study(ctx.loaded, cfg.detection, cfg.super_weights,
-                                                                  registry)
-    context = {"super_weights": chosen}
-
-    protocols = list(ctx.cfg.eval.ppl)
+    weights = SuperWeightChoice.of(ctx)
     reference = OmegaConf.to_container(cfg.reference) if cfg.get("reference") else {}
     with_paper = reference.get("model") == ctx.cfg.model.name
-    rows, details = [], {}
-    for variant, names in cfg.variants.items():
-        row = {"variant": variant}
-        try:
-            details[variant] = ctx.evaluate(list(names), context, label=variant)
-        except NoSuperWeights:
-            row["note"] = "skipped: no super weight"
-            rows.append(row)
-            continue
-        ppl, zeroshot = details[variant]["ppl"], details[variant]["zeroshot"]
-        for key in protocols:
-            row[key] = ppl[key]["ppl"]
-            if with_paper:
-                row[f"paper {key}"] = reference.get("values", {}).get(variant, {}).get(key)
-        if zeroshot:
-            for task, scores in zeroshot["tasks"].items():
-                row[task] = None if scores["acc"] is None else 100 * scores["acc"]
-            row["zero-shot mean"] = None if zeroshot["mean"] is None else 100 * zeroshot["mean"]
-            if with_paper:
-                row["paper zero-shot mean"] = reference.get("values", {}).get(variant, {}).get("zeroshot_mean")
-        rows.append(row)
-
-    ratio_to_baseline(rows, protocols[0])
-    columns = ["variant", *protocols, "x original"]
-    if with_paper:
-        columns += [f"paper {key}" for key in protocols]
     suite = ctx.cfg.eval.get("zeroshot")
-    if suite:
-        columns += [*suite.tasks, "zero-shot mean"] + (["paper zero-shot mean"] if with_paper else [])
-    if any("note" in row for row in rows):
-        columns.append("note")
-    caption = f"PPL ({ctx.cfg.eval.name} protocols); super weights {origin}: {', '.join(map(str, chosen)) or 'none'}"
+    table = VariantTable(list(ctx.cfg.eval.ppl), zeroshot=bool(suite), tasks=list(suite.tasks) if suite else None,
+                         paper=reference.get("values", {}) if with_paper else None)
+    details = table.evaluate(ctx, cfg.variants, weights.context, skip={NoSuperWeights: "skipped: no super weight"})
+
+    caption = f"PPL ({ctx.cfg.eval.name} protocols); super weights {weights.describe()}"
     zeroshot = next((d["zeroshot"] for d in details.values() if d.get("zeroshot")), None)
     if zeroshot:
         caveats = [f"{task}: {scores['data']}" for task, scores in zeroshot["tasks"].items()
@@ -63,12 +32,9 @@ def run(ctx) -> dict:
         caption += f"; zero-shot acc x100, limit {zeroshot['limit']} per task"
         caption += f" (data: {', '.join(caveats)})" if caveats else ""
     return {
-        "super_weights": {"used": [str(w) for w in chosen], "origin": origin,
-                          "detected": [str(w) for w in detected], "registry": [str(w) for w in registry],
-                          "registry_agrees": sorted(detected) == sorted(registry) if registry else None},
-        "detection": {k: v for k, v in detection.items() if k != "iterations"},
-        "detection_iterations": detection["iterations"],
+        **weights.record(registry=True),
         "variants": details,
         "reference": reference if with_paper else None,
-        "table": {"columns": columns, "rows": rows, "caption": caption},
+        "paper_reference": reference or None,  # the paper's numbers whatever the model: the report prints them
+        "table": table.render(caption),
     }

@@ -8,26 +8,23 @@ weight, the other outlier weights, or both removed).
 """
 from __future__ import annotations
 
+from omegaconf import OmegaConf
+
 from outlierlab.interventions.super_weight import NoSuperWeights
-from outlierlab.probes.super_weight import (
-    down_proj_profile,
-    residual_profile,
-    super_weights_for_study,
-)
+from outlierlab.probes.super_weight import down_proj_profile, residual_profile
+from outlierlab.studies.super_weights import SuperWeightChoice
 
 
 def run(ctx) -> dict:
     cfg = ctx.cfg.exp
-    detection, detected, chosen, origin = super_weights_for_study(ctx.loaded, cfg.detection, cfg.super_weights,
-                                                                  ctx.registry_super_weights)
-    context = {"super_weights": chosen}
+    weights = SuperWeightChoice.of(ctx)
     down_proj = down_proj_profile(ctx.loaded, cfg.detection.prompt)
 
     prompts = list(cfg.prompts)
     residual, edits, rows = {}, {}, []
     for variant, names in cfg.variants.items():
         try:
-            with ctx.edit(list(names), context) as session:
+            with ctx.edit(list(names), weights.context) as session:
                 residual[variant] = residual_profile(ctx.loaded, prompts)
                 edits[variant] = list(session.log)
         except NoSuperWeights:
@@ -45,17 +42,17 @@ def run(ctx) -> dict:
     columns = ["variant", "max abs(h)", "layer", "channel", "final layer max abs(h)", "x original"]
     if any("note" in row for row in rows):
         columns.append("note")
-    caption = (f"max |residual| over layers on {len(prompts)} prompt(s); super weights {origin}: "
-               f"{', '.join(map(str, chosen)) or 'none'}; largest down_proj output spike: layer {spike['layer']}, "
+    caption = (f"max |residual| over layers on {len(prompts)} prompt(s); super weights {weights.describe()}; "
+               f"largest down_proj output spike: layer {spike['layer']}, "
                f"{spike['output_max']['value']:.1f} in channel {spike['output_max']['channel']} from input "
                f"{spike['input_at_output_peak']['value']:.1f} in channel {spike['input_at_output_peak']['channel']}")
     return {
-        "super_weights": {"used": [str(w) for w in chosen], "origin": origin, "detected": [str(w) for w in detected]},
-        "detection": {k: v for k, v in detection.items() if k != "iterations"},
+        **weights.record(),
         "prompts": prompts,
         "down_proj_profile": down_proj,
         "residual_profile": residual,
         "variants": {variant: {"interventions": list(cfg.variants[variant]), "edits": edits[variant]}
                      for variant in residual},
+        "paper_reference": OmegaConf.to_container(cfg.reference) if cfg.get("reference") else None,
         "table": {"columns": columns, "rows": rows, "caption": caption},
     }

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+from outlierlab.interventions.base import StudyContext
 from outlierlab.models.coords import SuperWeight
 from outlierlab.probes.super_weight import (
     describe_weights,
@@ -24,6 +25,23 @@ def _detected_note(weight, detected, rejected) -> str:
     if rejected and weight == SuperWeight(*rejected["coord"]):
         return f"no: stopped here (share {rejected['contribution_share']:.2f}, z {rejected['weight_zscore']:.1f})"
     return "no"
+
+
+def _candidate_row(weight, fact, detected, rejected, registry, activation) -> dict:
+    return {"candidate": str(weight), "value": fact["value"], "rank": fact["magnitude_rank"],
+            "z-score": fact["weight_zscore"], "input spike": fact["input_spike"],
+            "output spike": fact["output_spike"], "detected": _detected_note(weight, detected, rejected),
+            "registry": "yes" if weight in registry else ("no" if registry else "none listed"),
+            "row = MA channel": ("yes" if weight.row == activation["channel"] else "no") if activation["massive"]
+            else "no MA"}
+
+
+def _describe_activation(activation: dict) -> str:
+    if activation["massive"]:
+        return (f"massive activation: channel {activation['channel']}, {activation['value']:.0f} after "
+                f"layers[{activation['layer']}] at token {activation['position']} "
+                f"({activation['ratio_to_median']:.0f}x the median)")
+    return f"no massive activation (largest |h| {activation['abs']:.1f}, {activation['ratio_to_median']:.0f}x median)"
 
 
 def run(ctx) -> dict:
@@ -42,19 +60,14 @@ def run(ctx) -> dict:
     rows = [{"candidate": "none (original)", **{key: original[key]["ppl"] for key in protocols}}] if protocols else []
     importance = {}
     for weight, fact in zip(candidates, facts):
-        row = {"candidate": str(weight), "value": fact["value"], "rank": fact["magnitude_rank"],
-               "z-score": fact["weight_zscore"], "input spike": fact["input_spike"],
-               "output spike": fact["output_spike"], "detected": _detected_note(weight, detected, rejected),
-               "registry": "yes" if weight in registry else ("no" if registry else "none listed"),
-               "row = MA channel": ("yes" if weight.row == activation["channel"] else "no") if activation["massive"]
-               else "no MA"}
+        row = _candidate_row(weight, fact, detected, rejected, registry, activation)
         if protocols:
-            with ctx.edit(["zero_sw"], {"super_weights": [weight]}):
+            with ctx.edit(["zero_sw"], StudyContext(super_weights=[weight])):
                 importance[str(weight)] = ctx.perplexities(label=f"zero {weight}")
             row.update({key: importance[str(weight)][key]["ppl"] for key in protocols})
         rows.append(row)
     if protocols and detected:
-        with ctx.edit(["zero_sw"], {"super_weights": list(detected)}):
+        with ctx.edit(["zero_sw"], StudyContext(super_weights=list(detected))):
             importance["all detected"] = ctx.perplexities(label="zero all detected")
         rows.append({"candidate": "all detected", **{key: importance["all detected"][key]["ppl"] for key in protocols}})
     if protocols:
@@ -63,13 +76,8 @@ def run(ctx) -> dict:
 
     columns = ["candidate", "value", "rank", "z-score", "input spike", "output spike", "detected", "registry",
                "row = MA channel", *protocols, *(["x original"] if protocols else [])]
-    if activation["massive"]:
-        ma = (f"massive activation: channel {activation['channel']}, {activation['value']:.0f} after "
-              f"layers[{activation['layer']}] at token {activation['position']} "
-              f"({activation['ratio_to_median']:.0f}x the median)")
-    else:
-        ma = f"no massive activation (largest |h| {activation['abs']:.1f}, {activation['ratio_to_median']:.0f}x median)"
-    caption = (f"{ctx.cfg.model.name}: super-weight candidates (layer, row, col) of down_proj; {ma}; "
+    caption = (f"{ctx.cfg.model.name}: super-weight candidates (layer, row, col) of down_proj; "
+               f"{_describe_activation(activation)}; "
                f"detection stopped: {detection['stop_reason']}; spikes on the prompt \"{cfg.detection.prompt}\"")
     if protocols:
         caption += f"; PPL ({ctx.cfg.eval.name}) with that weight alone zeroed"

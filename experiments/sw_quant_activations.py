@@ -11,15 +11,8 @@ import math
 
 from omegaconf import OmegaConf
 
-from outlierlab.evals.data import check_corpus, load_corpus
-from outlierlab.evals.ppl import build_windows
-from outlierlab.tables import ratio_to_baseline
-
-
-def check(cfg, plan) -> None:
-    """Before any weights load: the calibration corpus exists."""
-    calibration = cfg.exp.calibration
-    check_corpus(calibration.dataset, calibration.split, plan.data_dir)
+from outlierlab.interventions.base import StudyContext
+from outlierlab.studies.variants import VariantTable
 
 
 def _activation_error(edits: list[dict]) -> float | None:
@@ -29,34 +22,20 @@ def _activation_error(edits: list[dict]) -> float | None:
     return math.sqrt(sum(r["sum_sq_error"] for r in inputs) / total) if total else None
 
 
+def _errors(evaluated: dict) -> dict:
+    weights = [e["summary"]["mean_relative_error"] for e in evaluated["edits"] if e["edit"] == "quantize_weights"]
+    return {"act. rel. error": _activation_error(evaluated["edits"]),
+            "weight rel. error": weights[0] if weights else None}
+
+
 def run(ctx) -> dict:
     exp = ctx.cfg.exp
-    calibration = build_windows(exp.calibration, load_corpus(exp.calibration.dataset, exp.calibration.split,
-                                                             ctx.plan.data_dir), ctx.loaded)
-    context = {"calibration_ids": calibration.ids}
-    protocols = list(ctx.cfg.eval.ppl)
+    calibration = ctx.protocol_windows("exp.calibration")
     reference = (OmegaConf.to_container(exp.reference.models).get(ctx.cfg.model.name)
                  if exp.get("reference") else None)
-
-    rows, details = [], {}
-    for variant, names in exp.variants.items():
-        details[variant] = ctx.evaluate(list(names), context, label=variant)
-        ppl, zeroshot, edits = (details[variant][key] for key in ("ppl", "zeroshot", "edits"))
-        row = {"variant": variant, **{key: ppl[key]["ppl"] for key in protocols}}
-        if zeroshot:
-            row["zero-shot mean"] = None if zeroshot["mean"] is None else 100 * zeroshot["mean"]
-        row["act. rel. error"] = _activation_error(edits)
-        weights = [e["summary"]["mean_relative_error"] for e in edits if e["edit"] == "quantize_weights"]
-        row["weight rel. error"] = weights[0] if weights else None
-        if reference:
-            for key in protocols:
-                row[f"paper {key}"] = reference.get(variant, {}).get(key)
-        rows.append(row)
-
-    ratio_to_baseline(rows, protocols[0])
-    columns = ["variant", *protocols, *(["x original"] if "original" in exp.variants else [])]
-    columns += ["zero-shot mean"] if ctx.cfg.eval.get("zeroshot") else []
-    columns += ["act. rel. error", "weight rel. error"] + ([f"paper {k}" for k in protocols] if reference else [])
+    table = VariantTable(list(ctx.cfg.eval.ppl), zeroshot=bool(ctx.cfg.eval.get("zeroshot")),
+                         paper=reference or None, paper_zeroshot=False)
+    details = table.evaluate(ctx, exp.variants, StudyContext(calibration_ids=calibration.ids), extra=_errors)
     caption = (f"W8A8 simulated ({ctx.cfg.eval.name} protocols); act. rel. error = ||X^-X||/||X|| over every "
                f"quantized linear input; SmoothQuant calibrated on {calibration.meta['windows']} x "
                f"{calibration.meta['seqlen']} tokens of {exp.calibration.dataset} (seed {exp.calibration.seed})")
@@ -64,5 +43,5 @@ def run(ctx) -> dict:
         "calibration": calibration.meta,
         "variants": details,
         "reference": {"source": exp.reference.source, "values": reference} if reference else None,
-        "table": {"columns": columns, "rows": rows, "caption": caption},
+        "table": table.render(caption, extra=["act. rel. error", "weight rel. error"], paper_last=True),
     }

@@ -12,8 +12,9 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from outlierlab.probes.super_weight import super_weights_for_study
 from outlierlab.quant.rtn import spec_from_label
+from outlierlab.studies.super_weights import SuperWeightChoice
+from outlierlab.studies.variants import percent
 
 
 def sweep(exp) -> list[tuple[int, str, str, object]]:
@@ -47,20 +48,18 @@ def _scores(ctx, label: str) -> dict:
     zeroshot = ctx.zeroshot(label=label)
     scores = {key: result["ppl"] for key, result in ppl.items()}
     if zeroshot:
-        scores["zeroshot_mean"] = None if zeroshot["mean"] is None else 100 * zeroshot["mean"]
+        scores["zeroshot_mean"] = percent(zeroshot["mean"])
     return {"scores": scores, "ppl": ppl, "zeroshot": zeroshot}
 
 
 def run(ctx) -> dict:
     exp = ctx.cfg.exp
-    detection, detected, chosen, origin = super_weights_for_study(ctx.loaded, exp.detection, exp.super_weights,
-                                                                  ctx.registry_super_weights)
-    context = {"super_weights": chosen}
+    weights = SuperWeightChoice.of(ctx)
 
     original = _scores(ctx, "original")
     runs = []
     for bits, block, method, quantizer in tqdm(sweep(exp), desc="quantized variants"):
-        with ctx.edit([quantizer], context) as session:
+        with ctx.edit([quantizer], weights.context) as session:
             scored = _scores(ctx, f"int{bits} {block} {method}")
             edit = session.log[-1]
         runs.append({"bits": bits, "block": block, "method": method, "quantizer": quantizer.describe(),
@@ -81,12 +80,11 @@ def run(ctx) -> dict:
             rows.append(row)
     columns = ["bits", "block", *[f"{m} {k}" for k in metrics for m in methods], *[f"{m} rel. error" for m in methods]]
     caption = (f"Weight-only RTN of every decoder-block linear ({ctx.cfg.eval.name} protocols); rel. error = mean over "
-               f"tensors of ||W^-W||/||W||; super weights {origin}: {', '.join(map(str, chosen)) or 'none'}")
+               f"tensors of ||W^-W||/||W||; super weights {weights.describe()}")
     if ctx.loaded.info.get("kind") == "gguf":
         caption += "; the float weights are themselves dequantized GGUF blocks"
     return {
-        "super_weights": {"used": [str(w) for w in chosen], "origin": origin, "detected": [str(w) for w in detected]},
-        "detection": {k: v for k, v in detection.items() if k != "iterations"},
+        **weights.record(),
         "original": original,
         "runs": runs,
         "methods": {name: OmegaConf.to_container(spec) for name, spec in exp.methods.items()},

@@ -11,7 +11,8 @@ import math
 import hydra
 from omegaconf import OmegaConf
 
-from outlierlab.probes.super_weight import super_weights_for_study
+from outlierlab.studies.super_weights import SuperWeightChoice
+from outlierlab.studies.variants import scores
 
 
 def scales(spec) -> list[float]:
@@ -38,37 +39,29 @@ def check(cfg, plan) -> None:
 
 def run(ctx) -> dict:
     cfg = ctx.cfg.exp
-    detection, detected, chosen, origin = super_weights_for_study(ctx.loaded, cfg.detection, cfg.super_weights,
-                                                                  ctx.registry_super_weights)
+    weights = SuperWeightChoice.of(ctx)
     protocols = list(cfg.protocols)
     reference = {float(s): v for s, v in (cfg.get("reference") or {}).get("zeroshot_mean", {}).items()}
 
     rows, points = [], []
-    for scale in (scales(cfg.scales) if chosen else []):
+    for scale in (scales(cfg.scales) if weights.chosen else []):
         intervention = hydra.utils.instantiate(cfg.interventions.scale_sw, scale=scale)
-        with ctx.edit([intervention], {"super_weights": chosen}):
-            ppl = ctx.perplexities(label=f"scale {scale:g}", keys=protocols)
-            zeroshot = ctx.zeroshot(label=f"scale {scale:g}")
-        row = {"scale": scale, **{key: ppl[key]["ppl"] for key in protocols}}
-        if zeroshot:
-            row.update({task: None if s["acc"] is None else 100 * s["acc"] for task, s in zeroshot["tasks"].items()})
-            row["zero-shot mean"] = None if zeroshot["mean"] is None else 100 * zeroshot["mean"]
-            row["paper zero-shot mean"] = reference.get(scale)
-        rows.append(row)
-        points.append({"scale": scale, "ppl": ppl, "zeroshot": zeroshot})
+        with ctx.edit([intervention], weights.context):
+            point = {"scale": scale, "ppl": ctx.perplexities(label=f"scale {scale:g}", keys=protocols),
+                     "zeroshot": ctx.zeroshot(label=f"scale {scale:g}")}
+        rows.append({"scale": scale, **scores(point, protocols, tasks=True),
+                     **({"paper zero-shot mean": reference.get(scale)} if point["zeroshot"] else {})})
+        points.append(point)
 
     suite = ctx.cfg.eval.get("zeroshot")
-    columns = ["scale", *protocols]
-    if suite:
-        columns += [*suite.tasks, "zero-shot mean", "paper zero-shot mean"]
-    caption = (f"super weights {origin} ({', '.join(map(str, chosen)) or 'none: nothing to scale'}) multiplied by "
-               f"s; PPL ({ctx.cfg.eval.name} protocols)")
+    columns = ["scale", *protocols, *([*suite.tasks, "zero-shot mean", "paper zero-shot mean"] if suite else [])]
+    caption = (f"super weights {weights.origin} ({', '.join(map(str, weights.chosen)) or 'none: nothing to scale'}) "
+               f"multiplied by s; PPL ({ctx.cfg.eval.name} protocols)")
     if suite:
         caption += (f"; zero-shot acc x100, limit {suite.limit} per task; paper: Llama-7B 7-task mean "
                     f"({(cfg.get('reference') or {}).get('source', '')})")
     return {
-        "super_weights": {"used": [str(w) for w in chosen], "origin": origin, "detected": [str(w) for w in detected]},
-        "detection": {k: v for k, v in detection.items() if k != "iterations"},
+        **weights.record(),
         "points": points,
         "reference": OmegaConf.to_container(cfg.reference) if cfg.get("reference") else None,
         "table": {"columns": columns, "rows": rows, "caption": caption},

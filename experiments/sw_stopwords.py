@@ -7,8 +7,10 @@
 """
 from __future__ import annotations
 
+from omegaconf import OmegaConf
+
 from outlierlab.evals.stopwords import mean_next_token_probs, probability_shift
-from outlierlab.probes.super_weight import super_weights_for_study
+from outlierlab.studies.super_weights import SuperWeightChoice
 
 
 def check(cfg, plan) -> None:
@@ -24,18 +26,16 @@ def check(cfg, plan) -> None:
 
 def run(ctx) -> dict:
     cfg = ctx.cfg.exp
-    detection, detected, chosen, origin = super_weights_for_study(ctx.loaded, cfg.detection, cfg.super_weights,
-                                                                  ctx.registry_super_weights)
-    if not chosen:
-        return {"super_weights": {"used": [], "origin": origin},
-                "detection": {k: v for k, v in detection.items() if k != "iterations"},
+    weights = SuperWeightChoice.of(ctx)
+    if not weights.chosen:
+        return {**weights.record(),
                 "table": {"columns": ["note"], "rows": [{"note": "skipped: no super weight"}], "caption": ""}}
 
     windows = ctx.windows(cfg.protocol)
     batch_size = ctx.cfg.eval.ppl[cfg.protocol].batch_size
     probs = {}
     for variant, names in cfg.variants.items():
-        with ctx.edit(list(names), {"super_weights": chosen}):
+        with ctx.edit(list(names), weights.context):
             probs[variant] = mean_next_token_probs(ctx.loaded.model, windows, batch_size, desc=f"{variant} probs")
     shift = probability_shift(ctx.loaded.tokenizer, probs["original"], probs["prune_sw"], cfg.stopwords, cfg.top,
                               focus=list(cfg.focus))
@@ -43,17 +43,17 @@ def run(ctx) -> dict:
     rows = [{"token": repr(entry["text"]), "stopword": "yes" if entry["stopword"] else "", "p original":
              entry["p_before"], "p pruned": entry["p_after"], "gain": entry["gain"], "x original": entry["ratio"]}
             for entry in shift["gainers"]]
-    caption = (f"tokens gaining the most mean next-token probability when the super weights {origin} "
-               f"({', '.join(map(str, chosen))}) are zeroed; {windows.meta['windows']} windows of "
+    caption = (f"tokens gaining the most mean next-token probability when the super weights {weights.origin} "
+               f"({', '.join(map(str, weights.chosen))}) are zeroed; {windows.meta['windows']} windows of "
                f"{windows.meta['seqlen']} tokens of {windows.meta['dataset']} {windows.meta['split']}; stopword mass "
                f"{shift['stopword_mass_before']:.3f} -> {shift['stopword_mass_after']:.3f}; "
                f"{100 * shift['stopword_share_of_top_gainers']:.0f}% of the top {cfg.top} gainers are stopwords; "
                + ", ".join(f"{word!r} x{entry['ratio']:.2f}" for word, entry in shift["focus"].items()))
     return {
-        "super_weights": {"used": [str(w) for w in chosen], "origin": origin, "detected": [str(w) for w in detected]},
-        "detection": {k: v for k, v in detection.items() if k != "iterations"},
+        **weights.record(),
         "stopwords": {"name": cfg.stopwords.name, "provenance": cfg.stopwords.provenance},
         "shift": shift,
+        "paper_reference": OmegaConf.to_container(cfg.reference) if cfg.get("reference") else None,
         "table": {"columns": ["token", "stopword", "p original", "p pruned", "gain", "x original"], "rows": rows,
                   "caption": caption},
     }

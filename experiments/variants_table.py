@@ -14,11 +14,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from outlierlab.errors import ConfigError
 from outlierlab.interventions.base import EditSession
 from outlierlab.interventions.fake_quant import W8A8
 from outlierlab.models.hashing import weights_sha256
 from outlierlab.models.load import load_model
-from outlierlab.runner import ConfigError
 from outlierlab.train.analysis import classify_massive, measure, validation_loss
 from outlierlab.train.data import SINK, prepare, validation_windows
 from outlierlab.train.modeling import read_metadata
@@ -43,8 +43,7 @@ def check(cfg, plan) -> None:
 def run(ctx) -> dict:
     cfg = ctx.cfg
     exp, size = cfg.exp, cfg.train.size
-    data_dir = None if cfg.paths.data_dir in (None, "", "null") else str(cfg.paths.data_dir)
-    streams = prepare(size.data, data_dir, cfg.paths.cache_dir)
+    streams = prepare(size.data, ctx.plan.data_dir, cfg.paths.cache_dir)
     reference = OmegaConf.to_container(exp.reference)
     rows, details = [], {}
     for variant in exp.train_variants:

@@ -53,6 +53,9 @@ def pytest_configure(config):
 
 def pytest_runtest_setup(item):
     strict = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    asked_for_slow = "slow" in (item.config.getoption("-m") or "")
+    if item.get_closest_marker("slow") and not (strict or asked_for_slow):
+        pytest.skip("slow (an exhaustive product): runs under CI=true or with -m slow")
     for marker in item.iter_markers("requires"):
         for name in marker.args:
             available, reason = REQUIREMENTS[name]

@@ -1,8 +1,11 @@
 """Weight edits are undone bit-exactly (checked by hashing every weight), and each edit does what it says."""
+import hydra
 import pytest
 import torch
-from conftest import TINY_MODELS, compose_cfg, weights_hash
+from conftest import CONF, DATA_DIR, TINY_MODELS, compose_cfg, weights_hash
 
+from outlierlab.errors import ConfigError
+from outlierlab.evals.ppl import Windows
 from outlierlab.interventions.base import EditSession
 from outlierlab.interventions.super_weight import (
     NoSuperWeights,
@@ -11,8 +14,50 @@ from outlierlab.interventions.super_weight import (
     ScaleSuperWeights,
 )
 from outlierlab.models.load import load_model
+from outlierlab.models.massive import MassiveActivation
+from outlierlab.probes.activation_means import measure_means
+from outlierlab.runner import preflight
 
 SW = (1, 5, 17)
+MA = MassiveActivation(first_layer=1, channels=(3, 7), positions=(0, 2))
+# Every intervention YAML: a new one is covered by the tests below without touching them.
+INTERVENTIONS = sorted(p.stem for p in (CONF / "intervention").glob("*.yaml"))
+
+
+def intervention_cfg(name: str):
+    return compose_cfg([f"+intervention@edit={name}"]).edit
+
+
+def hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", INTERVENTIONS)
+def test_every_intervention_yaml_is_undone_bit_exactly(name, tiny_llama):
+    """Weights (hash of every tensor), hooks and logits are as before once the session ends."""
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    context = {"super_weights": [SW], "massive_activations": [MA], "calibration_ids": ids,
+               "ma_means": measure_means(tiny_llama, [MA], Windows(ids=ids, meta={}), batch_size=2)}
+    before, logits_before = weights_hash(tiny_llama.model), tiny_llama.model(ids).logits
+    with EditSession(tiny_llama, context) as session:
+        session.apply([hydra.utils.instantiate(intervention_cfg(name))])
+        tiny_llama.model(ids)
+    assert weights_hash(tiny_llama.model) == before
+    assert hook_count(tiny_llama.model) == 0
+    assert torch.equal(tiny_llama.model(ids).logits, logits_before)
+
+
+@pytest.mark.requires("data")
+@pytest.mark.parametrize("name,key", [(name, key) for name in INTERVENTIONS
+                                      for key in [*intervention_cfg(name), "no_such_argument"] if key != "_target_"])
+def test_every_bad_intervention_argument_fails_before_load(name, key, tmp_path):
+    """A wrong value for any argument of any intervention YAML (or a misspelled argument) is a config error at
+    preflight, which loads no weights."""
+    cfg = compose_cfg(["+exp=prune_sw", "model=tiny_llama", "logger=none", f"paths.data_dir={DATA_DIR}",
+                       f"paths.results_dir={tmp_path}", f"+intervention@exp.interventions.probe={name}",
+                       f"++exp.interventions.probe.{key}='(('"])
+    with pytest.raises(ConfigError, match=r"^exp\.interventions\.probe: "):
+        preflight(cfg)
 
 
 def down_proj_value(loaded, layer, row, col):
@@ -33,6 +78,12 @@ def test_every_edit_is_undone_bit_exactly(name, tmp_path):
         loaded.model(ids)
     assert weights_hash(loaded.model) == before
     assert torch.equal(loaded.model(ids).logits, logits_before)  # hooks are gone too
+
+
+def test_the_study_context_is_typed(tiny_llama):
+    with pytest.raises(TypeError, match="super_weight"):  # a misspelled field is an error, not an empty context
+        EditSession(tiny_llama, {"super_weight": [SW]})
+    assert EditSession(tiny_llama, {"super_weights": [SW]}).context.super_weights == [SW]
 
 
 def test_undo_happens_on_error(tiny_llama):

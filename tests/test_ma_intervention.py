@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import DATA_DIR, SMALL_EVAL, compose_cfg, weights_hash
 
+from outlierlab.errors import ConfigError
 from outlierlab.evals.data import Corpus
 from outlierlab.evals.ppl import build_windows
 from outlierlab.interventions.base import EditSession
@@ -17,7 +18,7 @@ from outlierlab.models import massive
 from outlierlab.models.massive import MassiveActivation
 from outlierlab.probes.activation_means import calibrated_means
 from outlierlab.reports import ma_intervention
-from outlierlab.runner import ConfigError, execute, preflight
+from outlierlab.runner import execute, preflight
 
 MA = MassiveActivation(first_layer=1, channels=(3, 7), positions=(0, 2))
 
@@ -25,13 +26,9 @@ MA = MassiveActivation(first_layer=1, channels=(3, 7), positions=(0, 2))
 def block_outputs(loaded, ids) -> dict[int, torch.Tensor]:
     """Every `layers.{i}.out` as the rest of the model sees it (hooks registered after any intervention's)."""
     seen = {}
-    handles = [loaded.sites.register(f"layers.{i}.out", lambda h, i=i: seen.__setitem__(i, h.detach().clone()))
-               for i in range(loaded.sites.num_layers)]
-    try:
+    with loaded.sites.hooks(loaded.sites.per_layer("layers.{i}.out",
+                                                   lambda i: lambda h: seen.__setitem__(i, h.detach().clone()))):
         logits = loaded.model(ids).logits
-    finally:
-        for handle in handles:
-            handle.remove()
     return seen, logits
 
 
@@ -188,6 +185,7 @@ def test_ma_intervene_end_to_end_on_a_tiny_model(tmp_path):
     assert set(rows) == set(cfg.exp.variants)
     assert all(rows[v]["wikitext2"] > 1 and rows[v]["c4"] > 1 for v in rows)
     assert record["ma_means"]["sequences"] == 2 and record["ma_means"]["cache"]["hit"] is False
+    assert record["evaluations"]["exp.calibration"] == record["ma_means"]["calibration"]  # every window set recorded
     assert record["variants"]["set_to_mean_every_layer"]["edits"][0]["layers"] == [1, 2, 3]
     zeroed = record["variants"]["set_to_zero_every_layer"]["ma_trace"]["mean"][0]  # [layer][position][channel]
     assert all(v == 0.0 for layer in zeroed[1:] for row in layer for v in row) and zeroed[0][0][0] != 0.0

@@ -119,10 +119,8 @@ def test_streaming_statistics_equal_one_pass(tiny_llama):
             assert torch.allclose(x, y, rtol=1e-5, atol=1e-5)
     # and the moments are the plain mean/std over the sequences of one pass that keeps everything
     kept = {}
-    handle = loaded.sites.register(f"layers.{LAYER}.out", lambda h: kept.__setitem__("h", h.double()))
-    with torch.no_grad():
+    with torch.no_grad(), loaded.sites.hook(f"layers.{LAYER}.out", lambda h: kept.__setitem__("h", h.double())):
         loaded.model(torch.cat(chunks))
-    handle.remove()
     mean, std = streamed.coordinate_moments(LAYER)
     assert torch.allclose(mean, kept["h"].mean(dim=0), atol=1e-4)
     assert torch.allclose(std, kept["h"].std(dim=0, unbiased=False), atol=1e-3)

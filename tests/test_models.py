@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import TINY_MODELS, compose_cfg
 
-from outlierlab.models.load import _gguf_cache_dir, load_model
+from outlierlab.models.load import load_model
 from outlierlab.models.sites import UnsupportedArchitecture, family_for
 from outlierlab.models.source import ModelSource, SourceError, resolve_source
 
@@ -23,7 +23,13 @@ def test_tiny_family_loads_and_resolves_sites(name, tmp_path):
     assert isinstance(sites.module("layers.0.attn"), torch.nn.Module)
     assert sites.module("layers.0.norm1.weight".rsplit(".", 1)[0]).weight.shape[0] == config.hidden_size
     assert sites.module("embed").weight.shape[1] == config.hidden_size
-    assert sites.module("final_norm") is not None
+    # final_norm is the norm whose output the LM head reads
+    seen_norm = {}
+    with sites.hook("final_norm.out", lambda h: seen_norm.__setitem__("norm", h)), \
+            loaded.model.get_output_embeddings().register_forward_pre_hook(
+                lambda _m, args: seen_norm.__setitem__("head", args[0])):
+        loaded.model(torch.tensor([loaded.encode("hello")]))
+    assert torch.equal(seen_norm["norm"], seen_norm["head"])
     # hook points see the tensors they name
     seen = {}
 
@@ -65,6 +71,36 @@ def test_gpt2_down_proj_is_addressed_as_out_in(tmp_path):
         view.index(64, 0)
 
 
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hooks_are_removed_on_exit_even_on_error(tiny_llama):
+    sites, seen = tiny_llama.sites, {}
+    hooks = sites.per_layer("layers.{i}.out", lambda i: lambda h: seen.__setitem__(i, h.shape))
+    assert list(hooks) == [f"layers.{i}.out" for i in range(sites.num_layers)]
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with sites.hooks({**hooks, "layers.0.mlp.down_proj.in": lambda x: None}):
+            assert _hook_count(tiny_llama.model) == sites.num_layers + 1
+            tiny_llama.model(torch.tensor([tiny_llama.encode("hi")]))
+            raise RuntimeError("inside the block")
+    assert sorted(seen) == list(range(sites.num_layers)) and _hook_count(tiny_llama.model) == 0
+    with pytest.raises(KeyError, match="not a hook point"):  # a bad site: the hooks already attached come off
+        with sites.hooks({"layers.0.out": lambda h: None, "layers.0.mlp.down_proj": lambda h: None}):
+            pass
+    assert _hook_count(tiny_llama.model) == 0
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_block_linears_are_every_linear_in_the_blocks(name, tmp_path):
+    from transformers.pytorch_utils import Conv1D
+    loaded = load_model(compose_cfg([f"model={name}"]).model, tmp_path)
+    found = dict(loaded.sites.block_linears())
+    expected = [m for block in loaded.sites.layers for m in block.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    assert len(found) == len(expected) > 0 and all(any(m is e for e in expected) for m in found.values())
+    assert loaded.sites.down_proj(0).param is found["layers.0." + loaded.sites.family.down_proj + ".weight"].weight
+
+
 def test_unknown_sites_and_architectures_fail_clearly(tiny_llama):
     with pytest.raises(KeyError, match="layer 99 does not exist"):
         tiny_llama.sites.module("layers.99.mlp.down_proj")
@@ -97,8 +133,31 @@ def test_hub_source_fails_fast_offline(monkeypatch):
         resolve_source(cfg)
 
 
-def test_gguf_cache_is_keyed_by_content(tmp_path):
-    source = ModelSource("gguf", str(tmp_path), "model.gguf")
-    first = _gguf_cache_dir(source, "a" * 64, tmp_path)
-    second = _gguf_cache_dir(source, "b" * 64, tmp_path)
-    assert first != second and first.parent == second.parent == Path(tmp_path) / "gguf"
+def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch):
+    """load_model dequantizes a GGUF file once per content: the same bytes reuse the cache, other bytes (same name)
+    never do. The conversion is replaced by saving a tiny model, so no real GGUF file is needed."""
+    from outlierlab.models import load as load_module
+    tiny = load_model(compose_cfg(["model=tiny_llama"]).model, tmp_path)
+    conversions = []
+
+    def fake_conversion(source, target):
+        conversions.append(target)
+        tiny.model.save_pretrained(target)
+        tiny.tokenizer.save_pretrained(target)
+    monkeypatch.setattr(load_module, "_gguf_to_cache", fake_conversion)
+    gguf = tmp_path / "files" / "model.gguf"
+    gguf.parent.mkdir()
+    cfg = compose_cfg(["model=path", f"model.source={gguf}", "model.dtype=float32"]).model
+    source = ModelSource("gguf", str(gguf.parent), gguf.name)
+
+    def load():
+        return load_model(cfg, tmp_path / "cache", source)
+    gguf.write_bytes(b"first version")
+    first = load()
+    load()
+    assert len(conversions) == 1 and first.info["converted_cache"] == str(conversions[0])
+    gguf.write_bytes(b"second version")
+    second = load()
+    assert len(conversions) == 2 and second.info["converted_cache"] != first.info["converted_cache"]
+    assert second.info["file_sha256"] != first.info["file_sha256"]
+    assert Path(second.info["converted_cache"]).parent == tmp_path / "cache" / "gguf"

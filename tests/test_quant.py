@@ -10,6 +10,7 @@ from conftest import (
     weights_hash,
 )
 
+from outlierlab.errors import ConfigError
 from outlierlab.interventions.base import EditSession
 from outlierlab.interventions.quant import (
     QuantizeActivations,
@@ -26,7 +27,7 @@ from outlierlab.quant.rtn import (
     zscore_clip_groups,
 )
 from outlierlab.quant.targets import linear_modules
-from outlierlab.runner import ConfigError, execute, preflight
+from outlierlab.runner import execute, preflight
 
 T = torch.tensor
 
@@ -184,18 +185,15 @@ def test_weight_quantization_is_rtn_of_every_block_linear(tiny_llama):
 
 
 def test_activation_hook_feeds_the_quantized_input(tiny_llama):
-    module = tiny_llama.sites.module("layers.1.mlp.down_proj")
     seen = {}
     ids = torch.tensor([tiny_llama.encode("Quantize me, and hold out the largest value.")])
-    handle = module.register_forward_pre_hook(lambda _m, args: seen.__setitem__("float", args[0].clone()))
-    tiny_llama.model(ids)
-    handle.remove()
+    with tiny_llama.sites.hook("layers.1.mlp.down_proj.in", lambda x: seen.__setitem__("float", x.clone())):
+        tiny_llama.model(ids)
     before = weights_hash(tiny_llama.model)
     with EditSession(tiny_llama, {}) as session:
         session.apply([QuantizeActivations(bits=4, holdout=1, match=r"layers\.1\.mlp\.down_proj")])
-        handle = module.register_forward_pre_hook(lambda _m, args: seen.__setitem__("fed", args[0].clone()))
-        tiny_llama.model(ids)
-        handle.remove()
+        with tiny_llama.sites.hook("layers.1.mlp.down_proj.in", lambda x: seen.__setitem__("fed", x.clone())):
+            tiny_llama.model(ids)
         record = session.log[-1]["inputs"]["layers.1.mlp.down_proj.weight"]
     assert torch.equal(seen["fed"], fake_quantize_activation(seen["float"], 4, holdout=1))
     assert record["calls"] == 1 and record["sum_sq_error"] > 0

@@ -34,3 +34,21 @@ def test_make_scripts_run_on_an_empty_results_dir(tmp_path):
         done = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--results", str(tmp_path)],
                               check=False, capture_output=True, text=True, cwd=ROOT)
         assert done.returncode == 0, done.stderr
+
+
+def test_sw_table1_renders_from_the_record_not_the_config(tmp_path):
+    """A record that stores the paper's numbers (paper_reference) renders the same table with its config's
+    reference removed; records written before it did fall back to the config (the committed results)."""
+    import json
+    from outlierlab.reports.sw import table1
+    committed = ROOT / "results" / "prune_sw" / "smollm2_135m" / "quick.json"
+    old = json.loads(committed.read_text())
+    new = json.loads(committed.read_text())
+    new["paper_reference"] = new["config"]["exp"].pop("reference")
+    for name, record in (("old", old), ("new", new)):
+        target = tmp_path / name / "prune_sw" / "smollm2_135m" / "quick.json"
+        target.parent.mkdir(parents=True)
+        target.write_text(json.dumps(record))
+    [old_md, _] = table1(tmp_path / "old", tmp_path / "old_tables")
+    [new_md, _] = table1(tmp_path / "new", tmp_path / "new_tables")
+    assert new_md.read_text() == old_md.read_text() and "paper wikitext2" in new_md.read_text()

@@ -6,12 +6,13 @@ import torch
 from conftest import DATA_DIR, SMALL_EVAL, compose_cfg, plant_super_weight
 from omegaconf import OmegaConf
 
+from outlierlab.errors import ConfigError
 from outlierlab.evals.stopwords import is_stopword, probability_shift
 from outlierlab.models.load import load_model
 from outlierlab.reports import discover
 from outlierlab.reports.sw import table1
 from outlierlab.results import read_result, write_result
-from outlierlab.runner import ConfigError, execute, preflight
+from outlierlab.runner import execute, preflight
 
 pytestmark = pytest.mark.requires("data")
 

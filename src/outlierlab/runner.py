@@ -6,7 +6,6 @@ line on stderr and exit code 2, and nothing is written to results/.
 from __future__ import annotations
 
 import datetime
-import inspect
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,10 +16,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from outlierlab import tracking
-from outlierlab.evals.data import Corpus, DataError, check_corpus, load_corpus
-from outlierlab.evals.ppl import SAMPLING, Windows, build_windows, perplexity
+from outlierlab.environment import lock_status
+from outlierlab.errors import USER_ERRORS, ConfigError  # noqa: F401 (re-exported for older imports)
+from outlierlab.evals.data import Corpus, data_directory, load_corpus
+from outlierlab.evals.ppl import Windows, build_windows, check_protocol, perplexity
 from outlierlab.evals.zeroshot import build_tasks, check_tasks, evaluate_zeroshot
-from outlierlab.interventions.base import EditSession, Intervention
+from outlierlab.interventions.base import EditSession, Intervention, StudyContext
 from outlierlab.models.coords import SuperWeight, check_in_shape
 from outlierlab.models.hashing import weights_sha256
 from outlierlab.models.load import (
@@ -30,21 +31,13 @@ from outlierlab.models.load import (
     load_model,
     model_shape,
 )
-from outlierlab.models.sites import UnsupportedArchitecture, family_for
-from outlierlab.models.source import ModelSource, SourceError, resolve_source
-from outlierlab.environment import lock_status
+from outlierlab.models.sites import family_for
+from outlierlab.models.source import ModelSource, resolve_source
 from outlierlab.override_types import check_override_types
 from outlierlab.results import git_state, library_versions, result_path, write_result
 from outlierlab.tables import markdown
 
 EXP_DIR = Path(__file__).resolve().parents[2] / "conf" / "exp"
-
-
-class ConfigError(ValueError):
-    pass
-
-
-USER_ERRORS = (ConfigError, SourceError, DataError, UnsupportedArchitecture)
 
 
 @dataclass
@@ -83,6 +76,40 @@ def _instantiate_interventions(cfg) -> dict[str, Intervention]:
     return interventions
 
 
+def _import(key: str, path: str):
+    try:
+        return hydra.utils.get_method(path)
+    except Exception as error:
+        raise ConfigError(f"{key}={path} cannot be imported ({str(error).splitlines()[0]})") from None
+
+
+def window_protocols(cfg) -> dict[str, DictConfig]:
+    """Every window protocol of the run by its config key: eval.ppl.* (scored for PPL), exp.data.* (windows a
+    recipe feeds to probes) and any other exp.<name> that is one (a mapping with dataset and seqlen: calibration
+    sets). Each is checked at preflight, built through RunContext.protocol_windows and recorded in the result."""
+    protocols = {f"eval.ppl.{key}": p for key, p in (cfg.eval.get("ppl") or {}).items()}
+    protocols.update({f"exp.data.{key}": p for key, p in (cfg.exp.get("data") or {}).items()})
+    protocols.update({f"exp.{key}": p for key, p in cfg.exp.items()
+                      if key != "data" and OmegaConf.is_dict(p) and "dataset" in p and "seqlen" in p})
+    return protocols
+
+
+def _registry_super_weights(model, source: ModelSource | None) -> list[SuperWeight]:
+    """model.super_weights parsed, and (when the model is known) inside its shape."""
+    try:
+        super_weights = [SuperWeight.parse(entry.coord) for entry in model.get("super_weights") or []]
+    except (ValueError, AttributeError) as error:
+        raise ConfigError(f"model.super_weights: {error}") from None
+    if super_weights and source is not None:
+        layers, hidden, intermediate = model_shape(model, source)
+        for weight in super_weights:
+            try:
+                check_in_shape(weight, layers, hidden, intermediate)
+            except ValueError as error:
+                raise ConfigError(f"model.super_weights: {error}") from None
+    return super_weights
+
+
 def preflight(cfg: DictConfig) -> Plan:
     if "exp" not in cfg or cfg.exp is None:
         raise ConfigError(f"no experiment selected: append +exp=NAME (available: {_available(EXP_DIR)})")
@@ -94,50 +121,24 @@ def preflight(cfg: DictConfig) -> Plan:
     _check_choice("model.dtype", model.dtype, tuple(DTYPES))
     if model.source == "tiny":
         family_for(model.tiny.model_type)
-    # Window protocols: eval.ppl.* are scored for PPL; exp.data.* are windows a recipe feeds to probes.
-    protocols = {**{f"eval.ppl.{key}": p for key, p in (cfg.eval.get("ppl") or {}).items()},
-                 **{f"exp.data.{key}": p for key, p in (cfg.exp.get("data") or {}).items()}}
-    for prefix, protocol in protocols.items():
-        _check_choice(f"{prefix}.sampling", protocol.sampling, SAMPLING)
-        _check_choice(f"{prefix}.bos", protocol.bos, ("model", *BOS_POLICIES))
-        if not isinstance(protocol.seqlen, int) or protocol.seqlen < 2:
-            raise ConfigError(f"{prefix}.seqlen={protocol.seqlen} must be an integer >= 2")
-        if protocol.windows is not None and (not isinstance(protocol.windows, int) or protocol.windows < 1):
-            raise ConfigError(f"{prefix}.windows={protocol.windows} must be a positive integer or null (all)")
-        if protocol.sampling == "random" and protocol.windows is None:
-            raise ConfigError(f"{prefix}.windows must be set for random sampling")
-    data_dir = cfg.paths.data_dir
-    data_dir = None if data_dir in (None, "", "null") else str(Path(data_dir).expanduser())
-    for protocol in protocols.values():
-        check_corpus(protocol.dataset, protocol.split, data_dir)
+    data_dir = data_directory(cfg.paths.data_dir)
+    for key, protocol in window_protocols(cfg).items():
+        check_protocol(key, protocol, data_dir)
     if cfg.eval.get("zeroshot"):
         check_tasks(cfg.eval.zeroshot.tasks, data_dir)
-    try:
-        recipe = hydra.utils.get_method(cfg.exp.recipe)
-    except Exception as error:
-        raise ConfigError(f"exp.recipe={cfg.exp.recipe} cannot be imported ({str(error).splitlines()[0]})") from None
+    recipe = _import("exp.recipe", cfg.exp.recipe)
+    check = _import("exp.check", cfg.exp.check) if cfg.exp.get("check") else None
     interventions = _instantiate_interventions(cfg)
     if cfg.exp.get("super_weights") is not None:
         _check_choice("exp.super_weights", cfg.exp.super_weights, ("auto", "detect", "registry"))
-    try:
-        super_weights = [SuperWeight.parse(entry.coord) for entry in model.get("super_weights") or []]
-    except (ValueError, AttributeError) as error:
-        raise ConfigError(f"model.super_weights: {error}") from None
     # Recipes that make or load their own models (pretraining, tables over several checkpoints) set
     # exp.load_model: false; the runner then loads nothing and ctx.loaded is None.
     source = resolve_source(model) if cfg.exp.get("load_model", True) else None
-    if super_weights and source is not None:
-        layers, hidden, intermediate = model_shape(model, source)
-        for weight in super_weights:
-            try:
-                check_in_shape(weight, layers, hidden, intermediate)
-            except ValueError as error:
-                raise ConfigError(f"model.super_weights: {error}") from None
+    super_weights = _registry_super_weights(model, source)
     output = result_path(cfg.paths.results_dir, cfg.exp.name, model.name, cfg.run_tag)
     plan = Plan(source, interventions, super_weights, data_dir, output, recipe)
-    # The recipe's module may define `check(cfg, plan)`: the study's own checks of its exp keys, still before any
-    # weights load. A ValueError / KeyError / TypeError there is a config error like any other.
-    check = getattr(inspect.getmodule(recipe), "check", None)
+    # exp.check names the study's own checks of its exp keys, `check(cfg, plan)`, still before any weights load.
+    # A ValueError / KeyError / TypeError there is a config error like any other.
     if check is not None:
         try:
             check(cfg, plan)
@@ -153,17 +154,17 @@ class RunContext:
     cfg: DictConfig
     loaded: LoadedModel | None  # None when exp.load_model is false
     plan: Plan
-    corpora: dict[str, Corpus]
-    data_corpora: dict[str, Corpus] = field(default_factory=dict)
+    corpora: dict[str, Corpus]  # eval.ppl.<key> by key
+    data_corpora: dict[str, Corpus] = field(default_factory=dict)  # the other window protocols by config key
     _windows: dict[str, Windows] = field(default_factory=dict)
-    _data_windows: dict[str, Windows] = field(default_factory=dict)
+    _protocol_windows: dict[str, Windows] = field(default_factory=dict)
     _zeroshot_tasks: tuple | None = None
 
     @property
     def registry_super_weights(self) -> list[SuperWeight]:
         return self.plan.super_weights
 
-    def edit(self, names: list, context: dict) -> EditSession:
+    def edit(self, names: list, context: StudyContext | None = None) -> EditSession:
         """Apply the interventions in order (names from exp.interventions, or Intervention objects a recipe built
         from its exp config); use as `with ctx.edit(...) as session:` to undo them."""
         session = EditSession(self.loaded, context)
@@ -174,7 +175,7 @@ class RunContext:
             session.undo()
             raise
 
-    def evaluate(self, interventions: list, context: dict, label: str, observe=None) -> dict:
+    def evaluate(self, interventions: list, context: StudyContext | None, label: str, observe=None) -> dict:
         """Apply the interventions, score the eval suite (every PPL protocol and the zero-shot tasks) on the edited
         model, undo. `observe()` may measure more under the same edit; its dict is merged into the result:
         {"interventions", "edits", "ppl", "zeroshot", **observe()}."""
@@ -192,10 +193,17 @@ class RunContext:
         return self._windows[key]
 
     def data_windows(self, key: str) -> Windows:
-        """The windows of protocol `exp.data.<key>` (token ids for probes; recorded in the result like PPL's)."""
-        if key not in self._data_windows:
-            self._data_windows[key] = build_windows(self.cfg.exp.data[key], self.data_corpora[key], self.loaded)
-        return self._data_windows[key]
+        """The windows of protocol `exp.data.<key>` (token ids for probes)."""
+        return self.protocol_windows(f"exp.data.{key}")
+
+    def protocol_windows(self, key: str) -> Windows:
+        """The windows of the window protocol at config key `key` (exp.data.<name>, exp.calibration, ...; see
+        runner.window_protocols), built once and recorded in the result's `evaluations` like PPL's."""
+        if key not in self._protocol_windows:
+            protocol = OmegaConf.select(self.cfg, key)
+            corpus = self.data_corpora.get(key) or load_corpus(protocol.dataset, protocol.split, self.plan.data_dir)
+            self._protocol_windows[key] = build_windows(protocol, corpus, self.loaded)
+        return self._protocol_windows[key]
 
     def zeroshot(self, label: str) -> dict | None:
         """The eval suite's zero-shot tasks through lm-eval on the model as it is now (None if the suite has none)."""
@@ -209,7 +217,7 @@ class RunContext:
     def evaluated_protocols(self) -> dict[str, dict]:
         """Protocol, data provenance and sha256 of every window set this run scored."""
         return {**{key: windows.meta for key, windows in self._windows.items()},
-                **{f"exp.data.{key}": windows.meta for key, windows in self._data_windows.items()}}
+                **{key: windows.meta for key, windows in self._protocol_windows.items()}}
 
     def perplexities(self, label: str, keys: list[str] | None = None) -> dict[str, dict]:
         """Every PPL protocol of the eval suite (or those named in `keys`) on the model as it is now."""
@@ -238,7 +246,7 @@ def execute(cfg: DictConfig) -> dict:
         corpora = {key: load_corpus(protocol.dataset, protocol.split, plan.data_dir)
                    for key, protocol in (cfg.eval.get("ppl") or {}).items()}
         data_corpora = {key: load_corpus(protocol.dataset, protocol.split, plan.data_dir)
-                        for key, protocol in (cfg.exp.get("data") or {}).items()}
+                        for key, protocol in window_protocols(cfg).items() if key.startswith("exp.")}
         loaded = load_model(cfg.model, cfg.paths.cache_dir, plan.source)
     weights_before = weights_sha256(loaded.model) if loaded else None
     context = RunContext(cfg, loaded, plan, corpora, data_corpora)
@@ -246,6 +254,7 @@ def execute(cfg: DictConfig) -> dict:
     weights_after = weights_sha256(loaded.model) if loaded else None
     record = {
         "exp": cfg.exp.name, "model": loaded.info if loaded else {"name": cfg.model.name}, "run_tag": cfg.run_tag,
+        "eval": cfg.eval.name,
         "started_at": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
         "wall_time_s": round(time.time() - started, 2),
         "weights_sha256": weights_before, "weights_restored": weights_before == weights_after,

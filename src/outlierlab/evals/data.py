@@ -11,11 +11,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from outlierlab.errors import DataError  # noqa: F401 (re-exported)
 from outlierlab.models.source import file_sha256
 
 
-class DataError(ValueError):
-    pass
+def data_directory(value) -> str | None:
+    """paths.data_dir normalised, once (runner.preflight; recipes read plan.data_dir): None reads the hub."""
+    return None if value in (None, "", "null") else str(Path(str(value)).expanduser())
 
 
 @dataclass

@@ -18,9 +18,30 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from outlierlab.evals.data import Corpus, DataError
+from outlierlab.errors import ConfigError
+from outlierlab.evals.data import Corpus, DataError, check_corpus
 
 SAMPLING = ("sequential", "random")
+BOS_CHOICES = ("model", "prepend", "none")  # "model": the model's own policy (model.bos)
+
+
+def check_protocol(key: str, protocol, data_dir: str | None, *, min_seqlen: int = 2, all_windows: bool = True) -> None:
+    """The one check of a window protocol (eval.ppl.*, exp.data.*, exp.calibration, ...), before any weights load.
+    `min_seqlen`: windows must hold at least this many tokens; `all_windows`: windows=null (every window) is allowed."""
+    def choice(name, allowed):
+        if protocol[name] not in allowed:
+            raise ConfigError(f"{key}.{name}={protocol[name]} is not one of: {', '.join(allowed)}")
+    choice("sampling", SAMPLING)
+    choice("bos", BOS_CHOICES)
+    if not isinstance(protocol.seqlen, int) or protocol.seqlen < min_seqlen:
+        raise ConfigError(f"{key}.seqlen={protocol.seqlen} must be an integer >= {min_seqlen}")
+    if protocol.windows is None and not all_windows:
+        raise ConfigError(f"{key}.windows must be a positive integer")
+    if protocol.windows is not None and (not isinstance(protocol.windows, int) or protocol.windows < 1):
+        raise ConfigError(f"{key}.windows={protocol.windows} must be a positive integer or null (all)")
+    if protocol.sampling == "random" and protocol.windows is None:
+        raise ConfigError(f"{key}.windows must be set for random sampling")
+    check_corpus(protocol.dataset, protocol.split, data_dir)
 
 
 @dataclass

@@ -13,6 +13,7 @@ in the order given:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,16 +29,36 @@ class Intervention(ABC):
         return {"type": type(self).__name__, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
 
 
-class EditSession:
-    """Holds what the interventions changed so it can be undone.
+@dataclass
+class StudyContext:
+    """What interventions need to know about the model under study, found by the recipe before it edits.
 
-    `context` carries what interventions need to know about the model, e.g. `super_weights`: [(layer, row, col)].
+    super_weights        [SuperWeight (layer, row, col)]: detected or from the model YAML (interventions/super_weight.py)
+    massive_activations  [MassiveActivation]: where the MAs are (interventions/massive_activation.py)
+    ma_means             calibrated MA means (probes.activation_means.calibrated_means), for "set to mean"
+    calibration_ids      [n, seqlen] token ids SmoothQuant calibrates on
     """
+    super_weights: list = field(default_factory=list)
+    massive_activations: list = field(default_factory=list)
+    ma_means: dict | None = None
+    calibration_ids: torch.Tensor | None = None
 
-    def __init__(self, loaded, context: dict | None = None):
+    @classmethod
+    def of(cls, context: "StudyContext | dict | None") -> "StudyContext":
+        """A StudyContext from itself, None or a dict of its fields (an unknown key is a TypeError)."""
+        if isinstance(context, cls):
+            return context
+        return cls(**(context or {}))
+
+
+class EditSession:
+    """Holds what the interventions changed so it can be undone; `context` (a StudyContext, or a dict of its
+    fields) is what the interventions read about the model."""
+
+    def __init__(self, loaded, context: StudyContext | dict | None = None):
         self.loaded = loaded
         self.sites = loaded.sites
-        self.context = dict(context or {})
+        self.context = StudyContext.of(context)
         self._saved: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
         self._originals: dict[tuple[int, tuple], torch.Tensor] = {}
         self._handles = []
@@ -61,7 +82,12 @@ class EditSession:
     def _index_key(index: tuple) -> tuple:
         return tuple(tuple(i.tolist()) if isinstance(i, torch.Tensor) else i for i in index)
 
+    def hook(self, site: str, fn) -> None:
+        """fn at a site (Sites hook point) until the session ends."""
+        self._handles.append(self.sites.register(site, fn))
+
     def add_hook(self, handle) -> None:
+        """A hook registered on a module directly (block linears have no site name); removed when the session ends."""
         self._handles.append(handle)
 
     def apply(self, interventions) -> "EditSession":

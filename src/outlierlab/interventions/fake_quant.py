@@ -4,7 +4,7 @@ same code as the super-weight study's quantizers, zero_point="symmetric"); what 
 target set, which includes the LM head.
 
     quantize_rtn(x, bits)   symmetric per-tensor RTN: scale = max|x| / (2^(bits-1) - 1), x -> round(x/scale)*scale
-    W8A8(...)               an Intervention: every nn.Linear in the decoder blocks (and the LM head) gets its weight
+    W8A8(...)               an Intervention: every linear in the decoder blocks (and the LM head) gets its weight
                             quantized through EditSession.set (restored bit-exactly on exit) and its input quantized
                             per tensor, per forward, by a pre-hook (removed on exit).
 
@@ -25,10 +25,8 @@ def quantize_rtn(x: torch.Tensor, bits: int) -> torch.Tensor:
     return fake_quantize_activation(x, bits, granularity="tensor", zero_point="symmetric")
 
 
-def _linears(session: EditSession) -> list[tuple[str, nn.Linear]]:
-    sites = session.sites
-    found = [(f"layers.{i}.{name}", module) for i in range(sites.num_layers)
-             for name, module in sites.module(f"layers.{i}").named_modules() if isinstance(module, nn.Linear)]
+def _linears(session: EditSession) -> list[tuple[str, nn.Module]]:
+    found = list(session.sites.block_linears())
     head = session.loaded.model.get_output_embeddings()
     if isinstance(head, nn.Linear):
         found.append(("lm_head", head))

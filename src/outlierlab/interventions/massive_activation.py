@@ -1,7 +1,7 @@
 """Activation edits of paper MA (Sun et al. 2024, arXiv 2402.17762, Table 3), as forward hooks on `layers.{i}.out`.
 
-All act on `session.context["massive_activations"]` (a list of `MassiveActivation`: first layer, channels, token
-positions) and, for "mean", on `session.context["ma_means"]` (`probes.activation_means.calibrated_means`).
+All act on `session.context.massive_activations` (a list of `MassiveActivation`: first layer, channels, token
+positions) and, for "mean", on `session.context.ma_means` (`probes.activation_means.calibrated_means`).
 `layers` says where: "first" (the layer where the MAs first appear: the paper's Table 3), "all" (every block output
 from there on: a model that rewrites a removed MA in its next layer cannot undo the edit) or a list of layer indices.
 The hooks live until the EditSession ends; positions beyond a sequence's length are left alone.
@@ -32,7 +32,7 @@ def _check_layers(layers):
 
 
 def _locations(session: EditSession) -> list[MassiveActivation]:
-    locations = session.context.get("massive_activations")
+    locations = session.context.massive_activations
     if not locations:
         raise NoMassiveActivations("this intervention needs massive activations, and none were configured or found")
     return locations
@@ -71,7 +71,7 @@ class SetMassiveActivations(Intervention):
     def _values(self, session: EditSession, number: int, layer: int) -> torch.Tensor | None:
         if self.value == "zero":
             return None
-        means = session.context.get("ma_means")
+        means = session.context.ma_means
         if not means:
             raise ValueError("value='mean' needs the calibration means (context 'ma_means'); none were computed")
         return torch.tensor(means["locations"][number]["mean"][layer], dtype=torch.float64)  # [P, C]
@@ -80,7 +80,7 @@ class SetMassiveActivations(Intervention):
         logged = {}
         for layer, entries in _by_layer(session, self.layers).items():
             edits = [(location, self._values(session, number, layer)) for number, location in entries]
-            session.add_hook(session.sites.register(f"layers.{layer}.out", self._hook(edits)))
+            session.hook(f"layers.{layer}.out", self._hook(edits))
             logged[layer] = [None if values is None else values.tolist() for _, values in edits]
         session.log.append({"edit": "set_massive_activations", "value": self.value, "where": self.layers,
                             "layers": sorted(logged), "values": None if self.value == "zero" else logged})
@@ -111,7 +111,7 @@ class ZeroMedianActivations(Intervention):
     def apply(self, session: EditSession) -> None:
         plan = _by_layer(session, self.layers)
         for layer, entries in plan.items():
-            session.add_hook(session.sites.register(f"layers.{layer}.out", self._hook([loc for _, loc in entries])))
+            session.hook(f"layers.{layer}.out", self._hook([loc for _, loc in entries]))
         session.log.append({"edit": "zero_median_activations", "where": self.layers, "layers": sorted(plan),
                             "per_sequence": sum(len(loc.positions) * len(loc.channels) for loc in _locations(session))})
 

@@ -52,7 +52,7 @@ class QuantizeWeights(Intervention):
     e.g. 'mlp\\.down_proj'.
 
     clip_zscore: clip each quantization group to +-(mean|w| + z std|w|) before its range is taken (the SW authors'
-    z-score clipping); restore_super_weights: write the super weights (`session.context["super_weights"]`) back at
+    z-score clipping); restore_super_weights: write the super weights (`session.context.super_weights`) back at
     their values from before quantization."""
 
     def __init__(self, bits: int = 4, block: str = "128x128", zero_point: str = "min",
@@ -61,14 +61,16 @@ class QuantizeWeights(Intervention):
         if clip_zscore is not None and (isinstance(clip_zscore, bool) or not isinstance(clip_zscore, (int, float))
                                         or not clip_zscore > 0 or not math.isfinite(clip_zscore)):
             raise ValueError(f"clip_zscore={clip_zscore} must be a positive number or null")
+        if not isinstance(restore_super_weights, bool):
+            raise ValueError(f"restore_super_weights={restore_super_weights} must be true or false")
         check_match(match)
         self.bits, self.block, self.zero_point = bits, self._spec.label(), zero_point
-        self.clip_zscore, self.restore_super_weights, self.match = clip_zscore, bool(restore_super_weights), match
+        self.clip_zscore, self.restore_super_weights, self.match = clip_zscore, restore_super_weights, match
 
     def apply(self, session: EditSession) -> None:
         protected: dict[int, list[tuple[SuperWeight, tuple[int, int]]]] = {}
         if self.restore_super_weights:
-            for weight in session.context.get("super_weights") or []:
+            for weight in session.context.super_weights:
                 weight = SuperWeight(*weight)
                 view = session.sites.down_proj(weight.layer)
                 view.index(weight.row, weight.col)  # IndexError names a coordinate outside the matrix
@@ -130,7 +132,7 @@ class QuantizeActivations(Intervention):
 
 class SmoothQuant(Intervention):
     """SmoothQuant's smoothing (alpha = migration strength; 0.5 is its default), calibrated on
-    `session.context["calibration_ids"]` ([n, seqlen] token ids) with the model as it is when applied.
+    `session.context.calibration_ids` ([n, seqlen] token ids) with the model as it is when applied.
 
     Exact in float: the norm's output is divided by s (a hook on `layers.{i}.norm1|norm2.out`) and the columns of the
     linears reading it are multiplied by s (an edit). For a norm with a plain gamma this equals SmoothQuant's folding
@@ -142,9 +144,9 @@ class SmoothQuant(Intervention):
         self.alpha = float(alpha)
 
     def apply(self, session: EditSession) -> None:
-        ids = session.context.get("calibration_ids")
+        ids = session.context.calibration_ids
         if ids is None:
-            raise ValueError("SmoothQuant needs calibration data: context['calibration_ids'] is missing")
+            raise ValueError("SmoothQuant needs calibration data: context.calibration_ids is missing")
         groups = smoothing_groups(session.sites)
         maxima = calibrate_input_maxima(session.loaded, ids, [norm for _, norm, _ in groups])
         factors = {}
@@ -155,7 +157,7 @@ class SmoothQuant(Intervention):
                 view = weight_view(module)
                 scaled = view.as_out_in() * scale.to(view.param.dtype)[None, :]
                 session.set(view.param, WHOLE, scaled.t() if view.transposed else scaled)
-            session.add_hook(session.sites.register(f"{norm}.out", self._divide(scale)))
+            session.hook(f"{norm}.out", self._divide(scale))
             factors[norm] = {"linears": [name for name, _ in linears], "input_max": float(maxima[norm].max()),
                              "scale_min": float(scale.min()), "scale_max": float(scale.max()),
                              "smoothed_input_max": float((maxima[norm] / scale).max())}

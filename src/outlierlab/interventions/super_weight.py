@@ -1,6 +1,6 @@
 """Interventions of paper SW (Yu et al. 2024, arXiv 2411.07191), addressed through sites.
 
-All act on `session.context["super_weights"]`: a list of SuperWeight (layer, row, col) that the recipe found by
+All act on `session.context.super_weights` (a StudyContext field): a list of SuperWeight (layer, row, col) that the recipe found by
 detection or took from the model YAML.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ class NoSuperWeights(ValueError):
 
 
 def _super_weights(session: EditSession) -> list[SuperWeight]:
-    weights = session.context.get("super_weights")
+    weights = session.context.super_weights
     if not weights:
         raise NoSuperWeights("this intervention needs super weights, and none were detected or configured")
     return [SuperWeight(*w) for w in weights]
@@ -76,7 +76,7 @@ class PruneLargestWeights(Intervention):
     def apply(self, session: EditSession) -> None:
         sites = session.sites
         protected: dict[int, list[tuple[int, int]]] = {}
-        for weight in session.context.get("super_weights") or []:
+        for weight in session.context.super_weights:
             view = sites.down_proj(SuperWeight(*weight).layer)
             protected.setdefault(id(view.param), []).append(view.index(weight[1], weight[2]))
         matrices = self._matrices(sites)

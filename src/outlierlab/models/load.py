@@ -17,9 +17,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from outlierlab.errors import SourceError
 from outlierlab.models.sites import Sites
-from outlierlab.models.source import ModelSource, SourceError, file_sha256, resolve_source
-from outlierlab.train import modeling as _trained_models  # noqa: F401  registers model_type outlierlab_llama
+from outlierlab.models.source import ModelSource, file_sha256, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,16 @@ def _device(model_cfg) -> str:
     return device
 
 
+def register_local_model_types() -> None:
+    """The model types outlierlab defines itself (train/modeling.py: outlierlab_llama), registered with transformers'
+    Auto classes explicitly before a config is read, not as a side effect of importing this module."""
+    from outlierlab.train.modeling import register_with_transformers
+    register_with_transformers()
+
+
 def model_shape(model_cfg, source: ModelSource) -> tuple[int, int, int]:
     """(layers, hidden size, MLP intermediate size) from the config alone, without loading weights."""
+    register_local_model_types()
     if source.kind == "tiny":
         model_type = model_cfg.tiny.model_type
         config = AutoConfig.for_model(model_type, **{k: v for k, v in model_cfg.tiny.items()
@@ -123,6 +131,7 @@ def model_shape(model_cfg, source: ModelSource) -> tuple[int, int, int]:
 
 def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = None) -> LoadedModel:
     source = source or resolve_source(model_cfg)
+    register_local_model_types()
     dtype = DTYPES[model_cfg.dtype]
     info = {"name": model_cfg.name, "source": str(model_cfg.source), "kind": source.kind, "dtype": str(model_cfg.dtype),
             "revision": model_cfg.get("revision"), "bos": model_cfg.bos}

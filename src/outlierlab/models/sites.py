@@ -17,15 +17,15 @@ Adding a family is one `Family` entry; nothing else in the code looks at model n
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-
-class UnsupportedArchitecture(ValueError):
-    pass
+from outlierlab.errors import UnsupportedArchitecture  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,10 @@ def _getattr_path(root: nn.Module, path: str):
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+# The module types a "linear layer" is: GPT-2's Conv1D is a linear layer stored as [in, out].
+LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
 def first_tensor(output):
@@ -183,20 +187,45 @@ class Sites:
         return self.weight(f"layers.{layer}.mlp.down_proj.weight")
 
     @contextmanager
-    def hook(self, site: str, fn):
-        """Call fn(tensor) at a hook point; fn may return a replacement tensor. Removed when the block ends.
+    def hooks(self, hooks: Mapping[str, Callable] | Iterable[tuple[str, Callable]]):
+        """The one way to hook: `with sites.hooks({site: fn, ...}): model(ids)` calls fn(tensor) at each hook point
+        while the block runs; fn may return a replacement tensor. Every handle is removed on exit, even on error
+        (TransformerLens's run_with_hooks). (site, fn) pairs may repeat a site.
 
         Hook points: `layers.{i}.out` (block output), `<module site>.in` (its first input), `<module site>.out`,
         and inside attention `layers.{i}.attn.probs|logits|values` (read-only; see models/attention.py).
         """
-        handle = self.register(site, fn)
-        try:
+        pairs = hooks.items() if isinstance(hooks, Mapping) else hooks
+        with ExitStack() as stack:
+            for site, fn in pairs:
+                stack.callback(self.register(site, fn).remove)
             yield
-        finally:
-            handle.remove()
+
+    def hook(self, site: str, fn):
+        """`hooks({site: fn})` for one site."""
+        return self.hooks({site: fn})
+
+    def per_layer(self, pattern: str, make_hook: Callable[[int], Callable], layers: Iterable[int] | None = None
+                  ) -> dict[str, Callable]:
+        """{pattern with {i} = layer: make_hook(layer)} for every layer (or `layers`), for `hooks`:
+        `sites.hooks(sites.per_layer("layers.{i}.out", fold))`."""
+        return {pattern.format(i=layer): make_hook(layer)
+                for layer in (range(self.num_layers) if layers is None else layers)}
+
+    def block_linears(self, match: str | None = None) -> Iterator[tuple[str, nn.Module]]:
+        """(`layers.{i}.<module path>.weight`, module) for every linear layer (nn.Linear or GPT-2's Conv1D) inside
+        the decoder blocks whose weight name matches the regex `match`: the one enumeration of block linears."""
+        pattern = re.compile(match) if match else None
+        for layer in range(self.num_layers):
+            for path, module in self.module(f"layers.{layer}").named_modules():
+                if isinstance(module, LINEAR_TYPES):
+                    name = f"layers.{layer}.{path}.weight"
+                    if pattern is None or pattern.search(name):
+                        yield name, module
 
     def register(self, site: str, fn):
-        """Like `hook` but returns the handle (for hooks that live as long as an intervention)."""
+        """Attach fn at a hook point and return the handle; for hooks that live as long as an edit session
+        (EditSession.hook). Everything else uses `hooks`, which removes them."""
         attention = _ATTENTION_POINT.match(site)
         if attention:
             from outlierlab.models.attention import observe

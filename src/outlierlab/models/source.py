@@ -17,9 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class SourceError(ValueError):
-    pass
+from outlierlab.errors import SourceError  # noqa: F401 (re-exported)
 
 
 @dataclass

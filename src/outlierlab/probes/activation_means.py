@@ -43,8 +43,7 @@ class ActivationMeans(Probe):
         self.sequences = [0] * layers
 
     def hook_points(self):
-        for layer in range(self.sites.num_layers):
-            yield f"layers.{layer}.out", self._callback(layer)
+        return self.sites.per_layer("layers.{i}.out", self._callback)
 
     def _callback(self, layer: int):
         def fold(hidden: torch.Tensor):

@@ -38,9 +38,8 @@ class AttentionSinks(Probe):
         self._sums: dict[int, dict[str, torch.Tensor]] = {}
 
     def hook_points(self):
-        for layer in self.layer_ids:
-            for kind in ("logits", "values", "probs"):
-                yield f"layers.{layer}.attn.{kind}", self._callback(layer, kind)
+        return {f"layers.{layer}.attn.{kind}": self._callback(layer, kind)
+                for layer in self.layer_ids for kind in ("logits", "values", "probs")}
 
     def _callback(self, layer: int, kind: str):
         def fold(tensor: torch.Tensor):

@@ -194,13 +194,9 @@ def activation_slices(loaded, ids: list[int], layers: list[int], significant: in
     """|residual| [tokens, channels] after each of `layers` for one short prompt (the MA paper's Fig. 1 data),
     rounded to `significant` digits. Meant for a prompt of a few tokens: it keeps whole hidden states."""
     captured = {}
-    handles = [loaded.sites.register(f"layers.{layer}.out",
-                                     lambda h, layer=layer: captured.__setitem__(layer, h[0].detach().abs().float()))
-               for layer in layers]
-    try:
+    def keep(layer: int):
+        return lambda h: captured.__setitem__(layer, h[0].detach().abs().float())
+    with loaded.sites.hooks(loaded.sites.per_layer("layers.{i}.out", keep, layers)):
         loaded.model(torch.tensor([ids], device=loaded.device))
-    finally:
-        for handle in handles:
-            handle.remove()
     return {layer: [[float(f"{v:.{significant}g}") for v in row] for row in captured[layer].cpu().tolist()]
             for layer in layers}

@@ -23,8 +23,7 @@ class SiteMoments(Probe):
         self.max_abs = torch.zeros(layers, dtype=torch.float64)
 
     def hook_points(self):
-        for layer in range(self.sites.num_layers):
-            yield self.site.format(i=layer), self._callback(layer)
+        return self.sites.per_layer(self.site, self._callback)
 
     def _callback(self, layer: int):
         def fold(tensor: torch.Tensor):

@@ -26,11 +26,10 @@ class Probe(ABC):
 
     @abstractmethod
     def hook_points(self):
-        """Yield (site, callback) pairs."""
+        """{site: callback} (or (site, callback) pairs) for `Sites.hooks`; `Sites.per_layer` builds per-layer ones."""
 
     def __enter__(self):
-        for site, callback in self.hook_points():
-            self._stack.enter_context(self.sites.hook(site, callback))
+        self._stack.enter_context(self.sites.hooks(self.hook_points()))
         return self
 
     def __exit__(self, *exc):
@@ -143,8 +142,7 @@ class ResidualStats(Probe):
         return self
 
     def hook_points(self):
-        for layer in range(self.sites.num_layers):
-            yield f"layers.{layer}.out", self._callback(layer)
+        return self.sites.per_layer("layers.{i}.out", self._callback)
 
     def _callback(self, layer: int):
         def fold(hidden: torch.Tensor):
@@ -251,9 +249,8 @@ class DownProjStats(Probe):
         self._seen = [0] * layers
 
     def hook_points(self):
-        for layer in range(self.sites.num_layers):
-            yield f"layers.{layer}.mlp.down_proj.in", self._on_input(layer)
-            yield f"layers.{layer}.mlp.down_proj.out", self._on_output(layer)
+        return {**self.sites.per_layer("layers.{i}.mlp.down_proj.in", self._on_input),
+                **self.sites.per_layer("layers.{i}.mlp.down_proj.out", self._on_output)}
 
     def _on_input(self, layer):
         def fold(x: torch.Tensor):

@@ -37,6 +37,32 @@ def down_proj_profile(loaded, prompt: str) -> list[dict]:
     return stats.summary()
 
 
+def _spikes(profile: list[dict], spike_ratio: float) -> dict:
+    """Per layer, down_proj's max |output| and the |input| at that position, each relative to the median over
+    layers; the layers where both are at least `spike_ratio`."""
+    out_ratio = _ratios([layer["output_max"]["abs"] for layer in profile])
+    input_reference = statistics.median([layer["input_max"]["abs"] for layer in profile]) or 1e-12
+    in_ratio = [layer["input_at_output_peak"]["abs"] / input_reference for layer in profile]
+    spikes = [l for l in range(len(profile)) if out_ratio[l] >= spike_ratio and in_ratio[l] >= spike_ratio]
+    return {"spiking_layers": spikes, "output_ratio": out_ratio, "input_ratio": in_ratio, "profile": profile}
+
+
+def _candidate(loaded, spikes: dict, layer: int, tokens: list[str]) -> dict:
+    """The weight at (layer, spiking output channel, input channel feeding it) and what decides whether it is a
+    super weight: its share of the spike (w * x[col] / y[row]) and its z-score in its matrix."""
+    profile = spikes["profile"]
+    peak, feed = profile[layer]["output_max"], profile[layer]["input_at_output_peak"]
+    weight = SuperWeight(layer, peak["channel"], feed["channel"])
+    matrix = loaded.sites.down_proj(layer)
+    value = float(matrix.param.data[matrix.index(weight.row, weight.col)])
+    return {"coord": list(weight), "label": str(weight), "value": value,
+            "magnitude_rank": int((matrix.param.data.abs() > abs(value)).sum()) + 1,
+            "output_spike": peak["value"], "input_spike": feed["value"], "position": peak["position"],
+            "token": tokens[peak["position"]], "output_ratio": spikes["output_ratio"][layer],
+            "input_ratio": spikes["input_ratio"][layer], "contribution_share": value * feed["value"] / peak["value"],
+            "weight_zscore": abs(value) / float(matrix.param.data.float().std())}
+
+
 def detect_super_weights(loaded, prompt: str = DEFAULT_PROMPT, spike_ratio: float = 50.0,
                          min_share: float = 0.5, min_weight_zscore: float = 10.0, max_iterations: int = 10) -> dict:
     """Returns {"super_weights": [...], "rejected": {...} | None, "iterations": [...], "stop_reason": ...}; the model
@@ -56,33 +82,19 @@ def detect_super_weights(loaded, prompt: str = DEFAULT_PROMPT, spike_ratio: floa
     stop_reason = f"reached max_iterations={max_iterations}"
     with EditSession(loaded) as session:
         for iteration in tqdm(range(max_iterations), desc="detect super weights", leave=False):
-            profile = down_proj_profile(loaded, prompt)
-            out_ratio = _ratios([layer["output_max"]["abs"] for layer in profile])
-            input_reference = statistics.median([layer["input_max"]["abs"] for layer in profile]) or 1e-12
-            in_ratio = [layer["input_at_output_peak"]["abs"] / input_reference for layer in profile]
-            spikes = [l for l in range(len(profile)) if out_ratio[l] >= spike_ratio and in_ratio[l] >= spike_ratio]
-            iterations.append({"iteration": iteration, "spiking_layers": spikes, "output_ratio": out_ratio,
-                               "input_ratio": in_ratio, "profile": profile})
+            spikes = _spikes(down_proj_profile(loaded, prompt), spike_ratio)
+            iterations.append({"iteration": iteration, **spikes})
             known = {tuple(f["coord"]) for f in found}
-            fresh = [l for l in spikes if (l, profile[l]["output_max"]["channel"],
-                                           profile[l]["input_at_output_peak"]["channel"]) not in known]
+            profile, spiking = spikes["profile"], spikes["spiking_layers"]
+            fresh = [l for l in spiking if (l, profile[l]["output_max"]["channel"],
+                                            profile[l]["input_at_output_peak"]["channel"]) not in known]
             if not fresh:
-                stop_reason = "no layer spikes" if not spikes else "only already-found super weights spike"
+                stop_reason = "no layer spikes" if not spiking else "only already-found super weights spike"
                 break
-            layer = max(fresh, key=lambda l: out_ratio[l])
-            peak, feed = profile[layer]["output_max"], profile[layer]["input_at_output_peak"]
-            weight = SuperWeight(layer, peak["channel"], feed["channel"])
-            view = loaded.sites.down_proj(layer)
-            index = view.index(weight.row, weight.col)
-            value = float(view.param.data[index])
-            share = value * feed["value"] / peak["value"]
-            zscore = abs(value) / float(view.param.data.float().std())
-            candidate = {
-                "coord": list(weight), "label": str(weight), "value": value,
-                "magnitude_rank": int((view.param.data.abs() > abs(value)).sum()) + 1,
-                "output_spike": peak["value"], "input_spike": feed["value"], "position": peak["position"],
-                "token": tokens[peak["position"]], "output_ratio": out_ratio[layer], "input_ratio": in_ratio[layer],
-                "contribution_share": share, "weight_zscore": zscore, "iteration": iteration}
+            candidate = {**_candidate(loaded, spikes, max(fresh, key=lambda l: spikes["output_ratio"][l]), tokens),
+                         "iteration": iteration}
+            weight = SuperWeight(*candidate["coord"])
+            share, zscore = candidate["contribution_share"], candidate["weight_zscore"]
             if share < min_share:
                 stop_reason = f"largest remaining spike {weight} is not one weight's doing (share {share:.2f})"
                 rejected = {**candidate, "reason": stop_reason}
@@ -92,7 +104,8 @@ def detect_super_weights(loaded, prompt: str = DEFAULT_PROMPT, spike_ratio: floa
                 rejected = {**candidate, "reason": stop_reason}
                 break
             found.append(candidate)
-            session.set(view.param, index, 0.0)
+            matrix = loaded.sites.down_proj(weight.layer)
+            session.set(matrix.param, matrix.index(weight.row, weight.col), 0.0)
     return {"prompt": prompt, "spike_ratio": spike_ratio, "min_share": min_share,
             "min_weight_zscore": min_weight_zscore, "super_weights": found, "rejected": rejected,
             "stop_reason": stop_reason, "iterations": iterations}
@@ -136,15 +149,12 @@ def describe_weights(loaded, weights: list[SuperWeight], prompt: str = DEFAULT_P
             seen[(point, layer)] = tensor[0, :, picked].detach().float().cpu()
         return fold
 
-    handles = []
+    hooks = {}
     for layer, (rows, cols) in channels.items():
-        handles.append(loaded.sites.register(f"layers.{layer}.mlp.down_proj.in", keep("in", layer, cols)))
-        handles.append(loaded.sites.register(f"layers.{layer}.mlp.down_proj.out", keep("out", layer, rows)))
-    try:
+        hooks[f"layers.{layer}.mlp.down_proj.in"] = keep("in", layer, cols)
+        hooks[f"layers.{layer}.mlp.down_proj.out"] = keep("out", layer, rows)
+    with loaded.sites.hooks(hooks):
         loaded.model(ids)
-    finally:
-        for handle in handles:
-            handle.remove()
     described = []
     for weight in weights:
         view = loaded.sites.down_proj(weight.layer)

@@ -70,13 +70,9 @@ def calibrate_input_maxima(loaded, ids: torch.Tensor, norm_sites: list[str], bat
             maxima[site] = current if site not in maxima else torch.maximum(maxima[site], current)
         return hook
 
-    handles = [loaded.sites.register(f"{site}.out", fold(site)) for site in norm_sites]
-    try:
+    with loaded.sites.hooks({f"{site}.out": fold(site) for site in norm_sites}):
         for batch in tqdm(ids.split(batch_size), desc="smoothquant calibration", leave=False):
             loaded.model(batch.to(loaded.device))
-    finally:
-        for handle in handles:
-            handle.remove()
     return maxima
 
 

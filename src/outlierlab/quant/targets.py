@@ -15,20 +15,12 @@ from collections.abc import Iterator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from outlierlab.models.sites import WeightView
-
-LINEAR_TYPES = (nn.Linear, Conv1D)
+from outlierlab.models.sites import LINEAR_TYPES, WeightView  # noqa: F401 (LINEAR_TYPES re-exported)
 
 
 def linear_modules(sites, match: str | None = None) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) for every linear layer of every decoder block whose weight name matches `match` (regex)."""
-    pattern = re.compile(match) if match else None
-    for layer in range(sites.num_layers):
-        for path, module in sites.module(f"layers.{layer}").named_modules():
-            if isinstance(module, LINEAR_TYPES):
-                name = f"layers.{layer}.{path}.weight"
-                if pattern is None or pattern.search(name):
-                    yield name, module
+    return sites.block_linears(match)
 
 
 def weight_view(module: nn.Module) -> WeightView:

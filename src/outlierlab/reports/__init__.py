@@ -17,6 +17,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
+
+from outlierlab.results import read_result
 
 Builder = Callable[[Path, Path], list[Path]]
 
@@ -29,6 +32,45 @@ class Report:
 
 
 REPORTS: dict[str, Report] = {}
+
+
+class Result(NamedTuple):
+    """One result file, results/<exp>/<model>/<tag>.json, and its record."""
+    path: Path
+    record: dict
+
+    @property
+    def model(self) -> str:
+        return self.path.parent.name
+
+    @property
+    def stem(self) -> str:
+        """"<model>_<tag>": how a report names what it builds from this result."""
+        return f"{self.path.parent.name}_{self.path.stem}"
+
+
+def results(results_dir: Path, exp: str, name: str = "*.json") -> list[Result]:
+    """Every results/<exp>/<model>/<name> with its record, sorted by path: the one way reports find results."""
+    return [Result(path, read_result(path)) for path in sorted((Path(results_dir) / exp).glob(f"*/{name}"))]
+
+
+def recorded(record: dict, key: str, config_path: str):
+    """What a report needs from a result: the record's own `key`, or, in records written before the recipe stored
+    it, the run's config at `config_path` ("exp.reference"). Reports render from data; the config is the fallback
+    for old results only, so committed results need not be re-run."""
+    if key in record:
+        return record[key]
+    node = record["config"]
+    for part in config_path.split("."):
+        node = (node or {}).get(part)
+    return node
+
+
+def by_model(found: list[Result]) -> dict[str, list[Result]]:
+    grouped: dict[str, list[Result]] = {}
+    for result in found:
+        grouped.setdefault(result.model, []).append(result)
+    return grouped
 
 
 def register(name: str, *, tables: Builder | None = None, figures: Builder | None = None) -> None:

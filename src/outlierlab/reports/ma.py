@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from outlierlab.figures import plt, save_figure
-from outlierlab.reports import register
-from outlierlab.results import read_result
+from outlierlab.reports import register, results
 from outlierlab.tables import write_table
 
 EXP = "ma_stats"
@@ -24,8 +23,7 @@ ROLE_STYLE = {"bos": "-", "first": "--", "first_delimiter": ":", "delimiter": "-
 def _records(results_dir: Path) -> dict[str, dict[str, dict]]:
     """model -> run_tag -> record."""
     runs: dict[str, dict[str, dict]] = {}
-    for path in sorted((Path(results_dir) / EXP).glob("*/*.json")):
-        record = read_result(path)
+    for _, record in results(results_dir, EXP):
         runs.setdefault(record["model"]["name"], {})[record["run_tag"]] = record
     return runs
 

@@ -15,19 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from outlierlab.figures import plt, save_figure
-from outlierlab.reports import register
-from outlierlab.results import read_result
+from outlierlab.reports import register, results
 from outlierlab.tables import write_table
-
-
-def _records(results_dir: Path, exp: str):
-    for path in sorted((Path(results_dir) / exp).glob("*/*.json")):
-        yield path, read_result(path)
 
 
 def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
-    for path, record in _records(results_dir, "ma_intervene"):
+    for path, record in results(results_dir, "ma_intervene"):
         model, tag = path.parent.name, path.stem
         table = record["table"]
         columns, rows = list(table["columns"]), [dict(row) for row in table["rows"]]
@@ -45,7 +39,7 @@ def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
             columns += [f"{label} {key}" for key in keys]
             caption += f"; {label}: {reference['source']} (another model, for the pattern, not the values)"
         written += write_table(columns, rows, Path(out_dir) / f"ma_table3_{model}_{tag}", caption)
-    for path, record in _records(results_dir, "ma_attention"):
+    for path, record in results(results_dir, "ma_attention"):
         table = record["table"]
         written += write_table(table["columns"], table["rows"],
                                Path(out_dir) / f"ma_attention_{path.parent.name}_{path.stem}", table.get("caption"))
@@ -170,7 +164,7 @@ def _trace_figure(record: dict, title: str):
 
 def build_figures(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
-    for path, record in _records(results_dir, "ma_intervene"):
+    for path, record in results(results_dir, "ma_intervene"):
         if any(detail.get("ma_trace") for detail in record.get("variants", {}).values()):
             model, tag = path.parent.name, path.stem
             used = "; ".join(f"channels {m['channels']} at positions {m['positions']}, first layer {m['first_layer']}"
@@ -181,7 +175,7 @@ def build_figures(results_dir: Path, out_dir: Path) -> list[Path]:
                      f"single-layer edits at layer {', '.join(map(str, single))}, *_every_layer from layer "
                      f"{min(m['first_layer'] for m in record['massive_activations']['used'])} on")
             written += save_figure(_trace_figure(record, title), Path(out_dir) / f"ma_intervene_trace_{model}_{tag}")
-    for path, record in _records(results_dir, "ma_attention"):
+    for path, record in results(results_dir, "ma_attention"):
         if "original" not in record.get("variants", {}):
             continue
         model, tag = path.parent.name, path.stem

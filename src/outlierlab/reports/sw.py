@@ -15,15 +15,12 @@ import math
 from pathlib import Path
 
 from outlierlab.figures import plt, save_figure
-from outlierlab.reports import register
-from outlierlab.results import read_result
+from outlierlab.reports import recorded, register, results
 from outlierlab.tables import write_table
 
 
-def _records(results_dir: Path, exp: str) -> list[tuple[str, dict]]:
-    """(stem "<model>_<tag>", record) for every results/<exp>/<model>/<tag>.json, sorted."""
-    return [(f"{path.parent.name}_{path.stem}", read_result(path))
-            for path in sorted(Path(results_dir).glob(f"{exp}/*/*.json"))]
+def _by_stem(results_dir: Path, exp: str) -> list[tuple[str, dict]]:
+    return [(result.stem, result.record) for result in results(results_dir, exp)]
 
 
 def _title(record: dict) -> str:
@@ -35,11 +32,11 @@ def _title(record: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------- tables
 
 def table1(results_dir: Path, out_dir: Path) -> list[Path]:
-    """Paper SW Table 1 per prune_sw result, with the paper's Llama-7B numbers (from the exp config the run used)."""
+    """Paper SW Table 1 per prune_sw result, with the paper's Llama-7B numbers (as the run recorded them)."""
     written = []
-    for stem, record in _records(results_dir, "prune_sw"):
+    for stem, record in _by_stem(results_dir, "prune_sw"):
         table = record["table"]
-        reference = (record["config"]["exp"].get("reference") or {})
+        reference = recorded(record, "paper_reference", "exp.reference") or {}
         values = reference.get("values") or {}
         columns = [c for c in table["columns"] if not c.startswith("paper ")]
         paper_columns = {}
@@ -68,7 +65,7 @@ def table1(results_dir: Path, out_dir: Path) -> list[Path]:
 
 def table2(results_dir: Path, out_dir: Path) -> list[Path]:
     """Paper SW Table 2 (the super-weight index), every sw_index result in one table, one row block per model."""
-    records = _records(results_dir, "sw_index")
+    records = _by_stem(results_dir, "sw_index")
     if not records:
         return []
     columns = ["model", "candidate", "value", "rank", "z-score", "input spike", "output spike", "detected",
@@ -78,8 +75,7 @@ def table2(results_dir: Path, out_dir: Path) -> list[Path]:
         activation = record["massive_activation"]
         ma = activation["channel"] if activation["massive"] else "none"
         table = record["table"]
-        protocol = next((c for c in table["columns"] if c not in ("x original",) and c in
-                         (record["config"]["eval"].get("ppl") or {})), None)
+        protocol = next((c for c in table["columns"] if c in record["importance"]["original"]), None)
         copied = ["candidate", "value", "rank", "z-score", "input spike", "output spike", "detected", "registry"]
         for index, row in enumerate(table["rows"] or [{"candidate": "none"}]):
             match = row.get("row = MA channel")
@@ -88,7 +84,7 @@ def table2(results_dir: Path, out_dir: Path) -> list[Path]:
                          "row = MA channel": {True: "yes", False: "no"}.get(match, match),
                          "PPL zeroed": row.get(protocol) if protocol else None, "x original": row.get("x original")})
         notes.append(f"{stem}: {record['detection']['stop_reason']}"
-                     + (f"; PPL = {protocol} ({record['config']['eval']['name']})" if protocol else ""))
+                     + (f"; PPL = {protocol} ({recorded(record, 'eval', 'eval.name')})" if protocol else ""))
     caption = ("Paper SW Table 2: super-weight candidates (layer, row, col) of down_proj per model; value, magnitude "
                "rank and z-score in its matrix, down_proj input/output at the token where the output peaks on the "
                "detection prompt; detection and importance (PPL with that weight alone zeroed) are separate columns. "
@@ -99,7 +95,7 @@ def table2(results_dir: Path, out_dir: Path) -> list[Path]:
 def experiment_tables(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
     for exp in ("sw_activations", "sw_stopwords", "sw_scale"):
-        for stem, record in _records(results_dir, exp):
+        for stem, record in _by_stem(results_dir, exp):
             table = record["table"]
             written += write_table(table["columns"], table["rows"], Path(out_dir) / f"{exp}_{stem}",
                                    f"{_title(record)}: {table.get('caption', '')}")
@@ -130,7 +126,7 @@ def fig3(stem: str, record: dict, out_dir: Path) -> list[Path]:
         axis.grid(alpha=0.3)
     used = ", ".join(record["super_weights"]["used"]) or "none"
     title = f"SW Fig. 3 - {_title(record)}; super weights {used}\nprompt: \"{record['detection']['prompt']}\""
-    reference = record["config"]["exp"].get("reference")
+    reference = recorded(record, "paper_reference", "exp.reference")
     if reference:
         title += (f"; {reference['source']}: layer {reference['layer']}, input {reference['input_spike']}, "
                   f"output {reference['output_spike']}")
@@ -187,7 +183,7 @@ def fig5(stem: str, record: dict, out_dir: Path, count: int = 20) -> list[Path]:
              color=["tab:blue", "tab:red"])
     mass.set_ylabel("total probability on stopword tokens")
     mass.set_title(f"{shift['stopword_tokens']} stopword tokens", fontsize=9)
-    reference = record["config"]["exp"].get("reference") or {}
+    reference = recorded(record, "paper_reference", "exp.reference") or {}
     if reference.get("ratios"):
         ours = shift.get("focus") or {}
         def measured(word: str) -> str:
@@ -254,11 +250,11 @@ def fig6(stem: str, record: dict, out_dir: Path) -> list[Path]:
 
 def figures(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
-    for stem, record in _records(results_dir, "sw_activations"):
+    for stem, record in _by_stem(results_dir, "sw_activations"):
         written += fig3(stem, record, out_dir) + fig4(stem, record, out_dir)
-    for stem, record in _records(results_dir, "sw_stopwords"):
+    for stem, record in _by_stem(results_dir, "sw_stopwords"):
         written += fig5(stem, record, out_dir)
-    for stem, record in _records(results_dir, "sw_scale"):
+    for stem, record in _by_stem(results_dir, "sw_scale"):
         written += fig6(stem, record, out_dir)
     return written
 

@@ -13,19 +13,11 @@ from math import isfinite
 from pathlib import Path
 
 from outlierlab.figures import plt, save_figure
-from outlierlab.reports import register
-from outlierlab.results import read_result
+from outlierlab.reports import by_model, register, results
 from outlierlab.tables import write_table
 
 WEIGHTS, ACTIVATIONS = "sw_quant_weights", "sw_quant_activations"
 METRIC_NAMES = {"wikitext2": "WikiText-2 PPL", "c4": "C4 PPL", "zeroshot_mean": "zero-shot mean (%)"}
-
-
-def _records(results_dir: Path, exp: str) -> dict[str, list[tuple[Path, dict]]]:
-    by_model: dict[str, list[tuple[Path, dict]]] = {}
-    for path in sorted((results_dir / exp).glob("*/*.json")):
-        by_model.setdefault(path.parent.name, []).append((path, read_result(path)))
-    return by_model
 
 
 def _merge_weight_runs(records: list[tuple[Path, dict]]) -> dict:
@@ -77,7 +69,7 @@ def _paper_columns(reference: dict | None) -> list[tuple[str, str, str, dict]]:
 
 def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
-    for model, records in _records(results_dir, WEIGHTS).items():
+    for model, records in by_model(results(results_dir, WEIGHTS)).items():
         merged = _merge_weight_runs(records)
         metrics = list(merged["original"])
         methods = merged["methods"]
@@ -103,7 +95,7 @@ def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
                    + (f" Paper columns: {merged['reference']['source']} (a different metric from our PPL; their "
                       f"blocks are of 4096-wide matrices)." if paper else ""))
         written += write_table(columns, rows, out_dir / f"{WEIGHTS}_{model}", caption=caption)
-    for model, records in _records(results_dir, ACTIVATIONS).items():
+    for model, records in by_model(results(results_dir, ACTIVATIONS)).items():
         for path, record in records:
             suffix = "" if path.stem == "quick" else f"_{path.stem}"
             table = record["table"]
@@ -168,7 +160,7 @@ def _fig7(model: str, merged: dict, out_dir: Path) -> list[Path]:
 
 def build_figures(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
-    for model, records in _records(results_dir, WEIGHTS).items():
+    for model, records in by_model(results(results_dir, WEIGHTS)).items():
         written += _fig7(model, _merge_weight_runs(records), out_dir)
     return written
 

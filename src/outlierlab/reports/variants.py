@@ -12,14 +12,12 @@ import math
 from pathlib import Path
 
 from outlierlab.figures import plt, save_figure
-from outlierlab.reports import register
-from outlierlab.results import read_result
+from outlierlab.reports import register, results
 from outlierlab.tables import write_table
 
 
 def _tables(results_dir: Path) -> list[tuple[str, dict]]:
-    return [(path.parent.name, read_result(path))
-            for path in sorted((results_dir / "variants_table").glob("*/table.json"))]
+    return [(result.model, result.record) for result in results(results_dir, "variants_table", "table.json")]
 
 
 def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
@@ -59,9 +57,9 @@ def _layers_figure(size: str, record: dict, out_dir: Path) -> list[Path]:
 
 def _training_figure(size: str, results_dir: Path, out_dir: Path) -> list[Path]:
     runs = {}
-    for path in sorted((results_dir / "pretrain").glob(f"{size}_*/train.json")):
-        record = read_result(path)
-        if record.get("model", {}).get("size") == size:
+    for result in results(results_dir, "pretrain", "train.json"):
+        record = result.record
+        if result.model.startswith(f"{size}_") and record.get("model", {}).get("size") == size:
             runs[record["model"]["variant"]] = [e for e in record["history"] if "val_loss" in e]
     if not runs:
         return []
@@ -86,8 +84,8 @@ def build_figures(results_dir: Path, out_dir: Path) -> list[Path]:
     for size, record in _tables(results_dir):
         written += _layers_figure(size, record, out_dir)
         sizes.add(size)
-    for path in sorted((results_dir / "pretrain").glob("*/train.json")):
-        sizes.add(read_result(path).get("model", {}).get("size"))
+    for _, record in results(results_dir, "pretrain", "train.json"):
+        sizes.add(record.get("model", {}).get("size"))
     for size in sorted(s for s in sizes if s):
         written += _training_figure(size, results_dir, out_dir)
     return written

@@ -125,6 +125,34 @@ def load_checkpoint(directory: Path, model) -> dict:
     return torch.load(Path(directory) / STATE_FILE, weights_only=False)
 
 
+def _resume(checkpoint: Path, model, optimizer, scheduler) -> dict:
+    """Load the checkpoint's weights, optimizer, scheduler and RNG state; returns the state (step, history)."""
+    state = load_checkpoint(checkpoint, model)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+def _optimizer_step(model, forward, optimizer, scheduler, batch: torch.Tensor, settings, l1_weight: float) -> dict:
+    """One step on `batch`; its log entry: loss, lr, grad norm (and the L1 gamma penalty when it is on)."""
+    with _autocast(batch.device, settings.precision):
+        loss = next_token_loss(forward(batch).logits, batch)
+    total = loss + l1_weight * l1_gamma_penalty(model) if l1_weight else loss
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    entry = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+    if l1_weight:
+        with torch.no_grad():
+            entry["l1_gamma"] = float(l1_gamma_penalty(model))
+    return entry
+
+
 def train(model, streams: TokenStreams, tokenizer, settings, output_dir: Path, metadata: dict,
           val_windows: torch.Tensor, prefix: int | None, resume: bool = True, stop_at: int | None = None) -> dict:
     """Train `model` up to settings.steps steps; returns the history and where the model was saved.
@@ -138,12 +166,7 @@ def train(model, streams: TokenStreams, tokenizer, settings, output_dir: Path, m
     checkpoint = output_dir / CHECKPOINT
     step, history, resumed_from = 0, [], None
     if resume and (checkpoint / STATE_FILE).is_file():
-        state = load_checkpoint(checkpoint, model)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        state = _resume(checkpoint, model, optimizer, scheduler)
         step, history, resumed_from = state["step"], state["history"], state["step"]
     compile_on = settings.compile == "on" or (settings.compile == "auto" and device.type == "cuda")
     forward = torch.compile(model) if compile_on else model
@@ -160,20 +183,9 @@ def train(model, streams: TokenStreams, tokenizer, settings, output_dir: Path, m
     while step < last:
         batch = sample_batch(streams.train, settings.batch_size, settings.seqlen, settings.seed, step, prefix)
         batch = batch.to(device, non_blocking=True)
-        with _autocast(device, settings.precision):
-            loss = next_token_loss(forward(batch).logits, batch)
-        total = loss + l1_weight * l1_gamma_penalty(model) if l1_weight else loss
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        entry = {"step": step + 1, **_optimizer_step(model, forward, optimizer, scheduler, batch, settings, l1_weight)}
         step += 1
         tokens += batch.numel()
-        entry = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
-        if l1_weight:
-            with torch.no_grad():
-                entry["l1_gamma"] = float(l1_gamma_penalty(model))
         if step % settings.eval_every == 0 or step == settings.steps:
             entry.update(evaluate(model, val_windows, settings.eval_batch_size, settings.precision))
         history.append(entry)

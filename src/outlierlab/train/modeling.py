@@ -2,8 +2,8 @@
 
 `OutlierLlamaForCausalLM` is transformers' LlamaForCausalLM with every decoder block's `self_attn` swapped for
 `OutlierAttention` (train/attention.py). Its config type `outlierlab_llama` is registered with AutoConfig and
-AutoModelForCausalLM when this module is imported (outlierlab.models.load imports it), so a saved variant model
-loads with `model.source=<checkpoint dir>` like any Hugging Face directory. A model whose attention is vanilla is
+AutoModelForCausalLM by `register_with_transformers()` (outlierlab.models.load calls it before reading a config), so a
+saved variant model loads with `model.source=<checkpoint dir>` like any Hugging Face directory. A model whose attention is vanilla is
 exported as a plain `LlamaForCausalLM` (identical parameter names and maths), loadable without outlierlab.
 """
 from __future__ import annotations
@@ -52,8 +52,11 @@ class OutlierLlamaForCausalLM(LlamaForCausalLM):
             layer.self_attn.reset_variant_parameters(config.initializer_range)
 
 
-AutoConfig.register(MODEL_TYPE, OutlierLlamaConfig, exist_ok=True)
-AutoModelForCausalLM.register(OutlierLlamaConfig, OutlierLlamaForCausalLM, exist_ok=True)
+def register_with_transformers() -> None:
+    """Teach transformers' Auto classes the `outlierlab_llama` type (idempotent); models/load.py calls it before it
+    reads any config, so a saved variant loads like any Hugging Face directory."""
+    AutoConfig.register(MODEL_TYPE, OutlierLlamaConfig, exist_ok=True)
+    AutoModelForCausalLM.register(OutlierLlamaConfig, OutlierLlamaForCausalLM, exist_ok=True)
 
 
 def build_model(architecture: dict, attention: dict, tokenizer, seed: int) -> OutlierLlamaForCausalLM:
