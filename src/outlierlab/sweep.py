@@ -74,8 +74,9 @@ def _drop(container: dict, dotted: str) -> None:
 
 
 def cell_identity(cfg: DictConfig, source) -> dict:
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config.pop("hydra", None)
+    # Key by key: a sweep cell composed in the launcher still carries Hydra's own node, partly unset until it runs.
+    config = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+              for key in cfg if key != "hydra"}
     for dotted in IGNORED:
         _drop(config, dotted)
     identity = {"exp": cfg.exp.name,
@@ -125,18 +126,14 @@ def _job_dir() -> Path | None:
 
 
 def note_cell(status: str, *, result: Path | str | None = None, key: str | None = None, reason: str | None = None,
-              job_dir: Path | None = None) -> None:
-    """Record this cell's outcome in its job folder (multiruns only)."""
-    job_dir = job_dir or _job_dir()
+              job_dir: Path | None = None, number: int | None = None, overrides: list | None = None) -> None:
+    """Record a cell's outcome in its job folder: this job's (multiruns only), or the one given."""
     if job_dir is None:
-        return
-    overrides = []
-    try:
         from hydra.core.hydra_config import HydraConfig
-        overrides = list(HydraConfig.get().overrides.task)
-        number = HydraConfig.get().job.num
-    except ValueError:
-        number = None
+        job_dir = _job_dir()
+        if job_dir is None:
+            return
+        overrides, number = list(HydraConfig.get().overrides.task), HydraConfig.get().job.num
     entry = {"num": number, "overrides": overrides, "status": status, "result": str(result) if result else None,
              "cell": key, "reason": reason, "at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     write_result(entry, job_dir / CELL_FILE)
@@ -310,6 +307,7 @@ class _SqueueWatcher:
 
 
 try:
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurm
 except ImportError:  # pragma: no cover - the launcher plugin is a dependency
     _SubmititSlurm = object
@@ -318,7 +316,8 @@ except ImportError:  # pragma: no cover - the launcher plugin is a dependency
 class SlurmLauncher(_SubmititSlurm):
     """hydra/launcher=slurm: Hydra's submitit SLURM launcher, with
 
-    - each cell's job sized from that cell's config (the launcher keys interpolate `${model}`): cells of equal size
+    - every cell checked (runner.preflight) before anything is queued; finished cells skipped without a job;
+    - each cell's job sized from that cell's model (the `auto` keys): cells of equal size
       share one job array;
     - job states read without sacct when the cluster has no accounting;
     - a cell SLURM ended (scancel, time limit, node failure) recorded as failed with its state, the other cells
@@ -332,18 +331,39 @@ class SlurmLauncher(_SubmititSlurm):
         from hydra.core.singleton import Singleton
         from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 
+        from outlierlab.runner import USER_ERRORS, preflight
+
         _install_watcher()
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         groups: dict[str, list] = {}
         outputs: dict[Path, str] = {}
+        skipped: dict[int, JobReturn] = {}
         for offset, overrides in enumerate(job_overrides):
-            number = initial_job_idx + offset
+            number, line = initial_job_idx + offset, " ".join(filter_overrides(overrides))
+            (sweep_dir / str(number) / CELL_FILE).unlink(missing_ok=True)  # an earlier launch into this folder
             cell = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            params = sized_params(cell)
-            self._check_output(cell, overrides, outputs)
-            log.info(f"\t#{number} : {' '.join(filter_overrides(overrides))}  "
-                     f"(gpus {params.get('gpus_per_node')}, cpus {params.get('cpus_per_task')}, "
+            # Every cell's input is checked here, before anything is queued (the job checks again).
+            try:
+                plan = preflight(cell)
+                identity = cell_identity(cell, plan.source)
+                params = None if finished(cell, plan.output, identity) else sized_params(cell)
+            except USER_ERRORS as error:
+                print(f"error: {error} (cell #{number}: {line})", file=sys.stderr)
+                raise SystemExit(2) from None
+            if plan.output in outputs:
+                print(f"error: run_tag={cell.run_tag}: cells '{outputs[plan.output]}' and '{line}' both write "
+                      f"{plan.output}; make run_tag name the swept key, e.g. run_tag='{cell.run_tag}_${{seed}}'",
+                      file=sys.stderr)
+                raise SystemExit(2)
+            outputs[plan.output] = line
+            if params is None:
+                log.info(f"\t#{number} : {line}  skipped: finished ({plan.output})")
+                note_cell("skipped", result=plan.output, key=identity["key"], job_dir=sweep_dir / str(number),
+                          number=number, overrides=list(overrides))
+                skipped[number] = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+                continue
+            log.info(f"\t#{number} : {line}  (gpus {params.get('gpus_per_node')}, cpus {params.get('cpus_per_task')}, "
                      f"mem {params.get('mem_gb')} GB)")
             groups.setdefault(json.dumps(params, sort_keys=True), []).append(
                 (list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state()))
@@ -355,14 +375,14 @@ class SlurmLauncher(_SubmititSlurm):
             if "max_num_timeout" in params:
                 init["slurm_max_num_timeout"] = params.pop("max_num_timeout")
             executor = submitit.AutoExecutor(cluster="slurm", **init)
-            base = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
-                    "stderr_to_stdout"}
+            base = set(OmegaConf.structured(BaseQueueConf).keys())
             executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
             jobs = executor.map_array(self, *zip(*cells))
             submitted += [(cell[2], cell[0], job) for cell, job in zip(cells, jobs)]
-        log.info(f"Submitit 'slurm' sweep output dir : {sweep_dir} "
-                 f"(jobs {', '.join(job.job_id for _, _, job in submitted)})")
-        returns, failed = {}, 0
+        if submitted:
+            log.info(f"Submitit 'slurm' sweep output dir : {sweep_dir} "
+                     f"(jobs {', '.join(job.job_id for _, _, job in submitted)})")
+        returns, failed = dict(skipped), 0
         for number, overrides, job in submitted:
             try:
                 returns[number] = job.results()[0]
@@ -371,8 +391,7 @@ class SlurmLauncher(_SubmititSlurm):
                 reason = f"SLURM job {job.job_id} {state}" if state not in ("UNKNOWN", "NOT_LISTED") else _reason(error)
                 job_dir = sweep_dir / str(number)
                 if not (job_dir / CELL_FILE).is_file() or read_result(job_dir / CELL_FILE)["status"] != "failed":
-                    job_dir.mkdir(parents=True, exist_ok=True)
-                    note_cell("failed", reason=reason, job_dir=job_dir)
+                    note_cell("failed", reason=reason, job_dir=job_dir, number=number, overrides=overrides)
                 ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
                 ret._return_value = RuntimeError(reason)
                 returns[number] = ret
@@ -380,21 +399,7 @@ class SlurmLauncher(_SubmititSlurm):
                 failed += 1
         if failed:
             summarize(sweep_dir, _results_dir(self.config))
-            log.error("%d of %d cells failed; run the same command again to finish them", failed, len(submitted))
+            log.error("%d of %d cells failed; the same command again runs only the cells not done", failed,
+                      len(returns))
             raise SystemExit(1)
         return [returns[number] for number in sorted(returns)]
-
-    @staticmethod
-    def _check_output(cell: DictConfig, overrides, outputs: dict) -> None:
-        """Two cells of one sweep writing the same result file would overwrite each other."""
-        from outlierlab.results import result_path
-        try:
-            path = result_path(cell.paths.results_dir, cell.exp.name, cell.model.name, cell.run_tag)
-        except Exception:  # no exp selected etc.: the job's preflight reports it
-            return
-        line = " ".join(overrides)
-        if path in outputs:
-            print(f"error: run_tag={cell.run_tag}: cells '{outputs[path]}' and '{line}' both write {path}; make "
-                  f"run_tag name the swept key, e.g. run_tag='{cell.run_tag}_${{seed}}'", file=sys.stderr)
-            raise SystemExit(2)
-        outputs[path] = line
