@@ -20,6 +20,14 @@ from outlierlab.models.source import resolve_source
 from outlierlab.results import read_result, write_result
 
 
+def environment(**extra) -> dict:
+    """The user's environment, this checkout's src/ first (whatever an editable install points at); SLURM jobs
+    inherit it (sbatch passes the environment on)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+            "OUTLIERLAB_DATA_DIR": str(DATA_DIR),
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra}
+
+
 def identity(overrides):
     cfg = compose_cfg(overrides)
     return sweep.cell_identity(cfg, resolve_source(cfg.model))["key"]
@@ -76,8 +84,7 @@ def test_a_writer_killed_mid_write_leaves_the_previous_result_or_none(tmp_path, 
     before = {"table": {"rows": [{"variant": "original", "wikitext2": 12.5}]}}
     if previous:
         write_result(before, path)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), "3000000"], env=env)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), "3000000"], env=environment())
     staging = []
     deadline = time.time() + 120
     while time.time() < deadline and writer.poll() is None:  # kill it once the new JSON is partly on disk
@@ -120,12 +127,8 @@ def test_slurm_jobs_are_sized_from_the_model():
 
 
 def cli(args, env=None, **kwargs):
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-                   "OUTLIERLAB_DATA_DIR": str(DATA_DIR),
-                   "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                   **(env or {})}
-    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=environment, capture_output=True,
-                          text=True, **kwargs)
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=environment(**(env or {})),
+                          capture_output=True, text=True, **kwargs)
 
 
 @pytest.mark.requires("data")
@@ -155,13 +158,18 @@ def sweep_cli(results: Path, sweep_dir: Path, **kwargs):
     return cli([*SWEEP, f"hydra.sweep.dir={sweep_dir}"], env={"OUTLIERLAB_RESULTS_DIR": str(results)}, **kwargs)
 
 
+def array_tasks(sweep_dir: Path) -> list[str]:
+    """The SLURM job ids submitit made folders for: <array job>_<task>."""
+    return sorted(p.name for p in (sweep_dir / ".submitit").glob("*_*") if p.is_dir() and p.name[0].isdigit())
+
+
 def results_of(results: Path) -> dict:
     return {(p.parent.name, p.stem): p for p in sorted((results / "prune_sw").glob("*/*.json"))}
 
 
 def sweep_table(results: Path) -> str:
     done = subprocess.run([sys.executable, "scripts/make_tables.py", "--results", str(results), "--only", "sweep"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return (results / "tables" / "sweep_prune_sw.md").read_text()
 
@@ -186,13 +194,13 @@ def test_a_2x2_sweep_completes_on_slurm_and_a_rerun_skips_every_cell(uninterrupt
     summary = read_result(base / "sweep" / "sweep_summary.json")
     assert summary["counts"] == {"done": 4, "skipped": 0, "failed": 0}
     assert list((base / "results" / "sweeps").glob("*/sweep_summary.md"))  # beside the results too
-    # Each cell ran in its own SLURM job (submitit's folders), sized for a tiny CPU model.
-    assert len(list((base / "sweep" / ".submitit").glob("*_*"))) == 4
+    # Each cell ran in its own SLURM job (submitit's folders).
+    assert len(array_tasks(base / "sweep")) == 4
     written = {cell: path.stat().st_mtime_ns for cell, path in results.items()}
     again = sweep_cli(base / "results", base / "sweep_again", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "4 cells: 0 done, 4 skipped, 0 failed" in again.stdout
-    assert again.stderr.count("skipped: finished") == 4
+    assert again.stdout.count("skipped: finished") == 4  # by the launcher: Hydra logs to stdout
     assert not (base / "sweep_again" / ".submitit").exists()  # nothing was queued
     assert {cell: path.stat().st_mtime_ns for cell, path in results_of(base / "results").items()} == written
 
@@ -203,17 +211,15 @@ def test_a_cancelled_sweep_run_again_finishes_only_the_missing_cells(uninterrupt
     reference, done, _ = uninterrupted
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     results, sweep_dir = tmp_path / "results", tmp_path / "sweep"
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "OUTLIERLAB_DATA_DIR": str(DATA_DIR),
-                   "OUTLIERLAB_RESULTS_DIR": str(results),
-                   "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     driver = subprocess.Popen([sys.executable, "run.py", *SWEEP, f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT,
-                              env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=environment(OUTLIERLAB_RESULTS_DIR=str(results)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 600
         while not results_of(results) and time.time() < deadline and driver.poll() is None:
             time.sleep(0.5)
         assert results_of(results), "no cell finished"
-        jobs = sorted({p.name.split("_")[0] for p in (sweep_dir / ".submitit").glob("*_*")})
+        jobs = sorted({task.split("_")[0] for task in array_tasks(sweep_dir)})
         subprocess.run(["scancel", *jobs], check=True, timeout=60)
         output, _ = driver.communicate(timeout=600)
     finally:

@@ -80,10 +80,11 @@ def cell_identity(cfg: DictConfig, source) -> dict:
     for dotted in IGNORED:
         _drop(config, dotted)
     identity = {"exp": cfg.exp.name,
-                "model": source_identity(cfg.model, source) if source is not None else {"name": cfg.model.name},
-                "config": config}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-    return {"key": key, **identity}
+                "model": source_identity(cfg.model, source) if source is not None else {"name": cfg.model.name}}
+    key = hashlib.sha256(json.dumps({**identity, "config": config}, sort_keys=True, default=str).encode())
+    # The record keeps the key and the weights' identity; the config it hashes is the record's own "config" less
+    # the IGNORED keys.
+    return {"key": key.hexdigest(), **identity, "ignored": list(IGNORED)}
 
 
 def finished(cfg: DictConfig, output: Path, cell: dict) -> bool:
@@ -374,6 +375,8 @@ class SlurmLauncher(_SubmititSlurm):
             init = {"folder": folder}
             if "max_num_timeout" in params:
                 init["slurm_max_num_timeout"] = params.pop("max_num_timeout")
+            if not params.get("gpus_per_node"):  # no --gpus-per-node=0: clusters without GPU gres reject it
+                params["gpus_per_node"] = None
             executor = submitit.AutoExecutor(cluster="slurm", **init)
             base = set(OmegaConf.structured(BaseQueueConf).keys())
             executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
