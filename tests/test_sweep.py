@@ -159,8 +159,8 @@ def sweep_cli(results: Path, sweep_dir: Path, **kwargs):
 
 
 def array_tasks(sweep_dir: Path) -> list[str]:
-    """The SLURM job ids submitit made folders for: <array job>_<task>."""
-    return sorted(p.name for p in (sweep_dir / ".submitit").glob("*_*") if p.is_dir() and p.name[0].isdigit())
+    """The SLURM job ids of a sweep's cells (<array job>_<task>, or <job> for one cell): submitit's job folders."""
+    return sorted(p.parent.name for p in (sweep_dir / ".submitit").glob("*/*_submitted.pkl"))
 
 
 def results_of(results: Path) -> dict:
@@ -242,3 +242,37 @@ def test_a_cancelled_sweep_run_again_finishes_only_the_missing_cells(uninterrupt
     assert sweep_table(results) == sweep_table(reference / "results")
     for cell, path in results_of(reference / "results").items():
         assert read_result(results_of(results)[cell])["table"] == read_result(path)["table"]
+
+
+@pytest.mark.slurm
+@pytest.mark.requires("data")
+def test_a_signalled_cell_is_requeued_by_submitit_and_runs_again(tmp_path):
+    """SLURM's warning signal (sbatch --signal=USR2@signal_delay_s: before a time limit, or on pre-emption) makes
+    submitit checkpoint the cell and requeue its job; the requeued job runs the cell again from its start."""
+    results, sweep_dir = tmp_path / "results", tmp_path / "sweep"
+    driver = subprocess.Popen([sys.executable, "run.py", "-m", "+exp=prune_sw", "model=tiny_llama", *SMALL_EVAL,
+                               "logger=none", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT,
+                              env=environment(OUTLIERLAB_RESULTS_DIR=str(results)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 600
+        while not (sweep_dir / "0" / ".hydra").is_dir() and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.2)  # the cell's job runs (submitit's signal handlers are in place)
+        [job] = array_tasks(sweep_dir)
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)
+        while time.time() < deadline and driver.poll() is None:
+            state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout
+            if "PENDING" in state:  # requeued; SLURM holds a requeued job for 2 minutes: release it now
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=60)
+                break
+            time.sleep(0.5)
+        output, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    log = "".join(p.read_text() for p in (sweep_dir / ".submitit" / job).glob("*_log.*"))
+    assert "this job is preempted" in log and f"Requeued job {job}" in log, log[-3000:]
+    assert log.count("Starting with JobEnvironment") == 2  # ran twice: before the signal and after the requeue
+    assert driver.returncode == 0, output[-3000:]
+    assert "sweep summary: 1 cell: 1 done, 0 skipped, 0 failed" in output
+    assert read_result(results / "prune_sw" / "tiny_llama" / "quick.json")["weights_restored"] is True

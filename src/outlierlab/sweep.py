@@ -161,7 +161,7 @@ def summarize(sweep_dir: Path, results_dir: Path | None, expected: list[list[str
     counts = {status: sum(c["status"] == status for c in ordered) for status in ("done", "skipped", "failed")}
     summary = {"sweep_dir": str(sweep_dir), "counts": counts, "cells": ordered,
                "at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-    lines = [f"sweep summary: {len(ordered)} cells: {counts['done']} done, {counts['skipped']} skipped, "
+    lines = [f"sweep summary: {len(ordered)} cell{'' if len(ordered) == 1 else 's'}: {counts['done']} done, {counts['skipped']} skipped, "
              f"{counts['failed']} failed ({sweep_dir})"]
     for cell in ordered:
         detail = cell.get("reason") if cell["status"] == "failed" else cell.get("result")
