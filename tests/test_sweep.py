@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import CONF, DATA_DIR, ROOT, SMALL_EVAL, compose_cfg
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 from outlierlab import runner, sweep
 from outlierlab.models.source import resolve_source
@@ -47,27 +49,47 @@ def test_cell_identity_follows_what_determines_the_result():
     assert identity(["+exp=sw_index", "model=tiny_llama", *SMALL_EVAL]) != key
 
 
+@pytest.fixture
+def as_sweep_cell(tmp_path):
+    """Compose a config as Hydra gives it to one cell of a multirun (HydraConfig current, mode MULTIRUN)."""
+    def cell(overrides):
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("config", return_hydra_config=True, overrides=[
+                *overrides, "hydra.mode=MULTIRUN", "hydra.job.num=0", f"hydra.runtime.output_dir={tmp_path}/job"])
+        HydraConfig.instance().set_config(cfg)
+        task = cfg.copy()
+        with open_dict(task):
+            del task["hydra"]
+        return task
+    yield cell
+    HydraConfig.instance().cfg = None
+
+
 @pytest.mark.requires("data")
-def test_a_finished_cell_is_skipped_before_weights_load(tmp_path, monkeypatch, capsys):
+def test_a_finished_cell_is_skipped_before_weights_load(tmp_path, monkeypatch, capsys, as_sweep_cell):
     overrides = ["+exp=prune_sw", "model=tiny_llama", "logger=none", f"paths.results_dir={tmp_path}",
                  f"paths.data_dir={DATA_DIR}", *SMALL_EVAL]
-    first = runner.execute(compose_cfg(overrides))
+    first = runner.execute(as_sweep_cell(overrides))
     output = tmp_path / "prune_sw" / "tiny_llama" / "quick.json"
     assert read_result(output)["cell"]["key"] == first["cell"]["key"]
+    assert read_result(tmp_path / "job" / "cell.json")["status"] == "done"
     written = output.stat().st_mtime_ns
 
     def no_loading(*args, **kwargs):
         raise AssertionError("weights loaded")
 
     monkeypatch.setattr(runner, "load_model", no_loading)
-    again = runner.execute(compose_cfg(overrides))
+    again = runner.execute(as_sweep_cell(overrides))
     assert "skipped: prune_sw on tiny_llama is finished" in capsys.readouterr().out
     assert again["table"] == first["table"] and output.stat().st_mtime_ns == written
-    # overwrite=true, or a change that matters, runs the cell (here: reaches load_model).
+    assert read_result(tmp_path / "job" / "cell.json")["status"] == "skipped"
+    # overwrite=true, or a change that matters, runs the cell (here: reaches load_model); so does a single run.
+    for changed in (["overwrite=true"], ["eval.ppl.c4.windows=1"]):
+        with pytest.raises(AssertionError, match="weights loaded"):
+            runner.execute(as_sweep_cell([*overrides, *changed]))
+    HydraConfig.instance().cfg = None
     with pytest.raises(AssertionError, match="weights loaded"):
-        runner.execute(compose_cfg([*overrides, "overwrite=true"]))
-    with pytest.raises(AssertionError, match="weights loaded"):
-        runner.execute(compose_cfg([*overrides, "eval.ppl.c4.windows=1"]))
+        runner.execute(compose_cfg(overrides))
 
 
 WRITER = """

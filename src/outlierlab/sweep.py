@@ -22,6 +22,7 @@ import logging
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -88,8 +89,10 @@ def cell_identity(cfg: DictConfig, source) -> dict:
 
 
 def finished(cfg: DictConfig, output: Path, cell: dict) -> bool:
-    """True when `output` holds a complete result of this very cell (and overwrite is not set)."""
-    if cfg.get("overwrite", False) or not output.is_file():
+    """True when this is a sweep cell (-m), `output` holds a complete result of this very cell and overwrite is not
+    set. A single run always runs (code is not part of a cell's identity: after changing a recipe, run it again
+    or sweep with overwrite=true)."""
+    if _mode() != "MULTIRUN" or cfg.get("overwrite", False) or not output.is_file():
         return False
     try:
         previous = read_result(output)
@@ -113,17 +116,20 @@ def skip(cfg: DictConfig, output: Path, cell: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- per-cell status
 
+def _mode() -> str | None:
+    """RUN or MULTIRUN under Hydra, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    try:
+        mode = HydraConfig.get().mode
+    except ValueError:
+        return None
+    return getattr(mode, "name", None if mode is None else str(mode))
+
+
 def _job_dir() -> Path | None:
     """This cell's Hydra job folder in a multirun, else None."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    try:
-        hydra_cfg = HydraConfig.get()
-    except ValueError:
-        return None
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
-    return Path(hydra_cfg.runtime.output_dir)
+    return Path(HydraConfig.get().runtime.output_dir) if _mode() == "MULTIRUN" else None
 
 
 def note_cell(status: str, *, result: Path | str | None = None, key: str | None = None, reason: str | None = None,
@@ -145,24 +151,20 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[-1] if lines else ''}".strip().rstrip(":")
 
 
-def summarize(sweep_dir: Path, results_dir: Path | None, expected: list[list[str]] | None = None) -> dict:
+def summarize(sweep_dir: Path, results_dir: Path | None) -> dict:
     """Gather every cell.json of a sweep folder; print the summary; write it beside the results."""
     cells = {}
     for path in sorted(Path(sweep_dir).glob(f"*/{CELL_FILE}")):
         try:
-            entry = read_result(path)
+            cells[path.parent.name] = read_result(path)
         except (OSError, ValueError):
             continue
-        cells[path.parent.name] = entry
-    for number, overrides in enumerate(expected or []):  # cells that never wrote anything
-        cells.setdefault(str(number), {"num": number, "overrides": overrides, "status": "failed",
-                                       "reason": "no outcome recorded (the job never ran to its end)"})
     ordered = [cells[k] for k in sorted(cells, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else k))]
     counts = {status: sum(c["status"] == status for c in ordered) for status in ("done", "skipped", "failed")}
     summary = {"sweep_dir": str(sweep_dir), "counts": counts, "cells": ordered,
                "at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-    lines = [f"sweep summary: {len(ordered)} cell{'' if len(ordered) == 1 else 's'}: {counts['done']} done, {counts['skipped']} skipped, "
-             f"{counts['failed']} failed ({sweep_dir})"]
+    lines = [f"sweep summary: {len(ordered)} cell{'' if len(ordered) == 1 else 's'}: {counts['done']} done, "
+             f"{counts['skipped']} skipped, {counts['failed']} failed ({sweep_dir})"]
     for cell in ordered:
         detail = cell.get("reason") if cell["status"] == "failed" else cell.get("result")
         lines.append(f"  #{cell.get('num')} {cell['status']:<7} {' '.join(cell.get('overrides') or [])}"
@@ -191,7 +193,7 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         from hydra.core.utils import JobStatus
         if job_return.status == JobStatus.FAILED:
-            note_cell("failed", reason=_reason(job_return._return_value))
+            note_cell("failed", reason=_reason(job_return._return_value))  # .return_value would raise it
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         summarize(Path(config.hydra.sweep.dir), _results_dir(config))
@@ -279,13 +281,15 @@ class _SqueueWatcher:
 
     def update(self) -> None:
         if self.accounting is None:
-            probe = subprocess.run(["sacct", "-n", "-X", "-j", "1"], capture_output=True, text=True)
-            self.accounting = probe.returncode == 0
+            try:
+                probe = subprocess.run(["sacct", "-n", "-X", "-j", "1"], capture_output=True, text=True, timeout=60)
+                self.accounting, why = probe.returncode == 0, probe.stderr.strip() or f"exit {probe.returncode}"
+            except (OSError, subprocess.SubprocessError) as error:
+                self.accounting, why = False, str(error)
             if not self.accounting:
-                log.info("sacct unavailable (%s): job states from squeue", probe.stderr.strip() or probe.returncode)
+                log.info("sacct unavailable (%s): job states from squeue", why)
         if self.accounting:
             return super().update()
-        import time
         pending = self._registered - self._finished
         if not pending:
             return
@@ -325,10 +329,11 @@ class SlurmLauncher(_SubmititSlurm):
       still collected, and the sweep summary printed before the multirun reports the failure."""
 
     def __init__(self, resources=None, **params) -> None:
-        super().__init__(**params)
+        super().__init__(**params)  # `resources` sizes the `auto` keys per cell (sized_params), not for submitit
 
     def launch(self, job_overrides, initial_job_idx):
         import submitit
+        from hydra.core.hydra_config import HydraConfig
         from hydra.core.singleton import Singleton
         from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 
@@ -344,7 +349,10 @@ class SlurmLauncher(_SubmititSlurm):
             number, line = initial_job_idx + offset, " ".join(filter_overrides(overrides))
             (sweep_dir / str(number) / CELL_FILE).unlink(missing_ok=True)  # an earlier launch into this folder
             cell = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            # Every cell's input is checked here, before anything is queued (the job checks again).
+            # Every cell's input is checked here, before anything is queued (the job checks again), with the
+            # cell's own Hydra config current (preflight reads the command's overrides from it).
+            primary = HydraConfig.instance().cfg
+            HydraConfig.instance().set_config(cell)
             try:
                 plan = preflight(cell)
                 identity = cell_identity(cell, plan.source)
@@ -352,6 +360,8 @@ class SlurmLauncher(_SubmititSlurm):
             except USER_ERRORS as error:
                 print(f"error: {error} (cell #{number}: {line})", file=sys.stderr)
                 raise SystemExit(2) from None
+            finally:
+                HydraConfig.instance().cfg = primary
             if plan.output in outputs:
                 print(f"error: run_tag={cell.run_tag}: cells '{outputs[plan.output]}' and '{line}' both write "
                       f"{plan.output}; make run_tag name the swept key, e.g. run_tag='{cell.run_tag}_${{seed}}'",
