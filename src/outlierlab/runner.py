@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from outlierlab import tracking
+from outlierlab import sweep, tracking
 from outlierlab.environment import lock_status
 from outlierlab.errors import USER_ERRORS, ConfigError  # noqa: F401 (re-exported for older imports)
 from outlierlab.evals.data import Corpus, data_directory, load_corpus
@@ -241,6 +241,9 @@ def execute(cfg: DictConfig) -> dict:
     """Run one configured experiment end to end; returns the record written to results/."""
     started = time.time()
     plan = preflight(cfg)
+    cell = sweep.cell_identity(cfg, plan.source)  # what determines this result; a finished cell is skipped
+    if sweep.finished(cfg, plan.output, cell):
+        return sweep.skip(cfg, plan.output, cell)
     loaded, corpora, data_corpora = None, {}, {}
     if plan.source is not None:  # exp.load_model: false -> the recipe makes or loads its own models
         corpora = {key: load_corpus(protocol.dataset, protocol.split, plan.data_dir)
@@ -260,10 +263,11 @@ def execute(cfg: DictConfig) -> dict:
         "weights_sha256": weights_before, "weights_restored": weights_before == weights_after,
         "evaluations": context.evaluated_protocols(),
         "environment": {**library_versions(), **lock_status()}, "git": git_state(Path(__file__).resolve().parents[2]),
-        "overrides": _hydra_overrides(), "config": OmegaConf.to_container(cfg, resolve=True),
+        "overrides": _hydra_overrides(), "config": OmegaConf.to_container(cfg, resolve=True), "cell": cell,
         **outcome,
     }
     path = write_result(record, plan.output)
+    sweep.note_cell("done", result=path, key=cell["key"])
     print(f"\n{cfg.exp.name} on {cfg.model.name} ({record['model'].get('dtype')}, eval={cfg.eval.name})")
     table = outcome.get("table")
     if table:

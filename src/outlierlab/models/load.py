@@ -111,8 +111,8 @@ def register_local_model_types() -> None:
     register_with_transformers()
 
 
-def model_shape(model_cfg, source: ModelSource) -> tuple[int, int, int]:
-    """(layers, hidden size, MLP intermediate size) from the config alone, without loading weights."""
+def model_config(model_cfg, source: ModelSource):
+    """The model's transformers config, without loading weights."""
     register_local_model_types()
     if source.kind == "tiny":
         model_type = model_cfg.tiny.model_type
@@ -123,6 +123,12 @@ def model_shape(model_cfg, source: ModelSource) -> tuple[int, int, int]:
     else:
         config = AutoConfig.from_pretrained(source.location, revision=model_cfg.get("revision"),
                                             trust_remote_code=model_cfg.get("trust_remote_code", False))
+    return config
+
+
+def model_shape(model_cfg, source: ModelSource) -> tuple[int, int, int]:
+    """(layers, hidden size, MLP intermediate size) from the config alone, without loading weights."""
+    config = model_config(model_cfg, source)
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     intermediate = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
                     or getattr(config, "n_inner", None) or 4 * hidden)

@@ -1,0 +1,7 @@
+"""The launcher of hydra/launcher=slurm. Hydra instantiates only launchers defined under `hydra_plugins`; what it
+does is in outlierlab.sweep.SlurmLauncher."""
+from outlierlab.sweep import SlurmLauncher as _SizedSlurmLauncher
+
+
+class SlurmLauncher(_SizedSlurmLauncher):
+    pass
