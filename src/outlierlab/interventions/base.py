@@ -41,6 +41,7 @@ class EditSession:
         self._saved: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
         self._originals: dict[tuple[int, tuple], torch.Tensor] = {}
         self._handles = []
+        self._batch_dependent: list = []  # hooks whose result for one sequence depends on the others in its batch
         self.log: list[dict] = []
 
     def set(self, param: torch.Tensor, index: tuple, values) -> None:
@@ -61,8 +62,18 @@ class EditSession:
     def _index_key(index: tuple) -> tuple:
         return tuple(tuple(i.tolist()) if isinstance(i, torch.Tensor) else i for i in index)
 
-    def add_hook(self, handle) -> None:
+    def add_hook(self, handle, batch_invariant: bool = True) -> None:
+        """Keep a hook until undo. `batch_invariant=False` for a hook whose output for one sequence depends on the
+        other sequences of its batch (e.g. one quantization range over the whole batch tensor): evaluations then
+        run one sequence at a time while it is on (see `batch_invariant`)."""
         self._handles.append(handle)
+        if not batch_invariant:
+            self._batch_dependent.append(handle)
+
+    @property
+    def batch_invariant(self) -> bool:
+        """True when every live hook treats each sequence of a batch on its own, so batching changes nothing."""
+        return not self._batch_dependent
 
     def apply(self, interventions) -> "EditSession":
         for intervention in interventions:
@@ -73,6 +84,7 @@ class EditSession:
         for handle in reversed(self._handles):
             handle.remove()
         self._handles.clear()
+        self._batch_dependent.clear()
         with torch.no_grad():
             for param, index, saved in reversed(self._saved):
                 param.data[index] = saved
