@@ -32,7 +32,7 @@ class SiteMoments(Probe):
             if self.power_sums.device != x.device:  # the sums live on the model's device: no host sync per layer
                 self.power_sums, self.max_abs = self.power_sums.to(x.device), self.max_abs.to(x.device)
             square = x * x  # == x ** 2; x ** 4 as square * square (std::pow is ~70x slower; equal to 1 ulp)
-            count = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
+            count = x.new_full((), float(x.numel()))  # made on the device (torch.tensor(..., device=) copies)
             self.power_sums[layer] += torch.stack([count, x.sum(), square.sum(), (square * x).sum(),
                                                    (square * square).sum()])
             peak = torch.maximum(x.max(), x.min().neg())  # max |x| without a |x| copy

@@ -78,9 +78,9 @@ def peak_abs(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     rows = tensor.reshape(batch * length, channels)
     row_max = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg())  # max |x| per row; NaN propagates
     row = row_max.argmax()
-    values = rows[row]
+    values = rows.index_select(0, row.reshape(1))[0]  # index_select, not rows[row]: a 0-d index would sync
     channel = values.abs().argmax()
-    return values[channel], row, channel
+    return values.index_select(0, channel.reshape(1))[0], row, channel
 
 
 class TopK:
@@ -378,9 +378,9 @@ class DownProjStats(Probe):
                 peak = self.output[layer].state
                 batch, length, channels = x.shape
                 index = ((peak[2] - self._seen[layer]) * length + peak[3]).long().clamp(0, batch * length - 1)
-                row = x.detach().reshape(batch * length, channels)[index]
+                row = x.detach().reshape(batch * length, channels).index_select(0, index.reshape(1))[0]
                 channel = row.abs().argmax()
-                value = row[channel].double()
+                value = row.index_select(0, channel.reshape(1))[0].double()
                 candidate = torch.stack([value.abs(), value, peak[2], peak[3], channel.double()])
                 state = self.input_at_output_peak[layer].state.to(candidate.device)
                 self.input_at_output_peak[layer].state = torch.where(grew, candidate, state)
