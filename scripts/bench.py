@@ -38,7 +38,9 @@ import torch
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+# This checkout's src/ first, whatever an editable install points at (as pytest's pythonpath does): the benchmark
+# measures the code beside it.
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "scripts")]
 
 import bench_ways  # noqa: E402
 

@@ -11,11 +11,17 @@ from test_massive_activations import plant_massive_activation
 from outlierlab.models.load import load_model
 from outlierlab.probes.massive_activations import MACriterion
 from outlierlab.probes.moments import SiteMoments
-from outlierlab.probes.stats import DownProjStats, ResidualStats, peak_abs, row_medians, row_topk
+from outlierlab.probes.stats import (
+    DownProjStats,
+    ResidualStats,
+    peak_abs,
+    row_medians,
+    row_topk,
+)
 
 sys.path.insert(0, str(ROOT / "scripts"))
-import bench  # noqa: E402
-import bench_ways  # noqa: E402
+import bench
+import bench_ways
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2", "tiny_qwen2"])

@@ -89,9 +89,15 @@ def test_batched_windows_give_the_same_ppl_and_report_throughput(tiny_llama):
 
 def hook_interventions(loaded):
     """Every intervention that edits activations through hooks, with the context it needs."""
-    from outlierlab.interventions.massive_activation import SetMassiveActivations, ZeroMedianActivations
+    from outlierlab.interventions.massive_activation import (
+        SetMassiveActivations,
+        ZeroMedianActivations,
+    )
     from outlierlab.interventions.quant import QuantizeActivations, SmoothQuant
-    from outlierlab.interventions.super_weight import RestoreSuperActivation, ScaleSuperWeights
+    from outlierlab.interventions.super_weight import (
+        RestoreSuperActivation,
+        ScaleSuperWeights,
+    )
     from outlierlab.models.massive import MassiveActivation
     location = MassiveActivation(first_layer=1, channels=(3, 7), positions=(0, 2))
     means = {"locations": [{**location.describe(), "mean": [[[1.5 * layer + p - c for c in range(2)]
