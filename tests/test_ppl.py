@@ -1,9 +1,11 @@
-"""The perplexity evaluator equals a direct computation, cuts windows as the protocols say, and records inf/NaN."""
+"""The perplexity evaluator equals a direct computation, cuts windows as the protocols say, records inf/NaN, and
+gives the same PPL with windows batched (also under every hook intervention, or it stays at batch 1)."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_cfg
+from conftest import compose_cfg, plant_super_weight
 from omegaconf import OmegaConf
 
 from outlierlab.evals.data import Corpus
@@ -64,3 +66,90 @@ def test_inf_and_nan_are_results(tiny_llama):
         assert perplexity(tiny_llama.model, windows)["ppl"] == math.inf
     finally:
         lm_head.data.copy_(saved)
+
+
+LONG_TEXT = [" ".join(f"word{i % 37} and {i * 7 % 11}." for i in range(60)) for _ in range(3)]
+
+
+def long_windows(loaded, seqlen=24, windows=7):
+    return build_windows(protocol(bos="prepend", seqlen=seqlen, windows=windows), Corpus("toy", "test", LONG_TEXT),
+                         loaded)
+
+
+def test_batched_windows_give_the_same_ppl_and_report_throughput(tiny_llama):
+    windows = long_windows(tiny_llama)
+    one = perplexity(tiny_llama.model, windows, batch_size=1)
+    for batch in (3, 7):
+        many = perplexity(tiny_llama.model, windows, batch_size=batch)
+        assert math.isclose(many["ppl"], one["ppl"], rel_tol=1e-6) and many["ppl"] != 0
+        assert many["window_nll"] == pytest.approx(one["window_nll"], rel=1e-6)
+        assert many["tokens_scored"] == one["tokens_scored"] and many["batch_size"] == batch
+        assert many["tokens_per_s"] > 0 and many["eval_seconds"] > 0
+
+
+def hook_interventions(loaded):
+    """Every intervention that edits activations through hooks, with the context it needs."""
+    from outlierlab.interventions.massive_activation import (
+        SetMassiveActivations,
+        ZeroMedianActivations,
+    )
+    from outlierlab.interventions.quant import QuantizeActivations, SmoothQuant
+    from outlierlab.interventions.super_weight import (
+        RestoreSuperActivation,
+        ScaleSuperWeights,
+    )
+    from outlierlab.models.massive import MassiveActivation
+    location = MassiveActivation(first_layer=1, channels=(3, 7), positions=(0, 2))
+    means = {"locations": [{**location.describe(), "mean": [[[1.5 * layer + p - c for c in range(2)]
+                                                              for p in range(2)] for layer in range(4)]}]}
+    calibration = long_windows(loaded, windows=2).ids
+    ma = {"massive_activations": [location], "ma_means": means}
+    return {
+        "quantize_activations_tensor_holdout": ([QuantizeActivations(bits=4, holdout=1)], {}),
+        "quantize_activations_token": ([QuantizeActivations(bits=4, granularity="token")], {}),
+        "ma_zero": ([SetMassiveActivations("zero", layers="all")], ma),
+        "ma_mean": ([SetMassiveActivations("mean", layers="first")], ma),
+        "zero_median": ([ZeroMedianActivations(layers="all")], ma),
+        "restore_sa": ([ScaleSuperWeights(0.0), RestoreSuperActivation()], {"super_weights": [(2, 7, 33)]}),
+        "smoothquant": ([SmoothQuant(0.5), QuantizeActivations(bits=4)], {"calibration_ids": calibration}),
+    }
+
+
+@pytest.mark.parametrize("name", ["quantize_activations_tensor_holdout", "quantize_activations_token", "ma_zero",
+                                  "ma_mean", "zero_median", "restore_sa", "smoothquant"])
+def test_hook_interventions_treat_each_sequence_of_a_batch_on_its_own(tiny_llama, name):
+    from outlierlab.interventions.base import EditSession
+    plant_super_weight(tiny_llama, layer=2, row=7, col=33)  # a super activation for restore_sa to restore
+    windows = long_windows(tiny_llama)
+    plain = perplexity(tiny_llama.model, windows)["ppl"]
+    interventions, context = hook_interventions(tiny_llama)[name]
+    with EditSession(tiny_llama, context) as session:
+        session.apply(interventions)
+        assert session.batch_invariant
+        one = perplexity(tiny_llama.model, windows, batch_size=1)
+        many = perplexity(tiny_llama.model, windows, batch_size=7)
+    assert one["ppl"] != plain  # the edit does something
+    assert math.isclose(many["ppl"], one["ppl"], rel_tol=1e-6)
+    assert many["window_nll"] == pytest.approx(one["window_nll"], rel=1e-6)
+
+
+def test_a_batch_dependent_hook_keeps_evaluation_at_batch_one(tiny_llama):
+    """W8A8 takes one activation range per input tensor, i.e. over the whole batch: batching would change its
+    PPL, so the run context evaluates one window at a time while it is on."""
+    from outlierlab.interventions.base import EditSession
+    from outlierlab.interventions.fake_quant import W8A8
+    from outlierlab.runner import RunContext
+    windows = long_windows(tiny_llama)
+    with EditSession(tiny_llama) as session:
+        session.apply([W8A8(weight_bits=None, activation_bits=3)])
+        assert not session.batch_invariant
+        one = perplexity(tiny_llama.model, windows, batch_size=1)["ppl"]
+        assert not math.isclose(perplexity(tiny_llama.model, windows, batch_size=7)["ppl"], one, rel_tol=1e-6)
+    assert session.batch_invariant  # undone
+    cfg = compose_cfg(["model=tiny_llama"])
+    ctx = RunContext(cfg, tiny_llama, plan=None, corpora={})
+    proto = cfg.eval.ppl.wikitext2
+    assert ctx.ppl_batch_size(proto) == proto.batch_size > 1
+    with ctx.edit([W8A8(weight_bits=None, activation_bits=3)], {}):
+        assert ctx.ppl_batch_size(proto) == 1
+    assert ctx.ppl_batch_size(proto) == proto.batch_size

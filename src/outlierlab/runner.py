@@ -159,6 +159,7 @@ class RunContext:
     _windows: dict[str, Windows] = field(default_factory=dict)
     _protocol_windows: dict[str, Windows] = field(default_factory=dict)
     _zeroshot_tasks: tuple | None = None
+    _sessions: list = field(default_factory=list)  # EditSessions made by `edit`; those with live hooks matter
 
     @property
     def registry_super_weights(self) -> list[SuperWeight]:
@@ -168,6 +169,7 @@ class RunContext:
         """Apply the interventions in order (names from exp.interventions, or Intervention objects a recipe built
         from its exp config); use as `with ctx.edit(...) as session:` to undo them."""
         session = EditSession(self.loaded, context)
+        self._sessions = [live for live in self._sessions if live._handles] + [session]
         try:
             return session.apply(name if isinstance(name, Intervention) else self.plan.interventions[name]
                                  for name in names)
@@ -219,13 +221,17 @@ class RunContext:
         return {**{key: windows.meta for key, windows in self._windows.items()},
                 **{key: windows.meta for key, windows in self._protocol_windows.items()}}
 
+    def ppl_batch_size(self, protocol) -> int:
+        """The protocol's batch size, or 1 while an edit with a batch-dependent hook is on (EditSession)."""
+        return protocol.batch_size if all(session.batch_invariant for session in self._sessions) else 1
+
     def perplexities(self, label: str, keys: list[str] | None = None) -> dict[str, dict]:
         """Every PPL protocol of the eval suite (or those named in `keys`) on the model as it is now."""
         results = {}
         for key, protocol in (self.cfg.eval.get("ppl") or {}).items():
             if keys is not None and key not in keys:
                 continue
-            results[key] = perplexity(self.loaded.model, self.windows(key), protocol.batch_size,
+            results[key] = perplexity(self.loaded.model, self.windows(key), self.ppl_batch_size(protocol),
                                       desc=f"{label} {protocol.name}")
         return results
 

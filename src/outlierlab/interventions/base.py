@@ -62,6 +62,7 @@ class EditSession:
         self._saved: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
         self._originals: dict[tuple[int, tuple], torch.Tensor] = {}
         self._handles = []
+        self._batch_dependent: list = []  # hooks whose result for one sequence depends on the others in its batch
         self.log: list[dict] = []
 
     def set(self, param: torch.Tensor, index: tuple, values) -> None:
@@ -82,13 +83,22 @@ class EditSession:
     def _index_key(index: tuple) -> tuple:
         return tuple(tuple(i.tolist()) if isinstance(i, torch.Tensor) else i for i in index)
 
-    def hook(self, site: str, fn) -> None:
+    def hook(self, site: str, fn, batch_invariant: bool = True) -> None:
         """fn at a site (Sites hook point) until the session ends."""
-        self._handles.append(self.sites.register(site, fn))
+        self.add_hook(self.sites.register(site, fn), batch_invariant)
 
-    def add_hook(self, handle) -> None:
-        """A hook registered on a module directly (block linears have no site name); removed when the session ends."""
+    def add_hook(self, handle, batch_invariant: bool = True) -> None:
+        """Keep a hook until undo. `batch_invariant=False` for a hook whose output for one sequence depends on the
+        other sequences of its batch (e.g. one quantization range over the whole batch tensor): evaluations then
+        run one sequence at a time while it is on (see `batch_invariant`)."""
         self._handles.append(handle)
+        if not batch_invariant:
+            self._batch_dependent.append(handle)
+
+    @property
+    def batch_invariant(self) -> bool:
+        """True when every live hook treats each sequence of a batch on its own, so batching changes nothing."""
+        return not self._batch_dependent
 
     def apply(self, interventions) -> "EditSession":
         for intervention in interventions:
@@ -99,6 +109,7 @@ class EditSession:
         for handle in reversed(self._handles):
             handle.remove()
         self._handles.clear()
+        self._batch_dependent.clear()
         with torch.no_grad():
             for param, index, saved in reversed(self._saved):
                 param.data[index] = saved

@@ -55,7 +55,8 @@ class W8A8(Intervention):
 
                 def pre_hook(_module, args, bits=bits):
                     return (quantize_rtn(args[0], bits), *args[1:])
-                session.add_hook(module.register_forward_pre_hook(pre_hook))
+                # one range per input tensor, i.e. over the whole batch: batch-dependent by definition
+                session.add_hook(module.register_forward_pre_hook(pre_hook), batch_invariant=False)
         session.log.append({"edit": "w8a8_fake_quant", "weight_bits": self.weight_bits,
                             "activation_bits": self.activation_bits, "linears": len(linears),
                             "granularity": "per-tensor symmetric RTN, dynamic activation range"})

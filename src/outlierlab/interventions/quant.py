@@ -94,8 +94,9 @@ class QuantizeActivations(Intervention):
     """Dynamic fake quantization of every decoder-block linear's input (per tensor or per token), as a pre-hook.
 
     holdout=k > 0: the k largest |x| of each group are replaced by its median before quantization and restored after
-    (paper SW Sec. 4.1 with k=1: "a single scalar super activation per tensor"). The error of each input (relative
-    to the float input, over every forward while the hook is on) is logged per linear."""
+    (paper SW Sec. 4.1 with k=1: "a single scalar super activation per tensor"). "tensor" is each sequence's
+    tensor: a batch of windows is quantized sequence by sequence, as one window at a time would be. The error of
+    each input (relative to the float input, over every forward while the hook is on) is logged per linear."""
 
     def __init__(self, bits: int = 8, granularity: str = "tensor", zero_point: str = "min", holdout: int = 0,
                  match: str | None = None):
@@ -119,7 +120,12 @@ class QuantizeActivations(Intervention):
     def _hook(self, record: dict):
         def hook(_module, args):
             x = args[0]
-            quantized = fake_quantize_activation(x, self.bits, self.granularity, self.zero_point, self.holdout)
+            if self.granularity == "tensor" and x.dim() > 2 and x.shape[0] > 1:
+                # one range per sequence, as with batch 1: a batched evaluation gives the same numbers
+                quantized = torch.cat([fake_quantize_activation(part, self.bits, self.granularity, self.zero_point,
+                                                                self.holdout) for part in x.split(1)])
+            else:
+                quantized = fake_quantize_activation(x, self.bits, self.granularity, self.zero_point, self.holdout)
             diff = (quantized - x).detach().float()
             record["calls"] += 1
             record["sum_sq_error"] += float(diff.pow(2).sum())
