@@ -15,7 +15,7 @@ def test_every_exp_composes_with_every_model(exp, model):
     if cfg.exp.get("load_model", True):  # exps that build their own models (pretrain) name the model themselves
         assert cfg.model.name == model
     assert cfg.exp.name == exp
-    assert cfg.model.bos in ("prepend", "none")
+    assert cfg.model.bos in ("auto", "prepend", "none")
     for entry in cfg.model.super_weights:
         SuperWeight.parse(entry.coord)
         assert entry.provenance

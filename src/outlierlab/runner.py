@@ -86,7 +86,7 @@ def preflight(cfg: DictConfig) -> Plan:
     if "exp" not in cfg or cfg.exp is None:
         raise ConfigError(f"no experiment selected: append +exp=NAME (available: {_available(EXP_DIR)})")
     model = cfg.model
-    _check_choice("model.bos", model.bos, BOS_POLICIES)
+    _check_choice("model.bos", model.get("bos") or "auto", BOS_POLICIES)  # absent: auto
     _check_choice("model.dtype", model.dtype, tuple(DTYPES))
     if model.source == "tiny":
         family_for(model.tiny.model_type)
@@ -121,7 +121,7 @@ def preflight(cfg: DictConfig) -> Plan:
         raise ConfigError(f"model.super_weights: {error}") from None
     # Recipes that make or load their own models (pretraining, tables over several checkpoints) set
     # exp.load_model: false; the runner then loads nothing and ctx.loaded is None.
-    source = resolve_source(model) if cfg.exp.get("load_model", True) else None
+    source = resolve_source(model, cfg.paths.cache_dir) if cfg.exp.get("load_model", True) else None
     if super_weights and source is not None:
         layers, hidden, intermediate = model_shape(model, source)
         for weight in super_weights:
