@@ -88,3 +88,20 @@ def test_a_trained_model_brings_its_bos_policy(tmp_path):
     assert compose_cfg(["+exp=prune_sw", "model=trained", f"model.source={tmp_path / 'other'}"]).model.bos == "none"
     assert compose_cfg(["+exp=prune_sw", "model=trained", f"model.source={tmp_path}",
                         "model.bos=none"]).model.bos == "none"  # an explicit override still wins
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_registry_names_the_weights_it_belongs_to(model):
+    cfg = compose_cfg([f"model={model}"])
+    if cfg.model.super_weights or cfg.model.massive_activations:
+        assert cfg.model.source in cfg.model.registry_sources
+
+
+def test_the_registry_source_check(tmp_path):
+    from outlierlab.runner import ConfigError, preflight
+    with pytest.raises(ConfigError, match=r"model.source=/x/y.gguf: the registry of model 'smollm2_135m'.*model=path"):
+        preflight(compose_cfg(["+exp=sw_index", "model.source=/x/y.gguf"]))
+    # Same weights from another place: the user says so, and the registry is kept.
+    cfg = compose_cfg(["+exp=sw_index", "model.source=/x/y.gguf", "model.registry_sources=[/x/y.gguf]"])
+    with pytest.raises(Exception, match="GGUF file not found"):  # got past the registry check to the source
+        preflight(cfg)

@@ -61,6 +61,8 @@ def test_multirun_over_models(tmp_path):
     (["+exp=prune_sw", "exp.super_weights=guess"], "exp.super_weights=guess"),
     (["+exp=prune_sw", "model=llama7b"], "hub is unreachable"),
     (["model=tiny_llama"], "no experiment selected"),
+    # model.source alone keeps the default YAML's registry: stop, and say how to run other weights.
+    (["+exp=sw_index", "model.source=/elsewhere/other.gguf"], "use model=path model.source=/elsewhere/other.gguf"),
 ])
 def test_bad_input_is_one_line_before_any_weights_load(args, message, tmp_path):
     done = run_cli([*args, "logger=none"], tmp_path, HF_HUB_OFFLINE="1")

@@ -82,6 +82,20 @@ def _instantiate_interventions(cfg) -> dict[str, Intervention]:
     return interventions
 
 
+def _check_registry_source(model) -> None:
+    """A registry belongs to one set of weights. `model.source=X` alone (without `model=path`) keeps the YAML's name,
+    registry and BOS: we stop rather than drop the registry and detect, because the run would still be filed under
+    the YAML's name (results/<exp>/<name>/, overwriting that model's results) with the YAML's other conventions."""
+    sources = model.get("registry_sources")
+    if sources is None or not (model.get("super_weights") or model.get("massive_activations")):
+        return
+    if str(model.source) not in [str(s) for s in sources]:
+        raise ConfigError(f"model.source={model.source}: the registry of model '{model.name}' (super_weights, "
+                          f"massive_activations) belongs to {', '.join(map(str, sources))}; for other weights use "
+                          f"model=path model.source={model.source} (or add it to model.registry_sources if they "
+                          f"are the same weights)")
+
+
 def preflight(cfg: DictConfig) -> Plan:
     if "exp" not in cfg or cfg.exp is None:
         raise ConfigError(f"no experiment selected: append +exp=NAME (available: {_available(EXP_DIR)})")
@@ -115,6 +129,7 @@ def preflight(cfg: DictConfig) -> Plan:
     interventions = _instantiate_interventions(cfg)
     if cfg.exp.get("super_weights") is not None:
         _check_choice("exp.super_weights", cfg.exp.super_weights, ("auto", "detect", "registry"))
+    _check_registry_source(model)
     try:
         super_weights = [SuperWeight.parse(entry.coord) for entry in model.get("super_weights") or []]
     except (ValueError, AttributeError) as error:
