@@ -165,8 +165,9 @@ def _row(name, bos, consistent, candidates, origins, channels, gains, sinks) -> 
                                          if c["row_is_ma_channel"] is not None) or "",
         "int8 features": ", ".join(map(str, channels["features"])) or "none",
         "int8 max per layer": max(channels["count_per_layer"], default=0),
-        "norm gain max": (f"{top_gain['max_gain']:.0f} ({top_gain['kind']}, ch {top_gain['max_channel']}, "
-                          f"{top_gain['parametrisation']})") if top_gain else "",
+        "norm gain max": (f"{top_gain['max_gain']:.3g} = {top_gain['max_ratio_to_median']:.0f}x median "
+                          f"({top_gain['name']}, ch {top_gain['max_channel']}, gain {top_gain['parametrisation']})")
+        if top_gain else "",
         "sink rate": sinks["sink_rate"],
     }
 

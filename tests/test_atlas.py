@@ -81,10 +81,16 @@ def test_prefixquant_outlier_tokens_found_when_planted_nothing_otherwise(tiny):
     with OutlierTokens(tiny.sites) as probe, torch.no_grad():
         tiny.model(probe.observe(batch) and batch)
     assert sum(row["outlier_tokens"] for row in probe.summary()) == 0
-    plant_super_weight(tiny, layer=1, row=7, col=33, input_gain=300.0, weight=1.0)  # channel 33 spikes where > 0
-    with OutlierTokens(tiny.sites) as probe, torch.no_grad():
+
+    def plant(x):  # one token of sequence 0 (position 5) gets a channel 1000x the largest |x| of the batch
+        x = x.clone()
+        x.reshape(-1, x.shape[-1])[5, 33] = 1000 * float(x.abs().max())
+        return x
+    with tiny.sites.hook("layers.1.mlp.down_proj.in", plant), OutlierTokens(tiny.sites) as probe, torch.no_grad():
         tiny.model(probe.observe(batch) and batch)
-    assert probe.summary()[1]["outlier_tokens"] > 0 and probe.summary()[1]["max_ratio"] > 64
+    rows = probe.summary()
+    assert (rows[1]["outlier_tokens"], rows[1]["positions"]) == (1, [(5, 1)]) and rows[1]["max_ratio"] > 64
+    assert sum(row["outlier_tokens"] for row in rows) == 1
 
 
 @pytest.mark.parametrize("variant", ATTENTION_VARIANTS)

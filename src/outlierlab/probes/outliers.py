@@ -33,7 +33,7 @@ def _tokens_by_channels(tensor: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TokenCriterion:
-    ratio: float = 64.0  # PrefixQuant: token-wise max |x| / median |x| > 64
+    ratio: float = 64.0  # PrefixQuant: token-wise max |x| > 64 x the median of the token-wise maxima
 
 
 class OutlierTokens(Probe):
@@ -60,11 +60,9 @@ class OutlierTokens(Probe):
 
     def _callback(self, layer: int):
         def fold(x: torch.Tensor):
-            magnitude = _tokens_by_channels(x).abs()
-            # Median over the non-zero entries: after a ReLU (OPT's MLP) about half are exactly 0.
-            scale = magnitude.masked_fill(magnitude == 0, float("nan")).nanmedian(dim=1).values
-            ratio = magnitude.max(dim=1).values / scale.nan_to_num(1e-12).clamp(min=1e-12)
-            hits = torch.nonzero(ratio > self.criterion.ratio).flatten().tolist()
+            maxima = _tokens_by_channels(x).abs().amax(dim=1).reshape(-1, self._length)  # [batch, positions]
+            ratio = maxima / maxima.median(dim=1, keepdim=True).values.clamp(min=1e-12)
+            hits = torch.nonzero(ratio.flatten() > self.criterion.ratio).flatten().tolist()
             self.tokens[layer] += ratio.numel()
             self.outliers[layer] += len(hits)
             self.max_ratio[layer] = max(self.max_ratio[layer], float(ratio.max()))
