@@ -39,6 +39,7 @@ from outlierlab.probes.outliers import (
 )
 from outlierlab.probes.stats import ResidualStats
 from outlierlab.probes.super_weight import describe_weights, detect_super_weights, massive_activation
+from outlierlab.reports.atlas import atlas_row
 from outlierlab.runner import ConfigError
 
 
@@ -144,32 +145,16 @@ def _registry(ctx, consistent: list[dict], detected) -> dict:
                                               if e.get("bos") in (None, ctx.loaded.bos)]}
 
 
-def _row(name, bos, consistent, candidates, origins, channels, gains, sinks) -> dict:
-    detected = [c for c in candidates if c["detected"]]
-    top_gain = max(gains, key=lambda g: g["max_ratio_to_median"]) if gains else None
-    def ma(field, fmt="{}"):
-        return ", ".join(fmt.format(r[field]) for r in consistent) or "none"
-    return {
-        "model": name, "BOS": bos,
-        "MA channels": ma("channel"), "MA first layer": ma("first_layer"),
-        "MA tokens": ", ".join(r["role"] for r in consistent) or "none",
-        "MA magnitude": ", ".join(f"{abs(r['peak_mean']):.0f}" for r in consistent) or "none",
-        "MA x median": ", ".join(f"{r['peak_ratio_to_median']:.0f}" for r in consistent) or "none",
-        "MA share": ", ".join(f"{r['share_at_first_layer']:.2f}" for r in consistent) or "none",
-        "MA made by": "; ".join(o["made_by"] for o in origins) or "no MA",
-        "SW detected": ", ".join(c["label"] for c in detected) or "none",
-        "SW z-score": ", ".join(f"{c['weight_zscore']:.0f}" for c in detected) or "",
-        "SW spikes in/out": ", ".join(f"{c['input_spike']:.0f}/{c['output_spike']:.0f}" for c in detected) or "",
-        "SW PPL x": ", ".join(f"{next(iter(c['ppl_ratio'].values())):.2f}" for c in detected if c.get("ppl_ratio")),
-        "SW row = MA channel": ", ".join("yes" if c["row_is_ma_channel"] else "no" for c in detected
-                                         if c["row_is_ma_channel"] is not None) or "",
-        "int8 features": ", ".join(map(str, channels["features"])) or "none",
-        "int8 max per layer": max(channels["count_per_layer"], default=0),
-        "norm gain max": (f"{top_gain['max_gain']:.3g} = {top_gain['max_ratio_to_median']:.0f}x median "
-                          f"({top_gain['name']}, ch {top_gain['max_channel']}, gain {top_gain['parametrisation']})")
-        if top_gain else "",
-        "sink rate": sinks["sink_rate"],
-    }
+def _per_channel(consistent: list[dict]) -> list[dict]:
+    """One location per MA channel, where it is most regular: the largest share of windows at its first layer,
+    then the earliest layer (a fixed position such as BOS or the first token, where there is one)."""
+    best: dict[int, dict] = {}
+    for location in consistent:
+        key = (-location["share_at_first_layer"], location["first_layer"])
+        current = best.get(location["channel"])
+        if current is None or key < (-current["share_at_first_layer"], current["first_layer"]):
+            best[location["channel"]] = location
+    return sorted(best.values(), key=lambda r: (r["first_layer"], r["channel"]))
 
 
 def run(ctx) -> dict:
@@ -183,7 +168,7 @@ def run(ctx) -> dict:
     activation = massive_activation(loaded, exp.detection.prompt, **exp.massive_activation)
     detected, candidates, detection = _super_weights(ctx, activation)
     first_window = windows.ids[:1].to(loaded.device)
-    origins = [_origin(ctx, location, first_window, gains, detected) for location in consistent]
+    origins = [_origin(ctx, location, first_window, gains, detected) for location in _per_channel(consistent)]
     residual_summary = residual.summary()
     per_layer = {
         "max_abs": [row["top"][0]["abs"] for row in residual_summary],
@@ -195,14 +180,12 @@ def run(ctx) -> dict:
         "norm_max_gain": [max((abs(g["max_gain"]) for g in gains if g["layer"] == layer), default=None)
                           for layer in range(loaded.sites.num_layers)],
     }
-    row = _row(ctx.cfg.model.name, bos, consistent, candidates, origins, channels, gains, sinks)
-    columns = list(row)
     caption = (f"{ctx.cfg.model.name}: outlier atlas over {windows.meta['windows']} x {windows.meta['seqlen']} tokens "
                f"of {windows.meta['dataset']} (BOS {bos}); MA: paper MA criterion, consistent = in >= "
                f"{exp.consistent_share:.0%} of windows; SW: {exp.detection.preset} detection, PPL x = "
                f"{', '.join(exp.importance)} PPL with it zeroed / original; int8: LLM.int8 features; sink rate: "
                f"Gu et al. 2024")
-    return {
+    record = {
         "bos": bos, "bos_config": loaded.info.get("bos_config"),
         "criteria": {key: OmegaConf.to_container(exp[key]) for key in
                      ("massive_activation", "detection", "outlier_tokens", "channel_outliers", "attention_sinks",
@@ -213,6 +196,8 @@ def run(ctx) -> dict:
         "outlier_tokens": tokens, "channel_outliers": channels, "attention_sinks": sinks,
         "norm_gains": [{k: v for k, v in g.items() if k != "gain"} for g in gains],
         "registry": _registry(ctx, consistent, detected),
-        "per_layer": per_layer, "atlas_row": row,
-        "table": {"columns": columns, "rows": [row], "caption": caption},
+        "per_layer": per_layer,
     }
+    row = atlas_row({**record, "model": {"name": ctx.cfg.model.name}})  # the runner adds "model" (loaded.info)
+    record["table"] = {"columns": list(row), "rows": [row], "caption": caption}
+    return record
