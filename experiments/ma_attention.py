@@ -52,7 +52,7 @@ def attention_pass(ctx, windows, sinks: list[int], label: str) -> list[dict]:
 
 def run(ctx) -> dict:
     cfg = ctx.cfg.exp
-    found, notes, origin = locations(ctx.cfg)
+    found, notes, origin = locations(ctx.cfg, ctx.loaded.bos)
     if not found:
         note = "skipped: no massive activation with a fixed token position"
         return {"massive_activations": {"used": [], "origin": origin, "notes": notes},

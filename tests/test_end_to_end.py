@@ -65,6 +65,8 @@ def test_multirun_over_models(tmp_path):
     (["+exp=prune_sw", "model=tiny_llama", "seed=abc"], "seed=abc: seed must be an integer"),
     (["+exp=prune_sw", "model=tiny_llama", "eval.ppl.c4.windows=many"], "eval.ppl.c4.windows must be an integer"),
     (["+exp=prune_sw", "model=tiny_llama", "exp.interventions.zero_sw.scale=big"], "must be a number"),
+    # model.source alone keeps the default YAML's registry: stop, and say how to run other weights.
+    (["+exp=sw_index", "model.source=/elsewhere/other.gguf"], "use model=path model.source=/elsewhere/other.gguf"),
 ])
 def test_bad_input_is_one_line_before_any_weights_load(args, message, tmp_path):
     done = run_cli([*args, "logger=none"], tmp_path, HF_HUB_OFFLINE="1")

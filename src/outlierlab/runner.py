@@ -94,6 +94,20 @@ def window_protocols(cfg) -> dict[str, DictConfig]:
     return protocols
 
 
+def _check_registry_source(model) -> None:
+    """A registry belongs to one set of weights. `model.source=X` alone (without `model=path`) keeps the YAML's name,
+    registry and BOS: we stop rather than drop the registry and detect, because the run would still be filed under
+    the YAML's name (results/<exp>/<name>/, overwriting that model's results) with the YAML's other conventions."""
+    sources = model.get("registry_sources")
+    if sources is None or not (model.get("super_weights") or model.get("massive_activations")):
+        return
+    if str(model.source) not in [str(s) for s in sources]:
+        raise ConfigError(f"model.source={model.source}: the registry of model '{model.name}' (super_weights, "
+                          f"massive_activations) belongs to {', '.join(map(str, sources))}; for other weights use "
+                          f"model=path model.source={model.source} (or add it to model.registry_sources if they "
+                          f"are the same weights)")
+
+
 def _registry_super_weights(model, source: ModelSource | None) -> list[SuperWeight]:
     """model.super_weights parsed, and (when the model is known) inside its shape."""
     try:
@@ -117,7 +131,7 @@ def preflight(cfg: DictConfig) -> Plan:
     if mistyped:
         raise ConfigError(mistyped)
     model = cfg.model
-    _check_choice("model.bos", model.bos, BOS_POLICIES)
+    _check_choice("model.bos", model.get("bos") or "auto", BOS_POLICIES)  # absent: auto
     _check_choice("model.dtype", model.dtype, tuple(DTYPES))
     if model.source == "tiny":
         family_for(model.tiny.model_type)
@@ -131,9 +145,10 @@ def preflight(cfg: DictConfig) -> Plan:
     interventions = _instantiate_interventions(cfg)
     if cfg.exp.get("super_weights") is not None:
         _check_choice("exp.super_weights", cfg.exp.super_weights, ("auto", "detect", "registry"))
+    _check_registry_source(model)
     # Recipes that make or load their own models (pretraining, tables over several checkpoints) set
     # exp.load_model: false; the runner then loads nothing and ctx.loaded is None.
-    source = resolve_source(model) if cfg.exp.get("load_model", True) else None
+    source = resolve_source(model, cfg.paths.cache_dir) if cfg.exp.get("load_model", True) else None
     super_weights = _registry_super_weights(model, source)
     output = result_path(cfg.paths.results_dir, cfg.exp.name, model.name, cfg.run_tag)
     plan = Plan(source, interventions, super_weights, data_dir, output, recipe)

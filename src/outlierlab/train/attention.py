@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from outlierlab.models import attention as observation
+
 ATTENTION_VARIANTS = ("vanilla", "kv_bias", "clipped_softmax", "gated")
 
 
@@ -52,7 +54,13 @@ def explicit_attention(query, key, value, mask, scale: float, probabilities) -> 
 
 
 class OutlierAttention(nn.Module):
-    """Drop-in for transformers' LlamaAttention (same projections and parameter names, same forward signature)."""
+    """Drop-in for transformers' LlamaAttention (same projections and parameter names, same forward signature).
+
+    Observable like the HF modules (`layers.{i}.attn.logits|values|probs`, models/attention.py): while a callback
+    is registered it computes the attention explicitly and delivers what it used. For kv_bias the extra key k' is
+    delivered as the LAST key column, so key 0 is still the first token (what attention-sink metrics look at)."""
+
+    delivers_observations = True
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -119,8 +127,19 @@ class OutlierAttention(nn.Module):
 
         if self.variant == "clipped_softmax":
             gamma, zeta = self.config.clip_gamma, self.config.clip_zeta
-            output = explicit_attention(query, key, value, mask, self.scaling,
-                                        lambda scores: clipped_softmax(scores, gamma, zeta))
+            probabilities = lambda scores: clipped_softmax(scores, gamma, zeta)  # noqa: E731
+        else:
+            probabilities = lambda scores: torch.softmax(scores, dim=-1, dtype=torch.float32)  # noqa: E731
+        if observation.observed(self):
+            logits = torch.matmul(query, key.transpose(-1, -2)).float() * self.scaling
+            probs = probabilities(logits.masked_fill(~mask, float("-inf")))
+            output = torch.matmul(probs.to(value.dtype), value)
+            order = (lambda t: torch.cat([t[..., 1:], t[..., :1]], dim=-1)) if self.variant == "kv_bias" else None
+            observation.deliver(self, order(logits) if order else logits,
+                                torch.cat([value[:, :, 1:], value[:, :, :1]], dim=2) if order else value,
+                                order(probs) if order else probs)
+        elif self.variant == "clipped_softmax":
+            output = explicit_attention(query, key, value, mask, self.scaling, probabilities)
         else:
             output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scaling)
 

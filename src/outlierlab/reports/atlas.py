@@ -1,0 +1,131 @@
+"""The outlier atlas (+exp=atlas): one index table over every model's record and one overview figure.
+
+    results/atlas/<model>/<run_tag>.json  ->  results/tables/atlas_index.md|tex, results/figures/atlas_overview.png|pdf
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from outlierlab.figures import plt, save_figure
+from outlierlab.reports import register
+from outlierlab.results import read_result
+from outlierlab.tables import write_table
+
+
+def _records(results_dir: Path) -> list[dict]:
+    return [read_result(path) for path in sorted((results_dir / "atlas").glob("*/*.json"))]
+
+
+def atlas_row(record: dict) -> dict:
+    """The index-table row of one atlas record (also what the run prints): MAs one entry per channel."""
+    ma = {}
+    for location in record["massive_activations"]["consistent"]:
+        entry = ma.setdefault(location["channel"], {"first": location["first_layer"], "roles": [], "peak": 0.0,
+                                                    "ratio": 0.0, "share": 0.0})
+        entry["first"] = min(entry["first"], location["first_layer"])
+        entry["roles"].append(location["role"])
+        entry["peak"] = max(entry["peak"], abs(location["peak_mean"]))
+        entry["ratio"] = max(entry["ratio"], location["peak_ratio_to_median"])
+        entry["share"] = max(entry["share"], location["share_at_first_layer"])
+    channels = sorted(ma, key=lambda c: (ma[c]["first"], c))
+    def each(fmt):
+        return ", ".join(fmt(c, ma[c]) for c in channels) or "none"
+    candidates = record["super_weights"]["candidates"]
+    detected = [c for c in candidates if c["detected"]]
+    gains = record["norm_gains"]
+    top_gain = max(gains, key=lambda g: g["max_ratio_to_median"]) if gains else None
+    channel_outliers = record["channel_outliers"]
+    return {
+        "model": record["model"]["name"], "BOS": record["bos"],
+        "MA channels": each(lambda c, e: str(c)), "MA first layer": each(lambda c, e: str(e["first"])),
+        "MA tokens": each(lambda c, e: "/".join(e["roles"])),
+        "MA magnitude": each(lambda c, e: f"{e['peak']:.0f}"), "MA x median": each(lambda c, e: f"{e['ratio']:.0f}"),
+        "MA share": each(lambda c, e: f"{e['share']:.2f}"),
+        "MA made by": "; ".join(f"ch {o['channel']}: {o['made_by']}" for o in record["massive_activations"]["origins"])
+        or "no MA",
+        "SW detected": ", ".join(c["label"] for c in detected) or "none",
+        "SW z-score": ", ".join(f"{c['weight_zscore']:.0f}" for c in detected),
+        "SW spikes in/out": ", ".join(f"{c['input_spike']:.0f}/{c['output_spike']:.0f}" for c in detected),
+        "SW PPL x": ", ".join(f"{next(iter(c['ppl_ratio'].values())):.2f}" for c in detected if c.get("ppl_ratio")),
+        "SW row = MA channel": ", ".join("yes" if c["row_is_ma_channel"] else "no" for c in detected
+                                         if c["row_is_ma_channel"] is not None),
+        "int8 features": len(channel_outliers["features"]),
+        "int8 channels per layer (max)": max(channel_outliers["count_per_layer"], default=0),
+        "norm gain max": (f"{top_gain['max_gain']:.3g} = {top_gain['max_ratio_to_median']:.0f}x median "
+                          f"({top_gain['name']}, ch {top_gain['max_channel']}, gain {top_gain['parametrisation']})")
+        if top_gain else "",
+        "sink rate": record["attention_sinks"]["sink_rate"],
+        "outlier tokens": _outlier_tokens(record["outlier_tokens"]),
+        "registry": _registry(record["registry"]),
+    }
+
+
+def _outlier_tokens(per_layer: list[dict]) -> str:
+    """PrefixQuant outlier tokens as 'pos P: layers a, b' for the most common positions."""
+    by_position: dict[int, list[int]] = {}
+    for row in per_layer:
+        for position, _count in row["positions"]:
+            by_position.setdefault(position, []).append(row["layer"])
+    shown = sorted(by_position.items(), key=lambda item: -len(item[1]))[:2]
+    return "; ".join(f"pos {p}: layers {', '.join(map(str, layers))}" for p, layers in shown) or "none"
+
+
+def _registry(registry: dict) -> str:
+    """How much of the model YAML's registry the atlas found again."""
+    parts = []
+    if registry["super_weights"]:
+        parts.append(f"SW {sum(registry['super_weights_detected'])}/{len(registry['super_weights'])} detected")
+    if registry["massive_activations"]:
+        parts.append(f"MA {sum(registry['massive_activations_found'])}/{len(registry['massive_activations'])} found")
+    return ", ".join(parts) or "none listed"
+
+
+def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
+    records = _records(results_dir)
+    if not records:
+        return []
+    rows = [{**atlas_row(record), "windows": (f"{record['evaluations']['exp.data.corpus']['windows']} x "
+                         f"{record['evaluations']['exp.data.corpus']['seqlen']}")}
+            for record in records]
+    columns = list(dict.fromkeys(column for row in rows for column in row))
+    criteria = records[0]["criteria"]
+    caption = ("Outlier atlas (+exp=atlas). MA: " + criteria["massive_activation"]["provenance"]
+               + "; consistent = in >= half the windows; magnitude = mean |h| at the peak layer; made by = the block's "
+               "step at the MA against its down_proj output (a super weight when one weight makes it) or a norm's "
+               "effective gain. SW: " + criteria["detection"]["provenance"] + "; PPL x = WikiText-2 PPL with that "
+               "weight alone zeroed / original. int8: " + criteria["channel_outliers"]["provenance"]
+               + ". Outlier tokens: " + criteria["outlier_tokens"]["provenance"] + ". Norm gain: largest effective gain (parametrisation read from the module). Sink rate: "
+               + criteria["attention_sinks"]["provenance"] + ".")
+    return write_table(columns, rows, out_dir / "atlas_index", caption)
+
+
+PANELS = (("mean_top1", "mean top-1 |h| (solid) and median (dotted)", True),
+          ("sink_share", "share of sink heads (Gu et al., eps 0.3)", False),
+          ("int8_channels", "LLM.int8 outlier channels", False),
+          ("norm_max_gain", "largest norm gain in the block", True))
+
+
+def build_figures(results_dir: Path, out_dir: Path) -> list[Path]:
+    records = _records(results_dir)
+    if not records:
+        return []
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
+    for record in records:
+        name, per_layer = record["model"]["name"], record["per_layer"]
+        for axis, (key, title, log) in zip(axes, PANELS):
+            values = per_layer[key]
+            layers = [i for i, v in enumerate(values) if v is not None]
+            line, = axis.plot(layers, [values[i] for i in layers], marker=".", label=f"{name} (BOS {record['bos']})")
+            if key == "mean_top1":
+                axis.plot(range(len(per_layer["mean_median"])), per_layer["mean_median"], ":", color=line.get_color())
+            axis.set_title(title, fontsize=9)
+            axis.set_xlabel("layer")
+            if log:
+                axis.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    figure.suptitle("Outlier atlas: per-layer overview", fontsize=10)
+    figure.tight_layout()
+    return save_figure(figure, out_dir / "atlas_overview")
+
+
+register("atlas", tables=build_tables, figures=build_figures)
