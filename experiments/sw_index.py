@@ -44,6 +44,19 @@ def _describe_activation(activation: dict) -> str:
     return f"no massive activation (largest |h| {activation['abs']:.1f}, {activation['ratio_to_median']:.0f}x median)"
 
 
+def _importance(ctx, candidates: list[SuperWeight], detected: list[SuperWeight]) -> dict[str, dict]:
+    """PPL on every protocol of the original model, with each candidate alone zeroed, and with every detected one
+    zeroed ("all detected"): importance is measured, not inferred from detection."""
+    importance = {"original": ctx.perplexities(label="original")}
+    for weight in candidates:
+        with ctx.edit(["zero_sw"], StudyContext(super_weights=[weight])):
+            importance[str(weight)] = ctx.perplexities(label=f"zero {weight}")
+    if detected:
+        with ctx.edit(["zero_sw"], StudyContext(super_weights=detected)):
+            importance["all detected"] = ctx.perplexities(label="zero all detected")
+    return importance
+
+
 def run(ctx) -> dict:
     cfg = ctx.cfg.exp
     detection = detect_super_weights(ctx.loaded, **cfg.detection)
@@ -56,23 +69,17 @@ def run(ctx) -> dict:
     activation = massive_activation(ctx.loaded, cfg.detection.prompt, **cfg.massive_activation)
 
     protocols = list(ctx.cfg.eval.get("ppl") or {}) if cfg.importance else []
-    original = ctx.perplexities(label="original") if protocols else {}
-    rows = [{"candidate": "none (original)", **{key: original[key]["ppl"] for key in protocols}}] if protocols else []
-    importance = {}
-    for weight, fact in zip(candidates, facts):
-        row = _candidate_row(weight, fact, detected, rejected, registry, activation)
-        if protocols:
-            with ctx.edit(["zero_sw"], StudyContext(super_weights=[weight])):
-                importance[str(weight)] = ctx.perplexities(label=f"zero {weight}")
-            row.update({key: importance[str(weight)][key]["ppl"] for key in protocols})
-        rows.append(row)
+    importance = _importance(ctx, candidates, list(detected)) if protocols else {"original": {}}
+
+    def ppl(key: str) -> dict:
+        return {protocol: importance[key][protocol]["ppl"] for protocol in protocols}
+    rows = [{"candidate": "none (original)", **ppl("original")}] if protocols else []
+    rows += [{**_candidate_row(weight, fact, detected, rejected, registry, activation),
+              **(ppl(str(weight)) if protocols else {})} for weight, fact in zip(candidates, facts)]
     if protocols and detected:
-        with ctx.edit(["zero_sw"], StudyContext(super_weights=list(detected))):
-            importance["all detected"] = ctx.perplexities(label="zero all detected")
-        rows.append({"candidate": "all detected", **{key: importance["all detected"][key]["ppl"] for key in protocols}})
-    if protocols:
-        for row in rows:
-            row["x original"] = row[protocols[0]] / original[protocols[0]]["ppl"]
+        rows.append({"candidate": "all detected", **ppl("all detected")})
+    for row in rows if protocols else []:
+        row["x original"] = row[protocols[0]] / importance["original"][protocols[0]]["ppl"]
 
     columns = ["candidate", "value", "rank", "z-score", "input spike", "output spike", "detected", "registry",
                "row = MA channel", *protocols, *(["x original"] if protocols else [])]
@@ -94,6 +101,6 @@ def run(ctx) -> dict:
         "massive_activation": activation,
         "detection": {k: v for k, v in detection.items() if k != "iterations"},
         "detection_iterations": detection["iterations"],
-        "importance": {"original": original, **importance},
+        "importance": importance,
         "table": {"columns": columns, "rows": rows, "caption": caption},
     }

@@ -1,8 +1,11 @@
 """Weight edits are undone bit-exactly (checked by hashing every weight), and each edit does what it says."""
+import functools
+
 import hydra
 import pytest
 import torch
 from conftest import CONF, DATA_DIR, TINY_MODELS, compose_cfg, weights_hash
+from omegaconf import open_dict
 
 from outlierlab.errors import ConfigError
 from outlierlab.evals.ppl import Windows
@@ -24,6 +27,7 @@ MA = MassiveActivation(first_layer=1, channels=(3, 7), positions=(0, 2))
 INTERVENTIONS = sorted(p.stem for p in (CONF / "intervention").glob("*.yaml"))
 
 
+@functools.cache
 def intervention_cfg(name: str):
     return compose_cfg([f"+intervention@edit={name}"]).edit
 
@@ -47,15 +51,22 @@ def test_every_intervention_yaml_is_undone_bit_exactly(name, tiny_llama):
     assert torch.equal(tiny_llama.model(ids).logits, logits_before)
 
 
+@pytest.fixture(scope="module")
+def prune_sw_cfg(tmp_path_factory):
+    return compose_cfg(["+exp=prune_sw", "model=tiny_llama", "logger=none", f"paths.data_dir={DATA_DIR}",
+                        f"paths.results_dir={tmp_path_factory.mktemp('results')}"])
+
+
 @pytest.mark.requires("data")
 @pytest.mark.parametrize("name,key", [(name, key) for name in INTERVENTIONS
                                       for key in [*intervention_cfg(name), "no_such_argument"] if key != "_target_"])
-def test_every_bad_intervention_argument_fails_before_load(name, key, tmp_path):
+def test_every_bad_intervention_argument_fails_before_load(name, key, prune_sw_cfg):
     """A wrong value for any argument of any intervention YAML (or a misspelled argument) is a config error at
     preflight, which loads no weights."""
-    cfg = compose_cfg(["+exp=prune_sw", "model=tiny_llama", "logger=none", f"paths.data_dir={DATA_DIR}",
-                       f"paths.results_dir={tmp_path}", f"+intervention@exp.interventions.probe={name}",
-                       f"++exp.interventions.probe.{key}='(('"])
+    cfg, intervention = prune_sw_cfg.copy(), intervention_cfg(name).copy()
+    with open_dict(cfg), open_dict(intervention):
+        intervention[key] = "(("
+        cfg.exp.interventions.probe = intervention
     with pytest.raises(ConfigError, match=r"^exp\.interventions\.probe: "):
         preflight(cfg)
 
