@@ -9,6 +9,8 @@ family's convention (models/sites.py `norm_gain_offset`): Llama-style norms mult
               dimensions of that norm role (outliers in >= half of the layers), reset in every layer; or an explicit
               list of channels, reset in every chosen norm
     value     "one" (gain 1) or "mean" (the mean gain of the norm's other channels)
+    tail      "high" (default: gains above the mean, the ones that make large activations) or "both" (BERT
+              Busters' |gain - mean| > sigma std)
     control   "random": as many channels per norm as the rule above picks, drawn at random (seeded) from the
               channels it does not pick: does resetting *any* channels do the same?
     norms     norm roles (norm1, norm2, norm_attn_out, norm_mlp_out, final_norm) or "all"
@@ -22,7 +24,7 @@ import torch
 
 from outlierlab.interventions.base import EditSession, Intervention
 from outlierlab.models.sites import NORM_ROLES
-from outlierlab.probes.channel_outliers import GammaCriterion, gamma_outliers, kind, norm_outlier_channels
+from outlierlab.probes.channel_outliers import TAILS, GammaCriterion, gamma_outliers, kind, norm_outlier_channels
 
 ROLES = (*NORM_ROLES, "final_norm")
 CHANNEL_RULES = ("detected", "consistent")
@@ -33,7 +35,7 @@ class ResetNormGamma(Intervention):
     CONTROLS = (None, "random")
 
     def __init__(self, channels="detected", value: str = "one", control: str | None = None, norms="all",
-                 layers="all", sigma: float = 3.0, bias: bool = False, seed: int = 0):
+                 layers="all", sigma: float = 3.0, tail: str = "high", bias: bool = False, seed: int = 0):
         if isinstance(channels, str):
             if channels not in CHANNEL_RULES:
                 raise ValueError(f"channels='{channels}' is not one of {', '.join(CHANNEL_RULES)} or a list of "
@@ -57,6 +59,9 @@ class ResetNormGamma(Intervention):
                 raise ValueError(f"layers={layers} must be 'all' or a non-empty list of layer indices >= 0")
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma <= 0:
             raise ValueError(f"sigma={sigma} must be a positive number")
+        if tail not in TAILS:
+            raise ValueError(f"tail='{tail}' is not one of {', '.join(TAILS)}")
+        self.tail = tail
         self.channels, self.value, self.control, self.norms, self.layers = channels, value, control, norms, layers
         self.sigma, self.bias, self.seed = float(sigma), bool(bias), int(seed)
 
@@ -76,7 +81,7 @@ class ResetNormGamma(Intervention):
     def _chosen(self, sites, norm: str, consistent: dict) -> list[int]:
         size = sites.module(norm).weight.numel()
         if self.channels == "detected":
-            chosen = norm_outlier_channels(sites, norm, self.sigma)["gain"]
+            chosen = norm_outlier_channels(sites, norm, self.sigma, self.tail)["gain"]
         elif self.channels == "consistent":
             chosen = consistent.get(kind(norm), {}).get("consistent", [])
         else:
@@ -92,7 +97,7 @@ class ResetNormGamma(Intervention):
     def apply(self, session: EditSession) -> None:
         sites = session.sites
         offset = sites.family.norm_gain_offset
-        consistent = (gamma_outliers(sites, GammaCriterion(sigma=self.sigma))
+        consistent = (gamma_outliers(sites, GammaCriterion(sigma=self.sigma), self.tail)
                       if self.channels == "consistent" else {})
         edited = {}
         for norm in self.targets(sites):
@@ -117,7 +122,7 @@ class ResetNormGamma(Intervention):
                 entry["bias_after"] = value
             edited[norm] = entry
         session.log.append({"edit": "reset_norm_gamma", "channels_rule": self.channels, "value": self.value,
-                            "control": self.control, "gain_offset": offset, "sigma": self.sigma,
+                            "control": self.control, "tail": self.tail, "gain_offset": offset, "sigma": self.sigma,
                             "norms_edited": len(edited), "channels_reset": sum(len(e["channels"])
                                                                               for e in edited.values()),
                             "norms": edited})

@@ -20,10 +20,10 @@ positions), as for the MA study's interventions.
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from outlierlab.interventions.base import EditSession, Intervention
 from outlierlab.interventions.massive_activation import _index, _locations
+from outlierlab.probes.channel_outliers import forward_windows
 
 SITES = {"birth": "layers.{layer}.mlp.out", "skip": "layers.{layer}.out"}
 LAYER_RULES = ("birth", "after_birth")
@@ -86,7 +86,7 @@ class SmoothMassiveActivation(Intervention):
         if ids is None:
             raise ValueError("value='mean' needs calibration data: context['calibration_ids'] is missing")
         sums = {site: [None] * len(locations) for site, locations in plan.items()}
-        model, sites = session.loaded.model, session.sites
+        sites = session.sites
 
         def folder(site, locations):
             def fold(x):
@@ -97,9 +97,7 @@ class SmoothMassiveActivation(Intervention):
             return fold
         handles = [sites.register(site, folder(site, locations)) for site, locations in plan.items()]
         try:
-            with torch.no_grad():
-                for row in tqdm(ids, desc="smooth_ma means", leave=False):
-                    model(row[None].to(session.loaded.device))
+            forward_windows(session.loaded, ids, desc="smooth_ma means")
         finally:
             for handle in handles:
                 handle.remove()

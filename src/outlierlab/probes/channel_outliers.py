@@ -21,8 +21,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from outlierlab.probes.stats import Probe
+
+
+@torch.no_grad()
+def forward_windows(loaded, ids: torch.Tensor, batch_size: int = 1, desc: str = "probe") -> None:
+    """Run [n, seqlen] token windows through the model (for the probes hooked around this call)."""
+    for batch in tqdm(ids.split(batch_size), desc=desc, leave=False):
+        loaded.model(batch.to(loaded.device))
 
 
 @dataclass(frozen=True)
@@ -160,34 +168,39 @@ def channel_outliers(summary: dict, criterion: OutlierCriterion = OutlierCriteri
     return result
 
 
-def _deviations(values: torch.Tensor, sigma: float) -> list[int]:
+TAILS = ("both", "high")
+
+
+def _deviations(values: torch.Tensor, sigma: float, tail: str = "both") -> list[int]:
     values = values.double()
     std = values.std(unbiased=False)
     if std == 0:
         return []
-    return ((values - values.mean()).abs() > sigma * std).nonzero().flatten().tolist()
+    deviation = values - values.mean() if tail == "high" else (values - values.mean()).abs()
+    return (deviation > sigma * std).nonzero().flatten().tolist()
 
 
-def norm_outlier_channels(sites, norm: str, sigma: float = 3.0) -> dict:
+def norm_outlier_channels(sites, norm: str, sigma: float = 3.0, tail: str = "both") -> dict:
     """One norm: the channels whose gain (family convention: norm_gain_offset + w) is more than sigma standard
-    deviations from the mean gain of that norm, and likewise for its bias where it has one."""
+    deviations from the mean gain of that norm (tail "both", BERT Busters; "high": only above the mean, the gains
+    that make large activations), and likewise for its bias where it has one."""
     module = sites.module(norm)
     gain = sites.norm_gain(norm)
     bias = getattr(module, "bias", None)
-    return {"gain": _deviations(gain, sigma),
+    return {"gain": _deviations(gain, sigma, tail),
             "bias": None if bias is None else _deviations(bias.detach().float(), sigma),
             "gain_mean": float(gain.mean()), "gain_std": float(gain.std(unbiased=False)),
             "gain_max": float(gain.abs().max())}
 
 
-def gamma_outliers(sites, criterion: GammaCriterion = GammaCriterion()) -> dict:
+def gamma_outliers(sites, criterion: GammaCriterion = GammaCriterion(), tail: str = "both") -> dict:
     """Per norm role (norm1, norm2, ...): per layer the sigma-outlier channels of the gain (and bias), and BERT
     Busters' outlier dimensions: channels that are gain outliers in >= layer_share of the layers with that norm
     ("gain_and_bias": those that are also bias outliers there, where the norm has a bias)."""
     roles: dict[str, dict] = {}
     for layer in range(sites.num_layers):
         for norm in sites.norms(layer):
-            roles.setdefault(kind(norm), {})[layer] = norm_outlier_channels(sites, norm, criterion.sigma)
+            roles.setdefault(kind(norm), {})[layer] = norm_outlier_channels(sites, norm, criterion.sigma, tail)
     result = {}
     for role, layers in roles.items():
         counts, both = {}, {}

@@ -82,6 +82,22 @@ class SiteExtremes(Probe):
         return self.state[point]["max_abs"]
 
 
+def criterion_from(section) -> tuple[MACriterion, float]:
+    """(MACriterion, min_share) from a config section {min_abs, median_ratio, min_share}; ValueError names the key."""
+    section = dict(section)
+    share = section.pop("min_share", 0.5)
+    try:
+        criterion = MACriterion(**section)
+    except TypeError as error:
+        raise ValueError(f"exp.criterion: {error}") from None
+    for key in ("min_abs", "median_ratio"):
+        if not getattr(criterion, key) > 0:
+            raise ValueError(f"exp.criterion.{key}={getattr(criterion, key)} must be > 0")
+    if not 0 < share <= 1:
+        raise ValueError(f"exp.criterion.min_share={share} must be in (0, 1]")
+    return criterion, share
+
+
 def first_appearance(rows: list[dict], min_share: float = 0.5) -> dict:
     """The birth of the MAs in a SiteExtremes summary (rows in forward order).
 
