@@ -67,16 +67,21 @@ def _locate_figure(record: dict, model: str):
     heat.set_title("max |x| at every block point (forward order, left to right)", fontsize=9)
     if hits or record["birth"]["channels"]:
         heat.legend(fontsize=7, loc="upper left")
-    for channel, values in record["traces"].items():
-        x = np.arange(len(values))
-        trace.plot(x, [max(v, 1e-6) for _, v in values], marker=".", markersize=3, label=f"channel {channel}")
-        ticks = [i for i, (point, _) in enumerate(values) if point.endswith(".out") and point.count(".") == 2]
-        trace.set_xticks(ticks[::max(1, len(ticks) // 10)],
-                         [values[i][0].split(".")[1] for i in ticks[::max(1, len(ticks) // 10)]])
+    styles = {"out": "-", "mlp.out": "--", "attn.out": ":", "mlp.in": "-."}
+    for number, (channel, values) in enumerate(record["traces"].items()):
+        by_kind: dict[str, list] = {}
+        for point, value in values:
+            layer, kind = point.split(".", 2)[1:]
+            by_kind.setdefault(kind, []).append((int(layer), max(value, 1e-6)))
+        for kind, style in styles.items():
+            if kind in by_kind:
+                xs, ys = zip(*by_kind[kind])
+                trace.plot(xs, ys, linestyle=style, color=f"C{number}", marker="." if kind == "out" else None,
+                           label=f"ch {channel} at {kind}")
     trace.axhline(record["criterion"]["min_abs"], color="grey", linestyle=":", linewidth=1,
                   label=f"|x| = {record['criterion']['min_abs']:g}")
     trace.set_yscale("log")
-    trace.set_xlabel("block output of layer (with every residual-width point between)")
+    trace.set_xlabel("layer")
     trace.set_ylabel("max |x| of the MA channel")
     trace.set_title("each residual MA channel through the network", fontsize=9)
     trace.legend(fontsize=7)
@@ -103,35 +108,39 @@ def _outliers_per_layer(summary: dict, which: str = "absolute") -> tuple[list[in
 
 
 def _gamma_figure(record: dict, model: str):
-    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
-    for variant, detail in record["variants"].items():
-        channels = detail.get("channels")
-        if not channels:
-            continue
-        layers, counts = _outliers_per_layer(channels["summary"])
-        style = "--" if variant.startswith("random") else "-"
-        left.plot(layers, counts, linestyle=style, marker="o", markersize=3, label=variant)
+    figure, (absolute, relative, gains) = plt.subplots(1, 3, figsize=(17, 4.6))
     criterion = record["criterion"]
-    left.set_xlabel("layer")
-    left.set_ylabel("outlier channels (union over residual-width sites)")
-    left.set_title(f"channel-wise outliers: >= {criterion['position_share']:.0%} of positions with |x| >= "
-                   f"{criterion['min_abs']:g}", fontsize=9)
-    left.legend(fontsize=7)
+    for axis, which, title in (
+            (absolute, "absolute", f"LLM.int8 rule: >= {criterion['position_share']:.0%} of positions with |x| >= "
+                                   f"{criterion['min_abs']:g}"),
+            (relative, "relative", f"relative rule: >= {criterion['position_share']:.0%} of positions with |x| >= "
+                                   f"{criterion['median_ratio']:g} x token median")):
+        for variant, detail in record["variants"].items():
+            channels = detail.get("channels")
+            if not channels:
+                continue
+            layers, counts = _outliers_per_layer(channels["summary"], which)
+            style = "--" if variant.startswith("random") else "-"
+            axis.plot(layers, counts, linestyle=style, marker="o", markersize=3, label=variant)
+        axis.set_xlabel("layer")
+        axis.set_ylabel("outlier channels (union over residual-width sites)")
+        axis.set_title(title, fontsize=9)
+        axis.legend(fontsize=7)
     offset = record["gamma_outliers"]["gain_offset"]
     for number, (role, found) in enumerate(record["gamma_outliers"]["roles"].items()):
         layers = sorted(int(k) for k in found["per_layer"])
         entries = [found["per_layer"][str(k)] for k in layers]
         color = f"C{number}"
-        right.plot(layers, [e["gain_max"] for e in entries], color=color, marker="o", markersize=3,
+        gains.plot(layers, [e["gain_max"] for e in entries], color=color, marker="o", markersize=3,
                    label=f"{role}: max |gain|")
-        right.plot(layers, [e["gain_mean"] for e in entries], color=color, linestyle=":", label=f"{role}: mean gain")
-    right.axhline(1.0, color="black", linewidth=0.6)
-    right.set_yscale("log")
-    right.set_xlabel("layer")
-    right.set_ylabel(f"gain = {offset:g} + w")
-    right.set_title("the norms' gains (reset to 1 means this black line)", fontsize=9)
-    right.legend(fontsize=7, ncol=2)
-    figure.suptitle(f"{model}: paper RO, gamma resets", fontsize=10)
+        gains.plot(layers, [e["gain_mean"] for e in entries], color=color, linestyle=":", label=f"{role}: mean gain")
+    gains.axhline(1.0, color="black", linewidth=0.6)
+    gains.set_yscale("log")
+    gains.set_xlabel("layer")
+    gains.set_ylabel(f"gain = {offset:g} + w")
+    gains.set_title("the norms' gains (reset to 1 means the black line)", fontsize=9)
+    gains.legend(fontsize=7, ncol=2)
+    figure.suptitle(f"{model}: paper RO, channel-wise outliers per layer under each gamma reset", fontsize=10)
     figure.tight_layout()
     return figure
 
