@@ -41,7 +41,8 @@ def table(found: dict, model: str, windows_meta: dict) -> dict:
             rows.append({"MA channel": entry["channel"], "site": row["point"], "paper": row["label"] or "",
                          "mean max |x|": row["mean_peak"], "at channel": row["peak"]["channel"],
                          "median |x|": row["mean_median"], "massive in": row["hit_share"],
-                         "born here": "<-" if row["point"] == entry["born_at"] else ""})
+                         "born here": "<-" if row["point"] == entry["born_at"] else "",
+                         "first in channel": "<-" if row["point"] == entry["residual_point"] else ""})
     births = "; ".join(f"channel {e['channel']} born at {e['born_at']} ({e['born_label'] or 'no paper label'}, "
                        f"its channel {e['born_channel']}), first in the residual at {e['residual_point']}"
                        for e in found["birth"]["channels"]) or "no massive activation at any block output"
@@ -49,9 +50,12 @@ def table(found: dict, model: str, windows_meta: dict) -> dict:
     caption = (f"{model}: every block point of the birth layer; massive = |x| > {criterion['min_abs']:g} and > "
                f"{criterion['median_ratio']:g} x the median |x| of that site (per sequence), 'massive in' = share of "
                f"the {windows_meta['windows']} x {windows_meta['seqlen']}-token {windows_meta['dataset']} "
-               f"{windows_meta['split']} windows; {births}. Paper RO: born after the first FFN's activation (y6 in "
+               f"{windows_meta['split']} windows; born here = the first massive point of the block that makes the "
+               f"channel (inside the MLP, or in that channel); first in channel = the first residual-width point "
+               f"where that channel is massive; {births}. Paper RO: born after the first FFN's activation (y6 in "
                f"Llama/Qwen blocks, y4 in GPT blocks; labels are our reading of its figure)")
-    columns = ["MA channel", "site", "paper", "mean max |x|", "at channel", "median |x|", "massive in", "born here"]
+    columns = ["MA channel", "site", "paper", "mean max |x|", "at channel", "median |x|", "massive in", "born here",
+               "first in channel"]
     return {"columns": columns, "rows": rows, "caption": caption}
 
 

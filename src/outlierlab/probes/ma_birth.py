@@ -102,9 +102,10 @@ def first_appearance(rows: list[dict], min_share: float = 0.5) -> dict:
     """The birth of the MAs in a SiteExtremes summary (rows in forward order).
 
     A point "has an MA" when the criterion holds in >= min_share of the sequences. For every residual MA channel
-    (a hit channel at some `layers.{i}.out` with that share) the birth is the first point whose hit channels include
-    it, among the points with the residual's width, and the birth point is the first point with an MA in that
-    block (e.g. the down_proj input, whose channels are the MLP's): `before` is the point just before it."""
+    (a hit channel at some `layers.{i}.out` with that share): `residual_point` is the first point of the residual's
+    width whose hits include it, and `born_at` the first point of that block, up to there, that has an MA of
+    another width (inside the MLP: the down_proj input) or in that channel (an MA of another channel carried by the
+    residual does not count); `before` is the point just before it."""
     with_ma = [row for row in rows if row["hit_share"] >= min_share and row["sequences"]]
     result = {"first": with_ma[0]["point"] if with_ma else None,
               "first_label": with_ma[0]["label"] if with_ma else None, "channels": []}
@@ -121,7 +122,12 @@ def first_appearance(rows: list[dict], min_share: float = 0.5) -> dict:
                           None)
         layer = first_wide["layer"] if first_wide else out_layer
         in_block = [row for row in rows if row["layer"] == layer]
-        born = next((row for row in in_block if row in with_ma), first_wide)
+
+        def makes_it(row):  # massive, and either inside the MLP/attention (another width) or in this channel
+            return row in with_ma and (row["width"] != width or any(
+                c == channel and n >= min_share * row["sequences"] for c, n in row["channels"]))
+        end = in_block.index(first_wide) + 1 if first_wide in in_block else len(in_block)
+        born = next((row for row in in_block[:end] if makes_it(row)), first_wide)
         index = in_block.index(born) if born in in_block else 0
         result["channels"].append({
             "channel": channel, "first_block_output": out_layer, "layer": layer,
