@@ -116,8 +116,10 @@ def run(ctx) -> dict:
     offset = sites.family.norm_gain_offset
     probe = ctx.data_windows("probe").meta
     consistent = {role: found["consistent"] for role, found in gammas.items()}
+    reset_roles = sorted({norm.split(".")[-1] for detail in details.values() for edit in detail["edits"]
+                          if edit.get("edit") == "reset_norm_gamma" for norm in edit["norms"]})
     caption = (f"{ctx.cfg.model.name}: gain outliers (> {gamma_rule.sigma} sigma, 'high' tail for the resets; gain ="
-               f" {offset:g} + w) reset per norm and layer. int8 / relative features: hidden-size channels that are "
+               f" {offset:g} + w) reset per norm and layer, in the norms {', '.join(reset_roles) or 'none'}. int8 / relative features: hidden-size channels that are "
                f"outliers (>= {outlier.position_share:.0%} of positions with |x| >= {outlier.min_abs:g}, or >= "
                f"{outlier.median_ratio:g} x the token's median |x|) in >= {outlier.layer_share:.0%} of the layers, "
                f"over every norm output and linear input; outlier ch./site: mean number of such channels per "
