@@ -73,7 +73,7 @@ def row_for(variant: str, detail: dict, protocols: list[str], hidden_size: int) 
                                  if e.get("edit") == "reset_norm_gamma"),
            "int8 features": len(channels["features"]["absolute"]["hidden"]["features"]),
            "relative features": len(channels["features"]["relative"]["hidden"]["features"]),
-           "outlier ch./site": sum(len(summary[p]["absolute"]["channels"]) for p in hidden) / max(len(hidden), 1),
+           "outlier ch./site": sum(summary[p]["absolute"]["count"] for p in hidden) / max(len(hidden), 1),
            "max |x| norm out": max((summary[p]["max_abs"] for p in summary if ".norm" in p or p == "final_norm.out"),
                                    default=None)}
     for key in protocols:

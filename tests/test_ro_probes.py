@@ -113,3 +113,10 @@ def test_first_appearance_of_a_planted_mlp(planted, tmp_path):
     by_point = {r["point"]: r for r in rows}
     assert by_point["layers.2.mlp.up_proj.out"]["hit_share"] == 0  # neither factor alone is massive
     assert by_point["layers.3.out"]["hit_share"] == 1  # the skip connection carries it on
+
+
+@pytest.mark.parametrize("channels", [[], [3], [0, 1, 2, 5, 7, 8], list(range(640))])
+def test_channel_lists_are_stored_as_ranges(channels):
+    from outlierlab.probes.channel_outliers import decode_channels, encode_channels
+    assert decode_channels(encode_channels(channels)) == channels
+    assert encode_channels([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"

@@ -117,8 +117,9 @@ class ChannelStats(Probe):
         return counts.double() / self.positions[point]
 
     def summary(self) -> dict:
-        """Per point: per-layer outlier channels (share of positions >= position_share) under both criteria, with
-        their share and max |x|; the point's max and mean |x|. Small: only outlier channels are listed."""
+        """Per point: per-layer outlier channels (share of positions >= position_share) under both criteria, as a
+        range string (`decode_channels`), the TOP of them by share with their share and max |x|; the point's max and
+        mean |x|. Small whatever the model: on Gemma-3 every channel can be an outlier by the absolute rule."""
         rows = {}
         for point in self.points:
             if self.absolute[point] is None:
@@ -129,10 +130,34 @@ class ChannelStats(Probe):
             for which in ("absolute", "relative"):
                 share = self.share(point, which)
                 channels = (share >= self.criterion.position_share).nonzero().flatten().tolist()
-                row[which] = {"channels": channels, "share": [round(float(share[c]), 4) for c in channels],
-                              "max_abs": [float(self.max_abs[point][c]) for c in channels]}
+                top = sorted(channels, key=lambda c: -float(share[c]))[:TOP]
+                row[which] = {"count": len(channels), "channels": encode_channels(channels),
+                              "top": [[c, round(float(share[c]), 4), float(self.max_abs[point][c])] for c in top]}
             rows[point] = row
         return rows
+
+
+TOP = 16
+
+
+def encode_channels(channels: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" (sorted, compact in a result file)."""
+    runs, start = [], None
+    for index, channel in enumerate(channels):
+        if start is None:
+            start = channel
+        if index + 1 == len(channels) or channels[index + 1] != channel + 1:
+            runs.append(str(start) if start == channel else f"{start}-{channel}")
+            start = None
+    return ",".join(runs)
+
+
+def decode_channels(text: str) -> list[int]:
+    channels = []
+    for run in filter(None, text.split(",")):
+        first, _, last = run.partition("-")
+        channels += list(range(int(first), int(last or first) + 1))
+    return channels
 
 
 def channel_outliers(summary: dict, criterion: OutlierCriterion = OutlierCriterion(), which: str = "absolute",
@@ -147,14 +172,14 @@ def channel_outliers(summary: dict, criterion: OutlierCriterion = OutlierCriteri
         layer = layer_of(point)
         if layer is None:
             continue
-        by_kind.setdefault(kind(point), {})[layer] = set(row[which]["channels"])
+        by_kind.setdefault(kind(point), {})[layer] = set(decode_channels(row[which]["channels"]))
         if kind(point).startswith("norm"):
             hidden_size = row["channels"]
     pooled: dict[int, set] = {}
     for point, row in summary.items():
         layer = layer_of(point)
         if layer is not None and row["channels"] == hidden_size:
-            pooled.setdefault(layer, set()).update(row[which]["channels"])
+            pooled.setdefault(layer, set()).update(decode_channels(row[which]["channels"]))
     result = {}
     for name, layers in [*sorted(by_kind.items()), ("hidden", pooled)]:
         total = num_layers or len(layers)
@@ -227,7 +252,7 @@ def coincidence(gammas: dict, summary: dict, which: str = "absolute") -> dict:
             row = summary.get(f"layers.{layer}.{role}.out")
             if row is None:
                 continue
-            gain, act = set(entry["gain"]), set(row[which]["channels"])
+            gain, act = set(entry["gain"]), set(decode_channels(row[which]["channels"]))
             gain_total, gain_hit = gain_total + len(gain), gain_hit + len(gain & act)
             act_total, act_hit = act_total + len(act), act_hit + len(act & gain)
         result[role] = {"gain_outliers": gain_total, "also_activation_outliers": gain_hit,

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from outlierlab.figures import plt, save_figure
+from outlierlab.probes.channel_outliers import decode_channels
 from outlierlab.reports import register
 from outlierlab.results import read_result
 from outlierlab.tables import write_table
@@ -102,7 +103,7 @@ def _outliers_per_layer(summary: dict, which: str = "absolute") -> tuple[list[in
     per_layer: dict[int, set] = {}
     for point, row in summary.items():
         if point.startswith("layers.") and row["channels"] == hidden:
-            per_layer.setdefault(int(point.split(".")[1]), set()).update(row[which]["channels"])
+            per_layer.setdefault(int(point.split(".")[1]), set()).update(decode_channels(row[which]["channels"]))
     layers = sorted(per_layer)
     return layers, [len(per_layer[layer]) for layer in layers]
 
