@@ -10,8 +10,25 @@ Site names are stable and greppable; every probe and intervention addresses a si
     layers.{i}.attn.probs          attention probabilities [batch, heads, queries, keys] (hook point, read-only;
                                    also .logits (pre-softmax q.k*scale) and .values: see models/attention.py)
     layers.{i}.norm1 / .norm2      pre-attention / pre-MLP norm (".weight" for its gamma)
+    layers.{i}.norm_attn_out / .norm_mlp_out   norms of the sublayer outputs (Gemma-2/3 sandwich norms, OLMo-2)
     layers.{i}.mlp.down_proj       the MLP's output projection (".in", ".out" hook points, ".weight" its matrix)
-    layers.{i}.mlp.up_proj         the MLP projection that makes down_proj's input channels (".weight" its matrix)
+    layers.{i}.mlp.gate_proj / .up_proj / layers.{i}.attn.o_proj   the other linears the RO study reads
+
+Hook points inside a block, in forward order (BLOCK_POINTS; the paper-RO label is our reading of its figure, not
+the paper's text: it fixes only y6 = the down_proj input of Llama/Qwen blocks and y4 = the second MLP linear's input
+of GPT blocks; we number the points before them in forward order and skip the residual after attention, which
+gives both anchors; `Sites.paper_label`):
+
+    layers.{i}.attn.in             normalised attention input (norm1's output)                y1
+    layers.{i}.attn.out            attention output (before any output norm)                  y2
+    layers.{i}.mid                 residual after attention (norm2's input; observation only: a hook that returns a
+                                   tensor changes what norm2 reads, not the residual carried on)
+    layers.{i}.mlp.in              normalised MLP input (norm2's output)                      y3
+    layers.{i}.mlp.gate_proj.out   gate output (gated MLPs)                                   y4
+    layers.{i}.mlp.up_proj.out     up output (GPT-2 c_fc, OPT fc1)                            y5 (ungated: none)
+    layers.{i}.mlp.act.out         activation output act(gate) * up = down_proj's input      y6 (ungated: y4)
+    layers.{i}.mlp.out             MLP output (down_proj's output, before any output norm)
+    layers.{i}.out                 block output
 
 Adding a family is one `Family` entry; nothing else in the code looks at model names.
 """
@@ -40,53 +57,80 @@ class Family:
     down_proj: str
     embed: str
     final_norm: str
+    # GPT-2's Conv1D stores weights as [in, out] (its MLP's c_fc and c_proj); every other family uses [out, in].
+    down_proj_transposed: bool = False
+    # The other linears of a block (None: the family has none; a model of the family without it, e.g. Phi-3's fused
+    # gate_up_proj, is told so when the site is resolved).
+    gate_proj: str | None = None
     # The MLP's input projection whose output channels are down_proj's input channels (up_proj in gated MLPs,
     # the first linear elsewhere): where a super weight's input spike is made.
     up_proj: str | None = None
-    # GPT-2's Conv1D stores weights as [in, out] (its MLP's c_fc and c_proj); every other family uses [out, in].
-    down_proj_transposed: bool = False
+    o_proj: str | None = None
+    # Norms of the sublayer outputs (sandwich norms): applied to the attention / MLP output before the residual add.
+    norm_attn_out: str | None = None
+    norm_mlp_out: str | None = None
+    # How a norm's stored weight w becomes its gain: gain = norm_gain_offset + w (1.0 for Gemma's RMSNorm, which
+    # multiplies by 1 + w; 0.0 for a plain gamma). Every norm of a family follows its convention.
+    norm_gain_offset: float = 0.0
 
+
+_LLAMA_PATHS = dict(layers="model.layers", attn="self_attn", norm1="input_layernorm", norm2="post_attention_layernorm",
+                    down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm",
+                    gate_proj="mlp.gate_proj", up_proj="mlp.up_proj", o_proj="self_attn.o_proj")
 
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="llama-like",
-        model_types=("llama", "mistral", "mixtral", "qwen2", "qwen3", "olmo", "gemma",
+        model_types=("llama", "mistral", "mixtral", "qwen2", "qwen3", "olmo",
                      "phi3", "smollm3", "granite", "outlierlab_llama"),
-        layers="model.layers", attn="self_attn", norm1="input_layernorm", norm2="post_attention_layernorm",
-        down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm", up_proj="mlp.up_proj",
+        **_LLAMA_PATHS,
     ),
+    # Gemma (1) has Llama's module paths, but its RMSNorm multiplies by 1 + w (a stored w = 0 is a gain of 1).
+    Family(name="gemma", model_types=("gemma",), norm_gain_offset=1.0, **_LLAMA_PATHS),
     Family(
         # Gemma-2/3 norm both sides of each sublayer: post_attention_layernorm normalizes the attention *output*;
-        # the MLP's input norm is pre_feedforward_layernorm.
+        # the MLP's input norm is pre_feedforward_layernorm. Gains are 1 + w, as in Gemma.
         name="gemma2-like", model_types=("gemma2", "gemma3_text"),
-        layers="model.layers", attn="self_attn", norm1="input_layernorm", norm2="pre_feedforward_layernorm",
-        down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm", up_proj="mlp.up_proj",
+        **{**_LLAMA_PATHS, "norm2": "pre_feedforward_layernorm"},
+        norm_attn_out="post_attention_layernorm", norm_mlp_out="post_feedforward_layernorm", norm_gain_offset=1.0,
     ),
     Family(
         # OLMo-2 is post-norm: post_attention_layernorm / post_feedforward_layernorm normalize the sublayer outputs,
         # so it has no norm1/norm2 (input norms) to address.
         name="olmo2", model_types=("olmo2",),
-        layers="model.layers", attn="self_attn", norm1=None, norm2=None,
-        down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm", up_proj="mlp.up_proj",
+        **{**_LLAMA_PATHS, "norm1": None, "norm2": None},
+        norm_attn_out="post_attention_layernorm", norm_mlp_out="post_feedforward_layernorm",
     ),
     Family(
         name="gpt2", model_types=("gpt2",),
         layers="transformer.h", attn="attn", norm1="ln_1", norm2="ln_2",
-        down_proj="mlp.c_proj", embed="transformer.wte", final_norm="transformer.ln_f", up_proj="mlp.c_fc",
-        down_proj_transposed=True,
+        down_proj="mlp.c_proj", embed="transformer.wte", final_norm="transformer.ln_f", down_proj_transposed=True,
+        up_proj="mlp.c_fc", o_proj="attn.c_proj",
     ),
     Family(
         name="opt", model_types=("opt",),
         layers="model.decoder.layers", attn="self_attn", norm1="self_attn_layer_norm", norm2="final_layer_norm",
-        down_proj="fc2", embed="model.decoder.embed_tokens", final_norm="model.decoder.final_layer_norm", up_proj="fc1",
+        down_proj="fc2", embed="model.decoder.embed_tokens", final_norm="model.decoder.final_layer_norm",
+        up_proj="fc1", o_proj="self_attn.out_proj",
     ),
     Family(
         name="falcon", model_types=("falcon",),
         layers="transformer.h", attn="self_attention", norm1="input_layernorm", norm2="post_attention_layernorm",
         down_proj="mlp.dense_4h_to_h", embed="transformer.word_embeddings", final_norm="transformer.ln_f",
-        up_proj="mlp.dense_h_to_4h",
+        up_proj="mlp.dense_h_to_4h", o_proj="self_attention.dense",
     ),
 )
+
+# Norm roles of a block, in forward order (the ones a family has: `Sites.norms`).
+NORM_ROLES = ("norm1", "norm_attn_out", "norm2", "norm_mlp_out")
+# Hook points inside a block that are another module's input or output: name -> (module role, point).
+BLOCK_ALIASES = {"attn.in": ("norm1", "out"), "mid": ("norm2", "in"), "mlp.in": ("norm2", "out"),
+                 "mlp.act.out": ("mlp.down_proj", "in"), "mlp.out": ("mlp.down_proj", "out")}
+# Every hook point inside block i, in forward order (those a model has: `Sites.block_points`).
+BLOCK_POINTS = ("attn.in", "attn.out", "norm_attn_out.out", "mid", "mlp.in", "mlp.gate_proj.out", "mlp.up_proj.out",
+                "mlp.act.out", "mlp.out", "norm_mlp_out.out", "out")
+# The points paper RO numbers y1, y2, ... (our reading; see the module docstring).
+_PAPER_POINTS = ("attn.in", "attn.out", "mlp.in", "mlp.gate_proj.out", "mlp.up_proj.out", "mlp.act.out")
 
 
 def supported_model_types() -> list[str]:
@@ -168,13 +212,53 @@ class Sites:
         rest = match.group(2)
         if rest is None:
             return layer
-        paths = {"attn": self.family.attn, "norm1": self.family.norm1, "norm2": self.family.norm2,
-                 "mlp.down_proj": self.family.down_proj, "mlp.up_proj": self.family.up_proj}
+        family = self.family
+        paths = {"attn": family.attn, "norm1": family.norm1, "norm2": family.norm2,
+                 "norm_attn_out": family.norm_attn_out, "norm_mlp_out": family.norm_mlp_out,
+                 "mlp.down_proj": family.down_proj, "mlp.gate_proj": family.gate_proj,
+                 "mlp.up_proj": family.up_proj, "attn.o_proj": family.o_proj}
         if rest not in paths:
             raise KeyError(f"unknown site '{site}' (layer sites: {', '.join(paths)}, out)")
         if paths[rest] is None:
-            raise KeyError(f"site '{site}': {self.family.name} models have no {rest} (input norm) to address")
-        return _getattr_path(layer, paths[rest])
+            raise KeyError(f"site '{site}': {family.name} models have no {rest} to address")
+        try:
+            return _getattr_path(layer, paths[rest])
+        except AttributeError:
+            raise KeyError(f"site '{site}': this {self.model.config.model_type} model has no {paths[rest]} "
+                           f"(the {family.name} table's {rest})") from None
+
+    def has(self, site: str) -> bool:
+        """Whether `site` (a module site or a hook point) exists in this model."""
+        try:
+            match = _LAYER_SITE.match(site)
+            if site.endswith((".in", ".out")) or (match and match.group(2) in BLOCK_ALIASES):
+                self._hook_target(site)
+            else:
+                self.module(site)
+            return True
+        except KeyError:
+            return False
+
+    def block_points(self, layer: int) -> list[str]:
+        """The hook points inside block `layer` that this model has, in forward order (BLOCK_POINTS)."""
+        return [f"layers.{layer}.{point}" for point in BLOCK_POINTS if self.has(f"layers.{layer}.{point}")]
+
+    def paper_label(self, point: str) -> str | None:
+        """Paper RO's y1..y6 for a block point (`mlp.act.out` or `layers.3.mlp.act.out`); our reading."""
+        point = _LAYER_SITE.match(point).group(2) if point.startswith("layers.") else point
+        numbered = [p for p in _PAPER_POINTS if self.has(f"layers.0.{p}")]
+        if "mlp.gate_proj.out" not in numbered:  # ungated MLP: its first linear + activation are one point, y4
+            numbered = [p for p in numbered if p != "mlp.up_proj.out"]
+        return f"y{numbered.index(point) + 1}" if point in numbered else None
+
+    def norms(self, layer: int) -> list[str]:
+        """The norm sites of block `layer` that this model has and that have a learned gain, in forward order."""
+        sites = [f"layers.{layer}.{role}" for role in NORM_ROLES if self.has(f"layers.{layer}.{role}")]
+        return [site for site in sites if getattr(self.module(site), "weight", None) is not None]
+
+    def norm_gain(self, site: str) -> torch.Tensor:
+        """The gain a norm multiplies by, norm_gain_offset + w, as float32 (a new tensor)."""
+        return self.module(site).weight.detach().float() + self.family.norm_gain_offset
 
     def _layer(self, index: int, site: str) -> nn.Module:
         if not 0 <= index < self.num_layers:
@@ -200,7 +284,8 @@ class Sites:
         (TransformerLens's run_with_hooks). (site, fn) pairs may repeat a site.
 
         Hook points: `layers.{i}.out` (block output), `<module site>.in` (its first input), `<module site>.out`,
-        and inside attention `layers.{i}.attn.probs|logits|values` (read-only; see models/attention.py).
+        the block points of BLOCK_POINTS (`layers.{i}.attn.in|mid|mlp.in|mlp.act.out|mlp.out`), and inside
+        attention `layers.{i}.attn.probs|logits|values` (read-only; see models/attention.py).
         """
         pairs = hooks.items() if isinstance(hooks, Mapping) else hooks
         with ExitStack() as stack:
@@ -230,6 +315,19 @@ class Sites:
                     if pattern is None or pattern.search(name):
                         yield name, module
 
+    def _hook_target(self, site: str) -> tuple[nn.Module, str]:
+        """(module, "in" | "out") that hook point `site` reads."""
+        match = _LAYER_SITE.match(site)
+        if match and match.group(2) in BLOCK_ALIASES:
+            role, point = BLOCK_ALIASES[match.group(2)]
+            return self.module(f"layers.{match.group(1)}.{role}"), point
+        if match and match.group(2) == "out":
+            return self.module(site[: -len(".out")]), "out"  # layers.{i}.out: the block's output
+        module_site, _, point = site.rpartition(".")
+        if point not in _HOOK_SUFFIXES:
+            raise KeyError(f"site '{site}' is not a hook point (it should end in .in or .out)")
+        return self.module(module_site), point
+
     def register(self, site: str, fn):
         """Attach fn at a hook point and return the handle; for hooks that live as long as an edit session
         (EditSession.hook). Everything else uses `hooks`, which removes them."""
@@ -237,13 +335,7 @@ class Sites:
         if attention:
             from outlierlab.models.attention import observe
             return observe(self.model, self.module(attention.group(1)), attention.group(2), fn)
-        if site.startswith("layers.") and site.count(".") == 2 and site.endswith(".out"):
-            module_site, point = site[: -len(".out")], "out"  # layers.{i}.out: the block's output
-        else:
-            module_site, _, point = site.rpartition(".")
-            if point not in _HOOK_SUFFIXES:
-                raise KeyError(f"site '{site}' is not a hook point (it should end in .in or .out)")
-        module = self.module(module_site)
+        module, point = self._hook_target(site)
         if point == "in":
             def pre_hook(_module, args):
                 replaced = fn(args[0])

@@ -259,13 +259,9 @@ def massive_activation_origin(loaded, ids: torch.Tensor, layer: int, channel: in
         return fold
 
     before = f"layers.{layer - 1}.out" if layer > 0 else "embed.out"
-    handles = [loaded.sites.register(before, keep("before")), loaded.sites.register(f"layers.{layer}.out", keep("after")),
-               loaded.sites.register(f"layers.{layer}.mlp.down_proj.out", keep("down_proj"))]
-    try:
+    with loaded.sites.hooks({before: keep("before"), f"layers.{layer}.out": keep("after"),
+                             f"layers.{layer}.mlp.down_proj.out": keep("down_proj")}):
         loaded.model(ids[:, : position + 1])
-    finally:
-        for handle in handles:
-            handle.remove()
     step = seen["after"] - seen["before"]
     share = seen["down_proj"] / step if step else 0.0
     return {"layer": layer, "channel": channel, "position": position, "residual_before": seen["before"],

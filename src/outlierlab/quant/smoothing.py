@@ -21,6 +21,7 @@ SMOOTH_GROUPS: dict[str, list[tuple[str, list[str]]]] = {
     "opt": [("norm1", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]), ("norm2", ["fc1"])],
     "gpt2": [("norm1", ["attn.c_attn"]), ("norm2", ["mlp.c_fc"])],
 }
+SMOOTH_GROUPS["gemma"] = SMOOTH_GROUPS["llama-like"]  # same linears; only the norms' gain convention differs
 SMOOTH_GROUPS["gemma2-like"] = SMOOTH_GROUPS["llama-like"]  # same linears; only its norm2 module differs
 
 # SmoothQuant's smooth.py clamps both maxima and the factors at 1e-5 (avoids 0 ** negative and division by 0).

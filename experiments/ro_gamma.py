@@ -1,0 +1,136 @@
+"""Paper RO: channel-wise outliers come from the norms' gain gamma; reset the outlier gains and see what is left.
+
+1. Gain outliers of every norm (BERT Busters' rule in the family's gain convention) and, on the original model,
+   the channel-wise activation outliers at every norm output and linear input (LLM.int8's rule and a relative one);
+   whether the gain-outlier channels are the activation-outlier channels.
+2. Per variant (exp.variants: gamma resets and their random-channel controls, each applied to the original model):
+   the channel outliers again, PPL on the eval suite (zero-shot when it has tasks) and W8A8 PPL (exp.w8a8 applied on
+   top). Every edit is undone; the runner checks the weights hash.
+"""
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from outlierlab.errors import ConfigError
+from outlierlab.probes.channel_outliers import (
+    ChannelStats,
+    GammaCriterion,
+    OutlierCriterion,
+    channel_outliers,
+    channel_points,
+    coincidence,
+    forward_windows,
+    gamma_outliers,
+)
+from outlierlab.tables import ratio_to_baseline
+
+
+def criteria(cfg) -> tuple[OutlierCriterion, GammaCriterion]:
+    try:
+        outlier = OutlierCriterion(**OmegaConf.to_container(cfg.exp.criterion))
+        gamma = GammaCriterion(**OmegaConf.to_container(cfg.exp.gamma_criterion))
+    except TypeError as error:
+        raise ConfigError(f"exp.criterion / exp.gamma_criterion: {error}") from None
+    for key in ("position_share", "layer_share"):
+        if not 0 < getattr(outlier, key) <= 1:
+            raise ConfigError(f"exp.criterion.{key}={getattr(outlier, key)} must be in (0, 1]")
+    if not 0 < gamma.layer_share <= 1:
+        raise ConfigError(f"exp.gamma_criterion.layer_share={gamma.layer_share} must be in (0, 1]")
+    return outlier, gamma
+
+
+def check(cfg, plan) -> None:
+    criteria(cfg)
+    for name in cfg.exp.w8a8:
+        if name not in plan.interventions:
+            raise ConfigError(f"exp.w8a8: unknown intervention '{name}' (this exp defines: "
+                              f"{', '.join(plan.interventions)})")
+    unknown = sorted(set(cfg.exp.w8a8_protocols) - set(cfg.eval.ppl))
+    if unknown:
+        raise ConfigError(f"exp.w8a8_protocols: {', '.join(unknown)} not in the eval suite ({', '.join(cfg.eval.ppl)})")
+
+
+def measure_channels(ctx, criterion: OutlierCriterion) -> dict:
+    """Channel statistics on the probe windows for the model as it is now, and the outlier features they give."""
+    windows = ctx.data_windows("probe")
+    with ChannelStats(ctx.loaded.sites, channel_points(ctx.loaded.sites), criterion) as stats:
+        forward_windows(ctx.loaded, windows.ids, ctx.cfg.exp.data.probe.batch_size, desc="channel stats")
+    summary = stats.summary()
+    return {"summary": summary,
+            "features": {which: channel_outliers(summary, criterion, which) for which in ("absolute", "relative")}}
+
+
+def _hidden_points(summary: dict, hidden_size: int) -> list[str]:
+    return [p for p, row in summary.items() if row["channels"] == hidden_size and p.startswith("layers.")]
+
+
+def row_for(variant: str, detail: dict, protocols: list[str], hidden_size: int) -> dict:
+    channels = detail["channels"]
+    summary = channels["summary"]
+    hidden = _hidden_points(summary, hidden_size)
+    row = {"variant": variant,
+           "channels reset": sum(e.get("channels_reset", 0) for e in detail["edits"]
+                                 if e.get("edit") == "reset_norm_gamma"),
+           "int8 features": len(channels["features"]["absolute"]["hidden"]["features"]),
+           "relative features": len(channels["features"]["relative"]["hidden"]["features"]),
+           "outlier ch./site": sum(summary[p]["absolute"]["count"] for p in hidden) / max(len(hidden), 1),
+           "max |x| norm out": max((summary[p]["max_abs"] for p in summary if ".norm" in p or p == "final_norm.out"),
+                                   default=None)}
+    for key in protocols:
+        row[key] = detail["ppl"][key]["ppl"]
+    for key, value in detail["w8a8"].items():
+        row[f"W8A8 {key}"] = value["ppl"]
+    if detail.get("zeroshot"):
+        row["zero-shot mean"] = None if detail["zeroshot"]["mean"] is None else 100 * detail["zeroshot"]["mean"]
+    return row
+
+
+def run(ctx) -> dict:
+    exp = ctx.cfg.exp
+    outlier, gamma_rule = criteria(ctx.cfg)
+    sites = ctx.loaded.sites
+    gammas = gamma_outliers(sites, gamma_rule)
+    w8a8_keys = list(exp.w8a8_protocols)
+
+    def observe(label):
+        def measure():
+            channels = measure_channels(ctx, outlier)
+            with ctx.edit(list(exp.w8a8), {}):
+                w8a8 = ctx.perplexities(label=f"{label} W8A8", keys=w8a8_keys)
+            return {"channels": channels, "w8a8": {k: {"ppl": v["ppl"]} for k, v in w8a8.items()}}
+        return measure
+
+    protocols = list(ctx.cfg.eval.ppl)
+    hidden_size = ctx.loaded.model.config.hidden_size
+    details, rows = {}, []
+    for variant, names in exp.variants.items():
+        details[variant] = ctx.evaluate(list(names), {}, label=variant, observe=observe(variant))
+        rows.append(row_for(variant, details[variant], protocols, hidden_size))
+    ratio_to_baseline(rows, protocols[0])
+    original = details.get("original", {}).get("channels")
+    overlap = coincidence(gammas, original["summary"]) if original else None
+    columns = ["variant", "channels reset", "int8 features", "relative features", "outlier ch./site",
+               "max |x| norm out", *protocols, "x original", *(f"W8A8 {k}" for k in w8a8_keys)]
+    if ctx.cfg.eval.get("zeroshot"):
+        columns.append("zero-shot mean")
+    offset = sites.family.norm_gain_offset
+    probe = ctx.data_windows("probe").meta
+    consistent = {role: found["consistent"] for role, found in gammas.items()}
+    reset_roles = sorted({norm.split(".")[-1] for detail in details.values() for edit in detail["edits"]
+                          if edit.get("edit") == "reset_norm_gamma" for norm in edit["norms"]})
+    caption = (f"{ctx.cfg.model.name}: gain outliers (> {gamma_rule.sigma} sigma, 'high' tail for the resets; gain ="
+               f" {offset:g} + w) reset per norm and layer, in the norms {', '.join(reset_roles) or 'none'}. int8 / relative features: hidden-size channels that are "
+               f"outliers (>= {outlier.position_share:.0%} of positions with |x| >= {outlier.min_abs:g}, or >= "
+               f"{outlier.median_ratio:g} x the token's median |x|) in >= {outlier.layer_share:.0%} of the layers, "
+               f"over every norm output and linear input; outlier ch./site: mean number of such channels per "
+               f"hidden-size site; measured on {probe['windows']} x {probe['seqlen']} tokens of {probe['dataset']} "
+               f"{probe['split']}. PPL {ctx.cfg.eval.name}; W8A8 = INT8 weights per channel + per-tensor INT8 "
+               f"activations. BERT Busters' outlier dims (both tails, >= {gamma_rule.layer_share:.0%} of layers): "
+               + "; ".join(f"{role} {chs}" for role, chs in consistent.items()))
+    return {"gamma_outliers": {"criterion": vars(gamma_rule), "gain_offset": offset,
+                               "roles": {role: {"consistent": found["consistent"],
+                                                "gain_and_bias": found["gain_and_bias"],
+                                                "per_layer": {str(k): v for k, v in found["per_layer"].items()}}
+                                         for role, found in gammas.items()}},
+            "coincidence": overlap, "criterion": vars(outlier), "probe_data": probe,
+            "variants": details, "table": {"columns": columns, "rows": rows, "caption": caption}}

@@ -1,0 +1,192 @@
+"""Paper RO (Zhang, Raman, Sharma 2025): tables and figures from results/ alone.
+
+Reads results/ro_locate|ro_gamma|ro_smooth/<model>/<tag>.json; writes
+    tables/ro_locate_<model>_<tag>.md|tex    the block points of each MA's birth layer (where it is born)
+    tables/ro_gamma_<model>_<tag>.md|tex     channel outliers, PPL, zero-shot and W8A8 PPL per gamma reset
+    tables/ro_smooth_<model>_<tag>.md|tex    PPL when the MA is smoothed at birth vs on the skip path
+    figures/ro_locate_<model>_<tag>          max |x| per (layer, block point), MA sites marked; the MA channel
+                                             through every point of the residual's width
+    figures/ro_gamma_<model>_<tag>           outlier channels per layer per variant; the norms' gains per layer
+    figures/ro_smooth_<model>_<tag>          PPL per variant; the MA at every block output per variant
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from outlierlab.figures import plt, save_figure
+from outlierlab.probes.channel_outliers import decode_channels
+from outlierlab.reports import register
+from outlierlab.results import read_result
+from outlierlab.tables import write_table
+
+EXPS = ("ro_locate", "ro_gamma", "ro_smooth")
+
+
+def _records(results_dir: Path, exp: str):
+    for path in sorted((Path(results_dir) / exp).glob("*/*.json")):
+        yield path.parent.name, path.stem, read_result(path)
+
+
+def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
+    written = []
+    for exp in EXPS:
+        for model, tag, record in _records(results_dir, exp):
+            table = record["table"]
+            written += write_table(table["columns"], table["rows"], Path(out_dir) / f"{exp}_{model}_{tag}",
+                                   table.get("caption"))
+    return written
+
+
+def _locate_figure(record: dict, model: str):
+    points = record["points"]
+    kinds = list(dict.fromkeys(row["kind"] for row in points))
+    layers = sorted({row["layer"] for row in points})
+    grid = np.full((len(layers), len(kinds)), np.nan)
+    share = record["criterion"]["min_share"]
+    figure, (heat, trace) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.1, 1]})
+    for row in points:
+        grid[layers.index(row["layer"]), kinds.index(row["kind"])] = np.log10(max(row["mean_peak"], 1e-6))
+    image = heat.imshow(grid, aspect="auto", origin="lower", cmap="magma")
+    figure.colorbar(image, ax=heat, label="log10 mean over sequences of max |x|")
+    hits = [(kinds.index(r["kind"]), layers.index(r["layer"])) for r in points if r["hit_share"] >= share]
+    if hits:
+        heat.scatter(*zip(*hits), marker="o", s=14, facecolors="none", edgecolors="cyan",
+                     label=f"massive in >= {share:.0%} of sequences")
+    for entry in record["birth"]["channels"]:
+        if entry["born_at"]:
+            born = next(r for r in points if r["point"] == entry["born_at"])
+            heat.scatter([kinds.index(born["kind"])], [layers.index(born["layer"])], marker="*", s=160,
+                         color="lime", edgecolors="black", label=f"ch {entry['channel']} born")
+    labels = []
+    for kind in kinds:
+        label = next((r["label"] for r in points if r["kind"] == kind and r["label"]), None)
+        labels.append(f"{kind} ({label})" if label else kind)
+    heat.set_xticks(range(len(kinds)), labels, rotation=60, ha="right", fontsize=7)
+    heat.set_ylabel("layer")
+    heat.set_title("max |x| at every block point (forward order, left to right)", fontsize=9)
+    if hits or record["birth"]["channels"]:
+        heat.legend(fontsize=7, loc="upper left")
+    styles = {"out": "-", "mlp.out": "--", "attn.out": ":", "mlp.in": "-."}
+    for number, (channel, values) in enumerate(record["traces"].items()):
+        by_kind: dict[str, list] = {}
+        for point, value in values:
+            layer, kind = point.split(".", 2)[1:]
+            by_kind.setdefault(kind, []).append((int(layer), max(value, 1e-6)))
+        for kind, style in styles.items():
+            if kind in by_kind:
+                xs, ys = zip(*by_kind[kind])
+                trace.plot(xs, ys, linestyle=style, color=f"C{number}", marker="." if kind == "out" else None,
+                           label=f"ch {channel} at {kind}")
+    trace.axhline(record["criterion"]["min_abs"], color="grey", linestyle=":", linewidth=1,
+                  label=f"|x| = {record['criterion']['min_abs']:g}")
+    trace.set_yscale("log")
+    trace.set_xlabel("layer")
+    trace.set_ylabel("max |x| of the MA channel")
+    trace.set_title("each residual MA channel through the network", fontsize=9)
+    trace.legend(fontsize=7)
+    data = record["probe_data"]
+    figure.suptitle(f"{model}: where the massive activations are born ({data['windows']} x {data['seqlen']} tokens "
+                    f"of {data['dataset']} {data['split']})", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def _outliers_per_layer(summary: dict, which: str = "absolute") -> tuple[list[int], list[int]]:
+    """Per layer: the number of distinct outlier channels over the points of the residual's width."""
+    widths = {}
+    for point, row in summary.items():
+        if ".norm" in point:
+            widths[row["channels"]] = widths.get(row["channels"], 0) + 1
+    hidden = max(widths, key=widths.get)
+    per_layer: dict[int, set] = {}
+    for point, row in summary.items():
+        if point.startswith("layers.") and row["channels"] == hidden:
+            per_layer.setdefault(int(point.split(".")[1]), set()).update(decode_channels(row[which]["channels"]))
+    layers = sorted(per_layer)
+    return layers, [len(per_layer[layer]) for layer in layers]
+
+
+def _gamma_figure(record: dict, model: str):
+    figure, (absolute, relative, gains) = plt.subplots(1, 3, figsize=(17, 4.6))
+    criterion = record["criterion"]
+    for axis, which, title in (
+            (absolute, "absolute", f"LLM.int8 rule: >= {criterion['position_share']:.0%} of positions with |x| >= "
+                                   f"{criterion['min_abs']:g}"),
+            (relative, "relative", f"relative rule: >= {criterion['position_share']:.0%} of positions with |x| >= "
+                                   f"{criterion['median_ratio']:g} x token median")):
+        for variant, detail in record["variants"].items():
+            channels = detail.get("channels")
+            if not channels:
+                continue
+            layers, counts = _outliers_per_layer(channels["summary"], which)
+            style = "--" if variant.startswith("random") else "-"
+            axis.plot(layers, counts, linestyle=style, marker="o", markersize=3, label=variant)
+        axis.set_xlabel("layer")
+        axis.set_ylabel("outlier channels (union over residual-width sites)")
+        axis.set_title(title, fontsize=9)
+        axis.legend(fontsize=7)
+    offset = record["gamma_outliers"]["gain_offset"]
+    for number, (role, found) in enumerate(record["gamma_outliers"]["roles"].items()):
+        layers = sorted(int(k) for k in found["per_layer"])
+        entries = [found["per_layer"][str(k)] for k in layers]
+        color = f"C{number}"
+        gains.plot(layers, [e["gain_max"] for e in entries], color=color, marker="o", markersize=3,
+                   label=f"{role}: max |gain|")
+        gains.plot(layers, [e["gain_mean"] for e in entries], color=color, linestyle=":", label=f"{role}: mean gain")
+    gains.axhline(1.0, color="black", linewidth=0.6)
+    gains.set_yscale("log")
+    gains.set_xlabel("layer")
+    gains.set_ylabel(f"gain = {offset:g} + w")
+    gains.set_title("the norms' gains (reset to 1 means the black line)", fontsize=9)
+    gains.legend(fontsize=7, ncol=2)
+    figure.suptitle(f"{model}: paper RO, channel-wise outliers per layer under each gamma reset", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def _smooth_figure(record: dict, model: str):
+    figure, (bars, lines) = plt.subplots(1, 2, figsize=(13, 4.6))
+    rows = [row for row in record["table"]["rows"] if "note" not in row]
+    protocols = [c for c in record["table"]["columns"] if c in ("wikitext2", "c4")]
+    x = np.arange(len(rows))
+    for number, key in enumerate(protocols):
+        values = [row.get(key) if isinstance(row.get(key), (int, float)) else np.nan for row in rows]
+        bars.bar(x + 0.4 * number, values, width=0.4, label=key)
+    bars.set_xticks(x + 0.2 * (len(protocols) - 1), [row["variant"] for row in rows], rotation=30, ha="right",
+                    fontsize=8)
+    bars.set_yscale("log")
+    bars.set_ylabel("PPL (log)")
+    bars.set_title("PPL when the MA is smoothed", fontsize=9)
+    bars.legend(fontsize=8)
+    for variant, detail in record["variants"].items():
+        trace = detail.get("ma_trace")
+        if not trace:
+            continue
+        per_layer = [max(abs(v) for location in trace["mean"] for r in location[layer] for v in r)
+                     for layer in range(len(trace["median_abs"]))]
+        lines.plot(range(len(per_layer)), per_layer, marker="o", markersize=3, label=variant,
+                   linestyle="--" if "skip" in variant else "-")
+    lines.set_yscale("symlog", linthresh=1.0)
+    lines.set_xlabel("layer (block output)")
+    lines.set_ylabel("largest |mean MA value| (symlog)")
+    lines.set_title("the MA at every block output, edit in place", fontsize=9)
+    lines.legend(fontsize=7)
+    used = "; ".join(f"layer {m['first_layer']}, ch {m['channels']}, pos {m['positions']}"
+                     for m in record["massive_activations"]["used"])
+    figure.suptitle(f"{model}: smoothing the massive activation at birth vs on the skip path ({used})", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def build_figures(results_dir: Path, out_dir: Path) -> list[Path]:
+    written = []
+    builders = {"ro_locate": _locate_figure, "ro_gamma": _gamma_figure, "ro_smooth": _smooth_figure}
+    for exp, build in builders.items():
+        for model, tag, record in _records(results_dir, exp):
+            written += save_figure(build(record, model), Path(out_dir) / f"{exp}_{model}_{tag}")
+    return written
+
+
+register("ro", tables=build_tables, figures=build_figures)

@@ -1,0 +1,79 @@
+"""The RO experiments end to end on tiny models with planted outliers (saved as a local HF directory and loaded with
+model=path, as a user's model would be): ro_gamma finds and removes a planted gain outlier's channel outlier,
+ro_locate finds a planted MLP's massive activation where it is born, ro_smooth runs both smoothing places; the
+reports rebuild from the results; bad input is one line and exit code 2."""
+import pytest
+from conftest import DATA_DIR, compose_cfg
+from test_end_to_end import run_cli
+from test_ro_probes import plant_gain, plant_mlp
+
+from outlierlab import reports
+from outlierlab.models.load import load_model
+from outlierlab.runner import execute
+
+pytestmark = pytest.mark.requires("data")
+SMALL = ["eval.ppl.wikitext2.seqlen=64", "eval.ppl.wikitext2.windows=2", "~eval.ppl.c4", "logger=none",
+         "exp.data.probe.windows=2", "exp.data.probe.seqlen=64"]
+
+
+def _saved(tmp_path, plant) -> str:
+    loaded = load_model(compose_cfg(["model=tiny_llama"]).model, tmp_path / "cache")
+    plant(loaded)
+    directory = tmp_path / "planted"
+    loaded.model.save_pretrained(directory)
+    loaded.tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def _run(tmp_path, source, exp, *extra):
+    cfg = compose_cfg([f"+exp={exp}", "model=path", f"model.source={source}", "model.name=planted",
+                       "model.device=cpu", f"paths.results_dir={tmp_path / 'results'}",
+                       f"paths.cache_dir={tmp_path / 'cache'}", f"paths.data_dir={DATA_DIR}", *SMALL, *extra])
+    record = execute(cfg)
+    assert record["weights_restored"] is True
+    return record, {row["variant"]: row for row in record["table"]["rows"]} if "variant" in record["table"][
+        "columns"] else record["table"]["rows"]
+
+
+def test_ro_gamma_removes_a_planted_channel_outlier_and_the_control_does_not(tmp_path):
+    source = _saved(tmp_path, lambda loaded: plant_gain(loaded, "norm2", 7, 60.0))
+    record, rows = _run(tmp_path, source, "ro_gamma", "exp.w8a8_protocols=[wikitext2]")
+    assert record["gamma_outliers"]["roles"]["norm2"]["consistent"] == [7]
+    assert rows["original"]["int8 features"] == 1 and rows["original"]["channels reset"] == 0
+    for variant in ("reset_one", "reset_mean"):
+        assert rows[variant]["channels reset"] >= 4 and rows[variant]["int8 features"] == 0
+    assert rows["random_one"]["int8 features"] == 1  # resetting other channels leaves the outlier
+    assert rows["original"]["W8A8 wikitext2"] > 1
+    assert record["coincidence"]["norm2"]["also_activation_outliers"] == 4
+    written = reports.run_builders("tables", tmp_path / "results", tmp_path / "out", only=["ro"])
+    written += reports.run_builders("figures", tmp_path / "results", tmp_path / "out", only=["ro"])
+    assert {p.name for p in written} >= {"ro_gamma_planted_quick.md", "ro_gamma_planted_quick.png"}
+
+
+def test_ro_locate_and_ro_smooth_on_a_planted_mlp(tmp_path):
+    source = _saved(tmp_path, lambda loaded: plant_mlp(loaded, layer=2, row=11, col=40))
+    record, rows = _run(tmp_path, source, "ro_locate")
+    (born,) = record["birth"]["channels"]
+    assert born["channel"] == 11 and born["born_at"] == "layers.2.mlp.act.out" and born["born_label"] == "y6"
+    assert [row["site"] for row in rows if row["born here"]] == ["layers.2.mlp.act.out"]
+    record, rows = _run(tmp_path, source, "ro_smooth", "exp.calibration.windows=2", "exp.calibration.seqlen=64")
+    (used,) = record["massive_activations"]["used"]
+    assert used["first_layer"] == 2 and used["channels"] == [11]
+    assert rows["birth_clip"]["edited at"] == "birth (1 sites, clip)"
+    assert rows["skip_clip"]["edited at"] == "skip (1 sites, clip)"  # layer 3, the only later one
+    assert rows["birth_clip"]["wikitext2"] != rows["original"]["wikitext2"]
+    written = reports.run_builders("figures", tmp_path / "results", tmp_path / "out", only=["ro"])
+    assert {p.name for p in written} >= {"ro_locate_planted_quick.png", "ro_smooth_planted_quick.png"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["+exp=ro_gamma", "exp.interventions.reset_one.value=two"], "exp.interventions.reset_one: value='two'"),
+    (["+exp=ro_gamma", "exp.criterion.layer_share=2"], "exp.criterion.layer_share=2"),
+    (["+exp=ro_smooth", "exp.massive_activations=somewhere"], "exp.massive_activations=somewhere"),
+    (["+exp=ro_locate", "exp.criterion.min_share=0"], "exp.criterion.min_share=0"),
+])
+def test_bad_ro_input_is_one_line_and_exit_2(args, message, tmp_path):
+    done = run_cli([*args, "model=tiny_llama", "logger=none"], tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "results").exists()
