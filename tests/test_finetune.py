@@ -197,3 +197,9 @@ def test_finetune_run_writes_a_result_and_a_loadable_checkpoint(tmp_path):
     final = torch.load(directory / "checkpoint" / "trainable.pt", weights_only=True)
     assert final and all("lora_" in name for name in final)
     assert weights_sha256(reloaded.model) != weights_sha256(load_model(cfg.model, tmp_path).model)
+    from outlierlab.reports import run_builders
+    tables = run_builders("tables", tmp_path / "results", tmp_path / "tables", ["finetune"])
+    assert [p.name for p in tables] == ["finetune_tiny_llama_cpt.md", "finetune_tiny_llama_cpt.tex"]
+    assert "| lora " in tables[0].read_text()
+    figures = run_builders("figures", tmp_path / "results", tmp_path / "figures", ["finetune"])
+    assert {p.suffix for p in figures} == {".png", ".pdf"}
