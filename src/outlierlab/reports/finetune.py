@@ -35,8 +35,12 @@ def tables(results_dir: Path, out_dir: Path) -> list[Path]:
         rows = [{**record["table"]["rows"][0], "wall s": record["wall_time_s"]} for record in records]
         columns = list(dict.fromkeys(c for row in rows for c in row))
         first = records[0]
-        caption = (f"Fine-tuning {first['model']['name']} ({first['model'].get('kind')} weights): "
-                   f"{first['table']['caption'].split(': ', 1)[-1]}. Learning rate per method: "
+        settings, task = first["finetune"]["settings"], first["finetune"]["task"]
+        caption = (f"Fine-tuning {first['model']['name']} ({first['model'].get('kind')} weights), task {task['name']}: "
+                   f"{settings['steps']} steps x {settings['batch_size']} x <= {task['seqlen']} tokens, AdamW "
+                   f"(warm-up {settings['warmup_steps']} + cosine), the same batches for every method; PPL = "
+                   f"WikiText-2 ({first['config']['eval']['name']}), W8A8 = {first['config']['exp']['w8a8']}. "
+                   f"Learning rate per method: "
                    + ", ".join(f"{r['finetune']['method']['name']} {r['finetune']['method']['lr']}" for r in records)
                    + ". trainable = elements trained over the run (LISA: union of sampled blocks), at once = in one "
                      "step; SW kept = super weights still detected afterwards; MA kept = the massive activation "
