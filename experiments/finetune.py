@@ -10,7 +10,8 @@ for every method.
 """
 from __future__ import annotations
 
-from outlierlab.finetune.study import Study, check as check_finetune
+from outlierlab.finetune.study import Study
+from outlierlab.finetune.study import check as check_finetune
 
 
 def check(cfg, plan) -> None:

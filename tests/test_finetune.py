@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from conftest import DATA_DIR, compose_cfg, plant_super_weight
 
-from conftest import DATA_DIR, SMALL_EVAL, compose_cfg, plant_super_weight
 from outlierlab.finetune.atlas import measure, norm_modules
 from outlierlab.finetune.loop import finetune
 from outlierlab.finetune.methods import METHODS, lora_budget, merge_into, select
@@ -167,7 +167,8 @@ def test_bad_method_or_task_stops_before_loading():
 def test_boolq_split_keeps_every_passage_on_one_side():
     path = DATA_DIR / "boolq" / "val.superglue_format.jsonl"
     train, test, meta = boolq_split(path, 0.3, 0)
-    title = lambda row: row["passage"].split(" -- ", 1)[0]  # noqa: E731
+    assert meta["train_rows"] == len(train) and meta["test_rows"] == len(test)
+    title = lambda row: row["passage"].split(" -- ", 1)[0]
     assert not {title(r) for r in train} & {title(r) for r in test}
     assert len(train) + len(test) == 3270 and 0.25 < len(test) / 3270 < 0.35
     again = boolq_split(path, 0.3, 0)

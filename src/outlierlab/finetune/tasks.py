@@ -17,6 +17,7 @@ import random
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from outlierlab.evals.data import DataError
 from outlierlab.evals.zeroshot import LocalTask, _converted
@@ -104,7 +105,7 @@ class BoolQBatches:
         tokenizer = loaded.tokenizer
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.examples = []
-        for row in rows:
+        for row in tqdm(rows, desc="tokenize boolq train", leave=False):
             context = loaded.encode(f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:")
             answer = tokenizer(" yes" if row["label"] else " no", add_special_tokens=False)["input_ids"]
             self.examples.append(([*context, *answer][-seqlen:], len(answer)))
