@@ -100,18 +100,26 @@ def _rng_state() -> dict:
     return state
 
 
-def save_checkpoint(directory: Path, model, tokenizer, metadata: dict, state: dict) -> None:
-    """Write the whole checkpoint beside the old one, then swap: an interrupted save never leaves half a checkpoint."""
+def write_swapped(directory: Path, write) -> None:
+    """`write(staging)` fills a directory beside `directory`, which then replaces it: an interrupted save never
+    leaves half a checkpoint."""
     directory = Path(directory)
     staging = directory.with_name(directory.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    save_pretrained(model, tokenizer, staging, metadata)
-    torch.save(state, staging / STATE_FILE)
+    write(staging)
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
         os.replace(directory, old)
     os.replace(staging, directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(directory: Path, model, tokenizer, metadata: dict, state: dict) -> None:
+    """The whole checkpoint (HF directory + trainer state), written beside the old one, then swapped in."""
+    def write(staging: Path) -> None:
+        save_pretrained(model, tokenizer, staging, metadata)
+        torch.save(state, staging / STATE_FILE)
+    write_swapped(directory, write)
 
 
 def load_checkpoint(directory: Path, model) -> dict:

@@ -1,0 +1,211 @@
+"""The outlier measurements fine-tuning is guided by, and checked against afterwards (read-only; the model is
+unchanged by every function here).
+
+    super weights       probes/super_weight.py detect_super_weights (paper SW Sec. 3.1; conf/probe/sw_detection.yaml)
+    massive activation  probes/super_weight.py massive_activation (paper MA: |h| > 100 and > 1000x the median;
+                        conf/probe/massive_activation.yaml) + the model YAML's massive_activations for this BOS policy
+    gamma outliers      every norm gain vector: channels with |gamma - mean| >= z std (BERT Busters, arXiv
+                        2105.06990: "> 3 sigma"; paper RO: channel outliers come from the norm gains)
+    channel outliers    LLM.int8 (arXiv 2208.07339) outlier features at the inputs of the block linears that read
+                        the hidden state: |x| >= 6 at >= 6% of positions in >= 25% of layers
+    layer outlier ratio OWL (arXiv 2310.05175; OwLore arXiv 2405.18380 samples layers by it): per block, the share
+                        of weights with |W_ij| * ||X_j||_2 > M x the block's mean of that score
+
+Norm modules and block linears are found from the sites table's layer list and module types (a module whose class
+name ends in "Norm"; nn.Linear / transformers' Conv1D), never from model names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from outlierlab.models import massive
+from outlierlab.models.coords import SuperWeight
+from outlierlab.probes.super_weight import massive_activation, super_weights_for_study
+
+
+def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every normalisation module (its class name ends in "Norm": LayerNorm, RMSNorm and their per-family copies)
+    that has a gain, by its name in model.named_modules()."""
+    return {name: module for name, module in model.named_modules()
+            if type(module).__name__.endswith("Norm") and isinstance(getattr(module, "weight", None), torch.Tensor)}
+
+
+def block_linears(sites) -> dict[str, tuple[int, nn.Module, bool]]:
+    """Every linear inside the decoder blocks: full module name -> (layer, module, transposed weight?)."""
+    from transformers.pytorch_utils import Conv1D
+    prefix = sites.family.layers
+    found = {}
+    for layer, block in enumerate(sites.layers):
+        for name, module in block.named_modules():
+            if isinstance(module, (nn.Linear, Conv1D)):
+                found[f"{prefix}.{layer}.{name}"] = (layer, module, isinstance(module, Conv1D))
+    return found
+
+
+def gamma_outliers(model: nn.Module, zscore: float) -> dict[str, list[int]]:
+    """Per norm module: the channels whose gain is >= `zscore` standard deviations from that gain vector's mean."""
+    found = {}
+    for name, module in norm_modules(model).items():
+        gamma = module.weight.detach().float()
+        std = float(gamma.std())
+        if std == 0:
+            continue
+        channels = ((gamma - gamma.mean()).abs() >= zscore * std).nonzero().flatten().tolist()
+        if channels:
+            found[name] = channels
+    return found
+
+
+class LinearInputStats:
+    """Hooks every block linear's input; folds the squared norm of each input channel (OWL) and, per channel, how
+    many positions reach |x| >= threshold (LLM.int8). Nothing but per-channel sums is kept."""
+
+    def __init__(self, sites, threshold: float):
+        self.linears = block_linears(sites)
+        self.threshold = threshold
+        self.sum_sq = {}
+        self.hits = {}
+        self.positions = {}
+        self._handles = []
+
+    def __enter__(self):
+        for name, (_layer, module, _t) in self.linears.items():
+            self._handles.append(module.register_forward_pre_hook(self._fold(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        return False
+
+    def _fold(self, name: str):
+        def fold(_module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            self.sum_sq[name] = self.sum_sq.get(name, 0) + (x * x).sum(0)
+            self.hits[name] = self.hits.get(name, 0) + (x.abs() >= self.threshold).sum(0)
+            self.positions[name] = self.positions.get(name, 0) + x.shape[0]
+        return fold
+
+
+@torch.no_grad()
+def linear_input_stats(loaded, windows: torch.Tensor, threshold: float) -> LinearInputStats:
+    with LinearInputStats(loaded.sites, threshold) as stats:
+        for row in tqdm(windows, desc="linear input stats", leave=False):
+            loaded.model(row[None].to(loaded.device))
+    return stats
+
+
+def channel_outliers(stats: LinearInputStats, hidden_size: int, min_position_share: float,
+                     min_layer_share: float) -> list[int]:
+    """LLM.int8 outlier features: hidden channels at >= `min_position_share` of positions over the threshold in
+    >= `min_layer_share` of the layers (at the input of any block linear that reads the hidden state)."""
+    num_layers = 1 + max(layer for layer, _m, _t in stats.linears.values())
+    per_layer: dict[int, set[int]] = {}
+    for name, (layer, _module, _t) in stats.linears.items():
+        hits = stats.hits.get(name)
+        if hits is None or hits.numel() != hidden_size:
+            continue
+        share = hits.float() / stats.positions[name]
+        per_layer.setdefault(layer, set()).update((share >= min_position_share).nonzero().flatten().tolist())
+    counts: dict[int, int] = {}
+    for channels in per_layer.values():
+        for channel in channels:
+            counts[channel] = counts.get(channel, 0) + 1
+    return sorted(c for c, n in counts.items() if n >= min_layer_share * num_layers)
+
+
+def layer_outlier_ratios(stats: LinearInputStats, num_layers: int, multiple: float) -> list[float]:
+    """OWL's layer-wise outlier ratio: share of a block's weights whose |W_ij| * ||X_j||_2 exceeds `multiple` x the
+    block's mean score (every block linear counted)."""
+    scores: dict[int, list[torch.Tensor]] = {layer: [] for layer in range(num_layers)}
+    for name, (layer, module, transposed) in stats.linears.items():
+        weight = module.weight.detach().float()
+        weight = weight.t() if transposed else weight  # [out, in]
+        norms = stats.sum_sq[name].sqrt()
+        scores[layer].append((weight.abs() * norms[None, :]).flatten())
+    ratios = []
+    for layer in range(num_layers):
+        flat = torch.cat(scores[layer])
+        ratios.append(float((flat > multiple * flat.mean()).float().mean()))
+    return ratios
+
+
+@dataclass
+class Atlas:
+    super_weights: list[SuperWeight]
+    super_weight_values: dict[str, float]
+    ma: dict  # massive_activation(...) without per_layer
+    ma_channels: list[int]  # detected MA channel + the registry's for this BOS policy
+    ma_layers: list[int]  # where the MA is written: the first MA layer and every super weight's layer
+    gamma_outliers: dict[str, list[int]]
+    channel_outliers: list[int]
+    layer_outlier_ratio: list[float]
+    detection: dict
+
+    def as_dict(self) -> dict:
+        return {"super_weights": [str(w) for w in self.super_weights],
+                "super_weight_values": self.super_weight_values, "massive_activation": self.ma,
+                "ma_channels": self.ma_channels, "ma_layers": self.ma_layers,
+                "gamma_outliers": self.gamma_outliers,
+                "gamma_outlier_count": sum(map(len, self.gamma_outliers.values())),
+                "channel_outliers": self.channel_outliers, "layer_outlier_ratio": self.layer_outlier_ratio,
+                "detection": self.detection}
+
+
+def super_weight_values(loaded, weights: list[SuperWeight]) -> dict[str, float]:
+    values = {}
+    for weight in weights:
+        view = loaded.sites.down_proj(weight.layer)
+        values[str(weight)] = float(view.param.data[view.index(weight.row, weight.col)])
+    return values
+
+
+def measure(loaded, settings, windows: torch.Tensor, registry: list[SuperWeight], registry_ma: list,
+            mode: str = "auto") -> Atlas:
+    """Every measurement above on the model as it is. `settings` is exp.atlas (thresholds), `windows` the
+    calibration token windows, `registry` / `registry_ma` the model YAML's super weights / massive activations."""
+    detection, _detected, chosen, origin = super_weights_for_study(loaded, settings.detection, mode, registry)
+    ma = massive_activation(loaded, settings.detection.prompt, settings.ma_criterion.min_abs,
+                            settings.ma_criterion.min_ratio)
+    located, _notes = massive.parse(registry_ma, loaded.bos)
+    channels = sorted({*(c for entry in located for c in entry.channels), *([ma["channel"]] if ma["massive"] else [])})
+    first = [ma["layers"][0]] if ma["massive"] and ma["layers"] else []
+    first += [entry.first_layer for entry in located]
+    ma_layers = sorted({*first, *(w.layer for w in chosen)})
+    stats = linear_input_stats(loaded, windows, settings.channel.threshold)
+    hidden = loaded.model.config.hidden_size
+    return Atlas(
+        super_weights=list(chosen), super_weight_values=super_weight_values(loaded, chosen),
+        ma={k: v for k, v in ma.items() if k != "per_layer"}, ma_channels=channels, ma_layers=ma_layers,
+        gamma_outliers=gamma_outliers(loaded.model, settings.gamma_zscore),
+        channel_outliers=channel_outliers(stats, hidden, settings.channel.min_position_share,
+                                          settings.channel.min_layer_share),
+        layer_outlier_ratio=layer_outlier_ratios(stats, loaded.sites.num_layers, settings.owl_multiple),
+        detection={"origin": origin, "stop_reason": detection.get("stop_reason"),
+                   "detected": [str(w) for w in _detected]})
+
+
+def survival(before: dict, after: dict) -> dict:
+    """Which of the outliers measured before fine-tuning are still there after it."""
+    sw_after = set(after["detection"]["detected"])
+    sw = {name: {"detected_after": name in sw_after, "value_before": value,
+                 "value_after": after["super_weight_values"].get(name)}
+          for name, value in before["super_weight_values"].items()}
+    ma_b, ma_a = before["massive_activation"], after["massive_activation"]
+    ma_kept = bool(ma_b["massive"] and ma_a["massive"] and ma_a["channel"] == ma_b["channel"])
+    gamma_b = {(n, c) for n, cs in before["gamma_outliers"].items() for c in cs}
+    gamma_a = {(n, c) for n, cs in after["gamma_outliers"].items() for c in cs}
+    channel_b, channel_a = set(before["channel_outliers"]), set(after["channel_outliers"])
+    return {
+        "super_weights": sw,
+        "sw_kept": sum(entry["detected_after"] for entry in sw.values()), "sw_total": len(sw),
+        "ma_kept": ma_kept, "ma_before": ma_b["value"] if ma_b["massive"] else None,
+        "ma_after": ma_a["value"], "ma_channel_after": ma_a["channel"],
+        "gamma_kept": len(gamma_b & gamma_a), "gamma_total": len(gamma_b), "gamma_new": len(gamma_a - gamma_b),
+        "channel_kept": len(channel_b & channel_a), "channel_total": len(channel_b),
+        "channel_new": len(channel_a - channel_b),
+    }

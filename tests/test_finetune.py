@@ -1,0 +1,206 @@
+"""+exp=finetune on the tiny model: every method trains exactly what it claims, the protected weights stay
+bit-identical, a resumed run continues the same loss curve, bad input stops before loading, checkpoints load."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import DATA_DIR, compose_cfg, plant_super_weight
+
+from outlierlab.finetune.atlas import measure, norm_modules
+from outlierlab.finetune.loop import finetune
+from outlierlab.finetune.methods import METHODS, lora_budget, merge_into, select
+from outlierlab.finetune.tasks import PretrainingBatches, boolq_split
+from outlierlab.models.coords import SuperWeight
+from outlierlab.models.load import load_model
+
+PLANTED = SuperWeight(1, 7, 11)
+
+
+def _cfg(method: str, *extra: str):
+    return compose_cfg(["+exp=finetune", "model=tiny_llama", f"finetune/method={method}", "finetune.steps=4",
+                        "finetune.checkpoint_every=2", "exp.atlas.windows=2", *extra])
+
+
+def _setup(cfg, tmp_path):
+    """The tiny model with a planted super weight (and so a massive activation) and one outlier norm gain."""
+    loaded = load_model(cfg.model, tmp_path)
+    plant_super_weight(loaded, PLANTED.layer, PLANTED.row, PLANTED.col)
+    with torch.no_grad():
+        loaded.sites.module("layers.2.norm1").weight[5] = 8.0  # a gamma outlier channel
+        generator = torch.Generator().manual_seed(0)
+        for module in norm_modules(loaded.model).values():  # uniform jitter is never > 3 sigma: only the planted one is
+            module.weight.add_(0.02 * torch.rand(module.weight.shape, generator=generator) - 0.01)
+    stream = torch.randint(0, len(loaded.tokenizer), (4096,), generator=torch.Generator().manual_seed(1))
+    batches = PretrainingBatches(stream, cfg.finetune.batch_size, 32, int(cfg.exp.seed), None)
+    atlas = measure(loaded, cfg.exp.atlas, batches.windows(2), [], [], "detect")
+    return loaded, batches, atlas
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def test_atlas_finds_the_planted_outliers(tmp_path):
+    _loaded, _batches, atlas = _setup(_cfg("full"), tmp_path)
+    assert PLANTED in atlas.super_weights
+    assert atlas.ma["massive"] and PLANTED.row in atlas.ma_channels
+    assert atlas.gamma_outliers == {"model.layers.2.input_layernorm": [5]}
+    assert PLANTED.layer in atlas.ma_layers
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "lora"])
+def test_method_trains_exactly_what_it_claims(method, tmp_path):
+    cfg = _cfg(method, "finetune.weight_decay=0.1")  # decay must not move untrained elements either
+    loaded, batches, atlas = _setup(cfg, tmp_path)
+    selection = select(cfg.finetune.method, loaded, atlas, cfg.finetune.lora, 0, cfg.finetune.steps)
+    claimed = selection.claimed()
+    before = _snapshot(loaded.model)
+    finetune(selection, batches, cfg.finetune, tmp_path / "ck", resume=False)
+    merge_into(selection, loaded)
+    after = _snapshot(loaded.model)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == set(claimed)
+    for name in claimed:  # no element outside the claimed mask moved
+        keep = selection.keep.get(name)
+        if keep is not None:
+            assert torch.equal(before[name][keep], after[name][keep]), name
+            assert int((~keep).sum()) == claimed[name]
+        else:
+            assert claimed[name] == before[name].numel()
+    total = sum(p.numel() for p in loaded.model.parameters())
+    expected = {
+        "full": total,
+        "norm_only": sum(m.weight.numel() for m in norm_modules(loaded.model).values()),
+        "outlier_protected": total - sum(int(m.sum()) for m in selection.keep.values()),
+    }
+    if method in expected:
+        assert sum(claimed.values()) == expected[method]
+    if method == "norm_only":
+        assert all("norm" in name for name in claimed)
+    if method in ("lisa", "owl_lisa"):
+        layers = {layer for period in selection.schedule for layer in period}
+        assert all(len(period) == 2 for period in selection.schedule)
+        assert {int(n.split(".")[2]) for n in claimed if n.startswith("model.layers.")} == layers
+        assert "model.embed_tokens.weight" in claimed
+    if method == "outlier_guided":
+        assert sum(claimed.values()) <= lora_budget(loaded.sites, cfg.finetune.lora.r)
+        down = f"model.layers.{PLANTED.layer}.mlp.down_proj.weight"
+        trained = ~selection.keep[down] if down in selection.keep else torch.ones_like(before[down], dtype=torch.bool)
+        assert trained[PLANTED.row].all() and trained[:, PLANTED.col].all()  # MA row and SW column
+        assert "model.layers.2.input_layernorm.weight" in claimed
+    if method == "outlier_protected":
+        assert f"model.layers.{PLANTED.layer}.mlp.down_proj.weight" in selection.keep
+
+
+def test_lora_trains_its_adapters_and_merges_into_the_block_linears(tmp_path):
+    cfg = _cfg("lora")
+    loaded, batches, atlas = _setup(cfg, tmp_path)
+    before = _snapshot(loaded.model)
+    budget = lora_budget(loaded.sites, cfg.finetune.lora.r)  # r x (in + out) of every block linear
+    selection = select(cfg.finetune.method, loaded, atlas, cfg.finetune.lora, 0, cfg.finetune.steps)
+    claimed = selection.claimed()
+    assert claimed and all(".lora_A." in n or ".lora_B." in n for n in claimed)
+    assert sum(claimed.values()) == budget
+    finetune(selection, batches, cfg.finetune, tmp_path / "ck", resume=False)
+    merge_into(selection, loaded)
+    after = _snapshot(loaded.model)
+    assert set(after) == set(before)  # unwrapped again
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {n for n in before if n.startswith("model.layers.") and n.endswith("proj.weight")}
+
+
+@pytest.mark.parametrize("base", ["full", "lora"])
+def test_outlier_protected_leaves_protected_weights_bit_identical(base, tmp_path):
+    cfg = _cfg("outlier_protected", f"finetune.method.base={base}", "finetune.weight_decay=0.1",
+               "finetune.method.lr=0.01")
+    loaded, batches, atlas = _setup(cfg, tmp_path)
+    view = loaded.sites.down_proj(PLANTED.layer)
+    index = view.index(PLANTED.row, PLANTED.col)
+    sw_before = view.param.data[index].clone()
+    gamma = loaded.sites.module("layers.2.norm1").weight
+    gamma_before = gamma.detach().clone()
+    down_before = view.param.detach().clone()
+    selection = select(cfg.finetune.method, loaded, atlas, cfg.finetune.lora, 0, cfg.finetune.steps)
+    finetune(selection, batches, cfg.finetune, tmp_path / "ck", resume=False)
+    merge_into(selection, loaded)
+    assert torch.equal(view.param.data[index], sw_before)  # bit-identical
+    channels = sorted({5, *atlas.ma_channels})
+    assert torch.equal(gamma.detach()[channels], gamma_before[channels])
+    assert not torch.equal(view.param.detach(), down_before)  # ... while the rest of that matrix trained
+
+
+def test_a_resumed_run_continues_the_same_loss_curve(tmp_path):
+    cfg = _cfg("lisa", "finetune.steps=6", "finetune.method.period=2", "finetune.checkpoint_every=3")
+    curves, weights = [], []
+    for stop in (None, 3):
+        loaded, batches, atlas = _setup(cfg, tmp_path)
+        selection = select(cfg.finetune.method, loaded, atlas, cfg.finetune.lora, 0, cfg.finetune.steps)
+        checkpoint = tmp_path / f"ck_{stop}"
+        first = finetune(selection, batches, cfg.finetune, checkpoint, stop_at=stop)
+        if stop is not None:
+            assert first["steps"] == 3
+            loaded, batches, atlas = _setup(cfg, tmp_path)  # a fresh process: the original weights again
+            selection = select(cfg.finetune.method, loaded, atlas, cfg.finetune.lora, 0, cfg.finetune.steps)
+            second = finetune(selection, batches, cfg.finetune, checkpoint)
+            assert second["resumed_from"] == 3
+            first = second
+        curves.append([entry["loss"] for entry in first["history"]])
+        weights.append(_snapshot(loaded.model))
+    assert len(curves[0]) == 6
+    assert curves[1] == pytest.approx(curves[0], rel=1e-6)
+    assert all(torch.allclose(weights[0][n], weights[1][n]) for n in weights[0])
+
+
+def test_bad_method_or_task_stops_before_loading():
+    from outlierlab.runner import ConfigError, preflight
+    with pytest.raises(ConfigError, match="finetune.method.kind=bogus"):
+        preflight(_cfg("full", "finetune.method.kind=bogus"))
+    with pytest.raises(ConfigError, match="finetune.steps=0"):
+        preflight(_cfg("full", "finetune.steps=0"))
+    with pytest.raises(ConfigError, match="finetune.method.base=none"):
+        preflight(_cfg("outlier_protected", "finetune.method.base=none"))
+
+
+@pytest.mark.requires("data")
+def test_boolq_split_keeps_every_passage_on_one_side():
+    path = DATA_DIR / "boolq" / "val.superglue_format.jsonl"
+    train, test, meta = boolq_split(path, 0.3, 0)
+    assert meta["train_rows"] == len(train) and meta["test_rows"] == len(test)
+    title = lambda row: row["passage"].split(" -- ", 1)[0]
+    assert not {title(r) for r in train} & {title(r) for r in test}
+    assert len(train) + len(test) == 3270 and 0.25 < len(test) / 3270 < 0.35
+    again = boolq_split(path, 0.3, 0)
+    assert [r["idx"] for r in again[1]] == [r["idx"] for r in test]
+    assert [r["idx"] for r in boolq_split(path, 0.3, 1)[1]] != [r["idx"] for r in test]
+
+
+@pytest.mark.requires("data")
+def test_finetune_run_writes_a_result_and_a_loadable_checkpoint(tmp_path):
+    from outlierlab.runner import execute
+    cfg = compose_cfg(["+exp=finetune", "model=tiny_llama", "finetune/method=lora", "finetune.steps=2",
+                       "exp.atlas.windows=1", "logger=none", "eval.ppl.wikitext2.seqlen=64",
+                       "eval.ppl.wikitext2.windows=2", f"paths.results_dir={tmp_path / 'results'}",
+                       f"paths.checkpoints_dir={tmp_path / 'ck'}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    record = execute(cfg)
+    row = record["table"]["rows"][0]
+    assert row["method"] == "lora" and row["trainable"] == record["finetune"]["trainable"]["total"] > 0
+    assert record["survival"]["sw_total"] == 0  # the random model has no super weight
+    directory = tmp_path / "ck" / "finetune" / "tiny_llama" / "cpt" / "lora"
+    assert json.loads((directory / "outlierlab.json").read_text())["bos"] == "prepend"
+    assert (directory / "adapter" / "adapter_config.json").is_file()
+    other = compose_cfg(["model=trained", f"model.source={directory}"])
+    assert other.model.bos == "prepend"
+    reloaded = load_model(other.model, tmp_path / "cache")
+    assert reloaded.info["kind"] == "local"
+    from outlierlab.models.hashing import weights_sha256
+    final = torch.load(directory / "checkpoint" / "trainable.pt", weights_only=True)
+    assert final and all("lora_" in name for name in final)
+    assert weights_sha256(reloaded.model) != weights_sha256(load_model(cfg.model, tmp_path).model)
+    from outlierlab.reports import run_builders
+    tables = run_builders("tables", tmp_path / "results", tmp_path / "tables", ["finetune"])
+    assert [p.name for p in tables] == ["finetune_tiny_llama_cpt.md", "finetune_tiny_llama_cpt.tex"]
+    assert "| lora " in tables[0].read_text()
+    figures = run_builders("figures", tmp_path / "results", tmp_path / "figures", ["finetune"])
+    assert {p.suffix for p in figures} == {".png", ".pdf"}
