@@ -54,13 +54,18 @@ def variant_cfg(name):
     return compose_cfg(["+exp=pretrain", f"train/variant={name}"]).train.variant
 
 
-def test_sdpa_vanilla_attention_matches_transformers_eager_llama():
-    tokenizer = byte_tokenizer()
-    ours = model_for(variant_cfg("vanilla"), tokenizer).eval()
-    reference = LlamaForCausalLM(ours.config.__class__.__base__(**{
+def transformers_llama(ours):
+    """transformers' own Llama with our vanilla model's config (the variant keys dropped); weights not yet loaded."""
+    return LlamaForCausalLM(ours.config.__class__.__base__(**{
         k: v for k, v in ours.config.to_dict().items()
         if k not in ("model_type", "architectures", "attention_variant", "clip_gamma", "clip_zeta", "gate_init",
                      "transformers_version")}))
+
+
+def test_sdpa_vanilla_attention_matches_transformers_eager_llama():
+    tokenizer = byte_tokenizer()
+    ours = model_for(variant_cfg("vanilla"), tokenizer).eval()
+    reference = transformers_llama(ours)
     reference.config._attn_implementation = "eager"
     reference.load_state_dict(ours.state_dict())
     reference.eval()
@@ -83,10 +88,7 @@ def test_cached_generation_equals_uncached_and_transformers(tmp_path):
     transformers' own Llama, on the locked release and on the newest (scripts/check_latest.sh)."""
     tokenizer = byte_tokenizer()
     ours = model_for(variant_cfg("vanilla"), tokenizer).eval()
-    reference = LlamaForCausalLM(ours.config.__class__.__base__(**{
-        k: v for k, v in ours.config.to_dict().items()
-        if k not in ("model_type", "architectures", "attention_variant", "clip_gamma", "clip_zeta", "gate_init",
-                     "transformers_version")}))
+    reference = transformers_llama(ours)
     reference.load_state_dict(ours.state_dict())
     reference.eval()
     prompt = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(2))
