@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # measures the code beside it.
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "scripts")]
 
-import bench_ways  # noqa: E402
+import bench_ways
 
 CASES = ("plain", "ours_residual", "ours", "ours_all", "nnsight", "host_copy", "hidden_states")
 # Shapes for --shape: random weights built from a transformers config (no download). Llama-7B: arXiv 2302.13971.
@@ -243,7 +243,7 @@ def machine(device: str) -> dict:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     cuda=torch.version.cuda, capability=f"{props.major}.{props.minor}")
-    import importlib.metadata as metadata
+    from importlib import metadata
     for package in ("transformers", "nnsight"):
         try:
             info[package] = metadata.version(package)
@@ -304,11 +304,11 @@ def markdown(record: dict) -> str:
     what = record["model"].get("shape") or record["model"].get("model")
     load_before, load_after = record["load_average"]["before"], record["load_average"]["after"]
     lines = [f"# Probe benchmark: {what} on {record['device']} ({record['dtype']})", "",
-             f"{record['batch']} x {record['seqlen']} tokens, {record['repeats']} interleaved repeats, "
-             f"{record['machine']['torch_threads']} torch threads on {record['machine']['cpu_count']} CPUs "
-             f"({record['machine'].get('gpu') or record['machine']['cpu']}); load average "
-             f"{load_before[0]:.1f} before, {load_after[0]:.1f} after; {record['created']}; commit "
-             f"{(record['git_commit'] or 'unknown')[:10]}.", "",
+             (f"{record['batch']} x {record['seqlen']} tokens, {record['repeats']} interleaved repeats, "
+              f"{record['machine']['torch_threads']} torch threads on {record['machine']['cpu_count']} CPUs "
+              f"({record['machine'].get('gpu') or record['machine']['cpu']}); load average "
+              f"{load_before[0]:.1f} before, {load_after[0]:.1f} after; {record['created']}; commit "
+              f"{(record['git_commit'] or 'unknown')[:10]}."), "",
              "| case | median ms | min-max ms | x plain (median of paired ratios) | p25-p75 | tokens/s | MFU |",
              "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
