@@ -13,9 +13,9 @@ Cases, on the same model and the same input ids, in one run:
     host_copy        the ours statistics from hooks that copy activations to the host (the MA repo's way)
     hidden_states    the ours_residual statistics from output_hidden_states=True
 
-Repeats are interleaved (plain, ours_residual, ..., plain, ours_residual, ...) after one warm-up round, so a change
-in machine load hits every case alike; each case's ratio is the median over repeats of its time / plain's time in
-the same round. On CUDA every timing synchronizes first and last. Peak memory of `ours_all` is measured in fresh
+Repeats are interleaved (plain, ours_residual, ..., then the same rotated by one, ...) after one warm-up round, so
+a change in machine load hits every case alike; each case's ratio is the median over repeats of its time / plain's
+time in the same round. On CUDA every timing synchronizes first and last. Peak memory of `ours_all` is measured in fresh
 processes for each of --memory-sequences (peak RSS on the CPU, torch.cuda.max_memory_allocated on CUDA), with the
 probes' own state size. Writes results/bench/<device>.json and .md.
 """
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # measures the code beside it.
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "scripts")]
 
-import bench_ways  # noqa: E402
+import bench_ways
 
 CASES = ("plain", "ours_residual", "ours", "ours_all", "nnsight", "host_copy", "hidden_states")
 # Shapes for --shape: random weights built from a transformers config (no download). Llama-7B: arXiv 2302.13971.
@@ -181,8 +181,11 @@ def make_cases(loaded, names, k):
 def time_cases(loaded, cases, ids, repeats, device) -> dict[str, list[float]]:
     times = {name: [] for name in cases}
     with torch.no_grad():
+        names = list(cases)
         for round_number in tqdm(range(repeats + 1), desc="interleaved rounds (the first is a warm-up)"):
-            for name, case in cases.items():
+            shift = round_number % len(names)  # rotate the order: a load that drifts within a round hits all alike
+            for name in names[shift:] + names[:shift]:
+                case = cases[name]
                 case.start()
                 sync(device)
                 start = time.perf_counter()
@@ -243,7 +246,7 @@ def machine(device: str) -> dict:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     cuda=torch.version.cuda, capability=f"{props.major}.{props.minor}")
-    import importlib.metadata as metadata
+    from importlib import metadata
     for package in ("transformers", "nnsight"):
         try:
             info[package] = metadata.version(package)
@@ -304,11 +307,11 @@ def markdown(record: dict) -> str:
     what = record["model"].get("shape") or record["model"].get("model")
     load_before, load_after = record["load_average"]["before"], record["load_average"]["after"]
     lines = [f"# Probe benchmark: {what} on {record['device']} ({record['dtype']})", "",
-             f"{record['batch']} x {record['seqlen']} tokens, {record['repeats']} interleaved repeats, "
-             f"{record['machine']['torch_threads']} torch threads on {record['machine']['cpu_count']} CPUs "
-             f"({record['machine'].get('gpu') or record['machine']['cpu']}); load average "
-             f"{load_before[0]:.1f} before, {load_after[0]:.1f} after; {record['created']}; commit "
-             f"{(record['git_commit'] or 'unknown')[:10]}.", "",
+             (f"{record['batch']} x {record['seqlen']} tokens, {record['repeats']} interleaved repeats, "
+              f"{record['machine']['torch_threads']} torch threads on {record['machine']['cpu_count']} CPUs "
+              f"({record['machine'].get('gpu') or record['machine']['cpu']}); load average "
+              f"{load_before[0]:.1f} before, {load_after[0]:.1f} after; {record['created']}; commit "
+              f"{(record['git_commit'] or 'unknown')[:10]}."), "",
              "| case | median ms | min-max ms | x plain (median of paired ratios) | p25-p75 | tokens/s | MFU |",
              "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
@@ -318,7 +321,8 @@ def markdown(record: dict) -> str:
                      f"{row['tokens_per_s']:.0f} | {mfu} |")
     if record.get("memory"):
         lines += ["", "Peak memory of ours_all (every probe), fresh process per row:", "",
-                  "| sequences | seqlen | peak RSS MiB | CUDA max allocated MiB | probe state bytes |", "|---|---|---|---|---|"]
+                  "| sequences | seqlen | peak RSS MiB | CUDA max allocated MiB | probe state bytes |",
+                  "|---|---|---|---|---|"]
         for row in record["memory"]:
             state = sum(part["tensor_bytes"] for part in row["probe_state"])
             cuda = row.get("cuda_max_allocated_mib")

@@ -272,13 +272,19 @@ class ResidualStats(Probe):
             group.add(value, ratio, self._seen[layer] + sequence, position, token)
 
     def _fold_moments(self, layer: int, hidden: torch.Tensor):
-        values = hidden.double()
         if self.moment_sum[layer] is None:
-            self.moment_sum[layer] = torch.zeros(values.shape[1:], dtype=torch.float64, device=values.device)
+            self.moment_sum[layer] = torch.zeros(hidden.shape[1:], dtype=torch.float64, device=hidden.device)
             self.moment_sum_sq[layer] = torch.zeros_like(self.moment_sum[layer])
-        if values.shape[1:] != self.moment_sum[layer].shape:
-            raise ValueError(f"moments need equal-length sequences: got {tuple(values.shape[1:])}, "
+        if hidden.shape[1:] != self.moment_sum[layer].shape:
+            raise ValueError(f"moments need equal-length sequences: got {tuple(hidden.shape[1:])}, "
                              f"expected {tuple(self.moment_sum[layer].shape)}")
+        if hidden.shape[0] == 1 and hidden.dtype != torch.float64:
+            # in place, in float64, no [T, C] temporaries: x * x of a float32/bf16 x is exact in float64, so this
+            # equals the general path below bit for bit
+            self.moment_sum[layer].add_(hidden[0])
+            self.moment_sum_sq[layer].addcmul_(hidden[0], hidden[0])
+            return
+        values = hidden.double()
         self.moment_sum[layer] += values.sum(dim=0)
         self.moment_sum_sq[layer] += values.square().sum(dim=0)
 
