@@ -35,14 +35,14 @@ def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def block_linears(sites) -> dict[str, tuple[int, nn.Module, bool]]:
-    """Every linear inside the decoder blocks: full module name -> (layer, module, transposed weight?)."""
+    """Every linear inside the decoder blocks (Sites.block_linears, the one enumeration), by its full module name
+    in model.named_modules() -> (layer, module, transposed weight?)."""
     from transformers.pytorch_utils import Conv1D
-    prefix = sites.family.layers
     found = {}
-    for layer, block in enumerate(sites.layers):
-        for name, module in block.named_modules():
-            if isinstance(module, (nn.Linear, Conv1D)):
-                found[f"{prefix}.{layer}.{name}"] = (layer, module, isinstance(module, Conv1D))
+    for site, module in sites.block_linears():  # site: layers.{i}.<path>.weight
+        in_block = site[len("layers."):-len(".weight")]
+        layer = int(in_block.split(".", 1)[0])
+        found[f"{sites.family.layers}.{in_block}"] = (layer, module, isinstance(module, Conv1D))
     return found
 
 
