@@ -28,6 +28,7 @@ from outlierlab.models.load import (
     BOS_POLICIES,
     DTYPES,
     LoadedModel,
+    check_layout,
     load_model,
     model_shape,
 )
@@ -149,6 +150,8 @@ def preflight(cfg: DictConfig) -> Plan:
     # Recipes that make or load their own models (pretraining, tables over several checkpoints) set
     # exp.load_model: false; the runner then loads nothing and ctx.loaded is None.
     source = resolve_source(model, cfg.paths.cache_dir) if cfg.exp.get("load_model", True) else None
+    if source is not None:
+        check_layout(model, source)
     super_weights = _registry_super_weights(model, source)
     output = result_path(cfg.paths.results_dir, cfg.exp.name, model.name, cfg.run_tag)
     plan = Plan(source, interventions, super_weights, data_dir, output, recipe)

@@ -25,6 +25,8 @@ import weakref
 
 import torch
 
+from outlierlab.errors import UnsupportedArchitecture
+
 IMPLEMENTATION = "outlierlab_observed"
 KINDS = ("logits", "values", "probs")
 
@@ -34,8 +36,8 @@ _CALLBACKS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, list]] = weakre
 _MODELS: weakref.WeakKeyDictionary[torch.nn.Module, list] = weakref.WeakKeyDictionary()
 
 
-class AttentionNotObservable(ValueError):
-    pass
+class AttentionNotObservable(UnsupportedArchitecture):
+    """A study asked for attention observations of a model whose attention cannot deliver them (one line, exit 2)."""
 
 
 def _repeat_heads(states: torch.Tensor, heads: int) -> torch.Tensor:
@@ -49,6 +51,18 @@ def _eager_for(module: torch.nn.Module):
     if eager is None:
         raise AttentionNotObservable(f"{type(module).__name__} has no eager_attention_forward in its modeling file")
     return eager
+
+
+def observable(module: torch.nn.Module) -> bool:
+    """Whether this attention module can be observed: it delivers observations itself, or its modeling file has the
+    eager function transformers' AttentionInterface dispatches to."""
+    if getattr(module, "delivers_observations", False):
+        return True
+    try:
+        _eager_for(module)
+        return True
+    except AttentionNotObservable:
+        return False
 
 
 def observed(module: torch.nn.Module) -> bool:

@@ -146,6 +146,30 @@ def model_config(model_cfg, source: ModelSource):
     return config
 
 
+def check_layout(model_cfg, source: ModelSource) -> None:
+    """The site table's checks (models/sites.py: a family for this config, every module it names in every block)
+    on the model built on the meta device from its config alone, so an unsupported layout stops before any weights
+    load. A config that cannot be read here (an unreachable hub) is left to the load, which checks again, as it does
+    for GGUF files: transformers maps them onto its own standard classes, and reading a GGUF's config parses all its
+    metadata (seconds for Gemma's 262k-token vocabulary)."""
+    if source.kind == "gguf":
+        return
+    try:
+        config = model_config(model_cfg, source)
+    except (OSError, ValueError):
+        return
+    key = config.to_json_string()
+    if key in _LAYOUTS_CHECKED:  # preflight runs once per sweep cell; the same config needs checking once
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.get("trust_remote_code", False))
+    Sites(model)
+    _LAYOUTS_CHECKED.add(key)
+
+
+_LAYOUTS_CHECKED: set[str] = set()
+
+
 def model_shape(model_cfg, source: ModelSource) -> tuple[int, int, int]:
     """(layers, hidden size, MLP intermediate size) from the config alone, without loading weights."""
     config = model_config(model_cfg, source)
@@ -204,5 +228,6 @@ def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = No
     sites = Sites(model)
     info.update(model_type=model.config.model_type, family=sites.family.name, num_layers=sites.num_layers,
                 hidden_size=model.config.hidden_size, num_parameters=sum(p.numel() for p in model.parameters()),
-                device=str(next(model.parameters()).device), torch_dtype=str(next(model.parameters()).dtype))
+                device=str(next(model.parameters()).device), torch_dtype=str(next(model.parameters()).dtype),
+                attention_observable=sites.attention_observable)
     return LoadedModel(model=model, tokenizer=tokenizer, sites=sites, bos=bos, info=info)

@@ -30,7 +30,10 @@ gives both anchors; `Sites.paper_label`):
     layers.{i}.mlp.out             MLP output (down_proj's output, before any output norm)
     layers.{i}.out                 block output
 
-Adding a family is one `Family` entry; nothing else in the code looks at model names.
+Adding a family is one `Family` entry; nothing else in the code looks at model names. An entry is chosen by the
+config's model_type and, where a type has several block layouts, by config attributes (`Family.when`); when a model
+loads, `Sites` checks every module its entry names in every block, so a layout the table does not describe fails in
+one line instead of giving wrong numbers.
 """
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ class Family:
     norm2: str | None
     down_proj: str
     embed: str
-    final_norm: str
+    final_norm: str | None  # None: the family has no norm before the LM head (OPT post-LN)
     # GPT-2's Conv1D stores weights as [in, out] (its MLP's c_fc and c_proj); every other family uses [out, in].
     down_proj_transposed: bool = False
     # The other linears of a block (None: the family has none; a model of the family without it, e.g. Phi-3's fused
@@ -72,27 +75,67 @@ class Family:
     # How a norm's stored weight w becomes its gain: gain = norm_gain_offset + w (1.0 for Gemma's RMSNorm, which
     # multiplies by 1 + w; 0.0 for a plain gamma). Every norm of a family follows its convention.
     norm_gain_offset: float = 0.0
+    # Config attributes that pick this entry among those of the same model type: {attribute: allowed values}
+    # (Falcon's three block layouts, OPT's pre-/post-LN). Read from the model's config, never from its name.
+    when: tuple[tuple[str, tuple], ...] = ()
+    # Attention and MLP both read the block input (Falcon's parallel blocks): there is no residual after attention.
+    parallel_blocks: bool = False
+    # OPT flattens the MLP path (norm2, fc1, fc2) to [batch * positions, channels]; hooks there still receive
+    # [batch, positions, channels], like every other family's.
+    flat_mlp: bool = False
+    # SmoothQuant's norm -> linears table (arXiv 2211.10438, as its smooth.py does for Llama and OPT): the linears
+    # inside a block that read each norm's output. A fused projection (Phi-3's qkv_proj / gate_up_proj) is listed
+    # beside the split ones; the ones a model has are used. None: no table (smoothing refuses the family).
+    smooth_groups: tuple[tuple[str, tuple[str, ...]], ...] | None = None
+
+    def matches(self, config) -> bool:
+        return config.model_type in self.model_types and all(
+            getattr(config, attribute, None) in allowed for attribute, allowed in self.when)
+
+    def required_roles(self) -> list[str]:
+        """Block roles every block of a model of this family must have: the ones the table names, except the
+        optional other linears (gate/up/o_proj), which are checked when addressed."""
+        return [role for role in ("attn", "norm1", "norm2", "norm_attn_out", "norm_mlp_out", "mlp.down_proj")
+                if self.path(role) is not None]
+
+    def path(self, role: str) -> str | None:
+        """The module path inside a block for a role (`norm1`, `mlp.down_proj`, ...)."""
+        return {"attn": self.attn, "norm1": self.norm1, "norm2": self.norm2, "norm_attn_out": self.norm_attn_out,
+                "norm_mlp_out": self.norm_mlp_out, "mlp.down_proj": self.down_proj, "mlp.gate_proj": self.gate_proj,
+                "mlp.up_proj": self.up_proj, "attn.o_proj": self.o_proj}[role]
+
+
+# Block roles: the sites `layers.{i}.<role>` that a Family entry maps to module paths.
+ROLES = ("attn", "norm1", "norm2", "norm_attn_out", "norm_mlp_out", "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj",
+         "attn.o_proj")
 
 
 _LLAMA_PATHS = dict(layers="model.layers", attn="self_attn", norm1="input_layernorm", norm2="post_attention_layernorm",
                     down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm",
                     gate_proj="mlp.gate_proj", up_proj="mlp.up_proj", o_proj="self_attn.o_proj")
+_LLAMA_SMOOTH = (("norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj")),
+                 ("norm2", ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj")))
+_FALCON_PATHS = dict(layers="transformer.h", attn="self_attention", down_proj="mlp.dense_4h_to_h",
+                     embed="transformer.word_embeddings", final_norm="transformer.ln_f", up_proj="mlp.dense_h_to_4h",
+                     o_proj="self_attention.dense")
 
 FAMILIES: tuple[Family, ...] = (
     Family(
+        # Phi-3's fused gate_up_proj has no split gate/up sites (told when addressed). Mixture-of-experts models
+        # (Mixtral: no single down_proj) are not here: they are refused with the list of supported types.
         name="llama-like",
-        model_types=("llama", "mistral", "mixtral", "qwen2", "qwen3", "olmo",
-                     "phi3", "smollm3", "granite", "outlierlab_llama"),
-        **_LLAMA_PATHS,
+        model_types=("llama", "mistral", "qwen2", "qwen3", "olmo", "phi3", "smollm3", "granite", "outlierlab_llama"),
+        **_LLAMA_PATHS, smooth_groups=_LLAMA_SMOOTH,
     ),
     # Gemma (1) has Llama's module paths, but its RMSNorm multiplies by 1 + w (a stored w = 0 is a gain of 1).
-    Family(name="gemma", model_types=("gemma",), norm_gain_offset=1.0, **_LLAMA_PATHS),
+    Family(name="gemma", model_types=("gemma",), norm_gain_offset=1.0, **_LLAMA_PATHS, smooth_groups=_LLAMA_SMOOTH),
     Family(
         # Gemma-2/3 norm both sides of each sublayer: post_attention_layernorm normalizes the attention *output*;
         # the MLP's input norm is pre_feedforward_layernorm. Gains are 1 + w, as in Gemma.
         name="gemma2-like", model_types=("gemma2", "gemma3_text"),
         **{**_LLAMA_PATHS, "norm2": "pre_feedforward_layernorm"},
         norm_attn_out="post_attention_layernorm", norm_mlp_out="post_feedforward_layernorm", norm_gain_offset=1.0,
+        smooth_groups=_LLAMA_SMOOTH,
     ),
     Family(
         # OLMo-2 is post-norm: post_attention_layernorm / post_feedforward_layernorm normalize the sublayer outputs,
@@ -105,19 +148,43 @@ FAMILIES: tuple[Family, ...] = (
         name="gpt2", model_types=("gpt2",),
         layers="transformer.h", attn="attn", norm1="ln_1", norm2="ln_2",
         down_proj="mlp.c_proj", embed="transformer.wte", final_norm="transformer.ln_f", down_proj_transposed=True,
-        up_proj="mlp.c_fc", o_proj="attn.c_proj",
+        up_proj="mlp.c_fc", o_proj="attn.c_proj", smooth_groups=(("norm1", ("attn.c_attn",)), ("norm2", ("mlp.c_fc",))),
     ),
     Family(
-        name="opt", model_types=("opt",),
+        # OPT-125m, 1.3b, ... normalize before each sublayer (do_layer_norm_before).
+        name="opt", model_types=("opt",), when=(("do_layer_norm_before", (True,)),),
         layers="model.decoder.layers", attn="self_attn", norm1="self_attn_layer_norm", norm2="final_layer_norm",
         down_proj="fc2", embed="model.decoder.embed_tokens", final_norm="model.decoder.final_layer_norm",
-        up_proj="fc1", o_proj="self_attn.out_proj",
+        up_proj="fc1", o_proj="self_attn.out_proj", flat_mlp=True,
+        smooth_groups=(("norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), ("norm2", ("fc1",))),
     ),
     Family(
-        name="falcon", model_types=("falcon",),
-        layers="transformer.h", attn="self_attention", norm1="input_layernorm", norm2="post_attention_layernorm",
-        down_proj="mlp.dense_4h_to_h", embed="transformer.word_embeddings", final_norm="transformer.ln_f",
-        up_proj="mlp.dense_h_to_4h", o_proj="self_attention.dense",
+        # OPT-350m normalizes after each residual add (post-LN): its norms are not sublayer inputs, so there is no
+        # norm1/norm2 to address, and no final norm.
+        name="opt-post-ln", model_types=("opt",), when=(("do_layer_norm_before", (False,)),),
+        layers="model.decoder.layers", attn="self_attn", norm1=None, norm2=None,
+        down_proj="fc2", embed="model.decoder.embed_tokens", final_norm=None,
+        up_proj="fc1", o_proj="self_attn.out_proj", flat_mlp=True,
+    ),
+    Family(
+        # Falcon-40B/180B (new_decoder_architecture, two norms in parallel): ln_attn feeds attention, ln_mlp the MLP,
+        # both from the block input.
+        name="falcon-parallel-2ln", model_types=("falcon",),
+        when=(("new_decoder_architecture", (True,)), ("num_ln_in_parallel_attn", (None, 2))),
+        norm1="ln_attn", norm2="ln_mlp", parallel_blocks=True, **_FALCON_PATHS,
+        smooth_groups=(("norm1", ("self_attention.query_key_value",)), ("norm2", ("mlp.dense_h_to_4h",))),
+    ),
+    Family(
+        # Falcon-7B (parallel_attn): one input_layernorm feeds attention and the MLP; there is no MLP input norm.
+        name="falcon-parallel", model_types=("falcon",), when=(("parallel_attn", (True,)),),
+        norm1="input_layernorm", norm2=None, parallel_blocks=True, **_FALCON_PATHS,
+        smooth_groups=(("norm1", ("self_attention.query_key_value", "mlp.dense_h_to_4h")),),
+    ),
+    Family(
+        # Falcon-RW (sequential blocks, as Llama's).
+        name="falcon", model_types=("falcon",), when=(("parallel_attn", (False,)),),
+        norm1="input_layernorm", norm2="post_attention_layernorm", **_FALCON_PATHS,
+        smooth_groups=(("norm1", ("self_attention.query_key_value",)), ("norm2", ("mlp.dense_h_to_4h",))),
     ),
 )
 
@@ -134,15 +201,25 @@ _PAPER_POINTS = ("attn.in", "attn.out", "mlp.in", "mlp.gate_proj.out", "mlp.up_p
 
 
 def supported_model_types() -> list[str]:
-    return sorted(t for family in FAMILIES for t in family.model_types)
+    return sorted({t for family in FAMILIES for t in family.model_types})
 
 
-def family_for(model_type: str) -> Family:
-    for family in FAMILIES:
-        if model_type in family.model_types:
+def family_for(config) -> Family:
+    """The Family entry for a transformers config (or a bare model type: its first entry)."""
+    model_type = config if isinstance(config, str) else config.model_type
+    entries = [family for family in FAMILIES if model_type in family.model_types]
+    if not entries:
+        raise UnsupportedArchitecture(f"architecture '{model_type}' has no site table; supported model types: "
+                                      f"{', '.join(supported_model_types())}")
+    if isinstance(config, str):
+        return entries[0]
+    for family in entries:
+        if family.matches(config):
             return family
-    raise UnsupportedArchitecture(
-        f"architecture '{model_type}' has no site table; supported model types: {', '.join(supported_model_types())}")
+    described = "; ".join(f"{family.name}: " + ", ".join(f"{key} in {list(allowed)}" for key, allowed in family.when)
+                          for family in entries)
+    raise UnsupportedArchitecture(f"this {model_type} config matches no {model_type} layout of the site table "
+                                  f"({described})")
 
 
 def _getattr_path(root: nn.Module, path: str):
@@ -150,6 +227,13 @@ def _getattr_path(root: nn.Module, path: str):
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _has_path(root: nn.Module, path: str) -> bool:
+    try:
+        return _getattr_path(root, path) is not None
+    except AttributeError:
+        return False
 
 
 # The module types a "linear layer" is: GPT-2's Conv1D is a linear layer stored as [in, out].
@@ -193,17 +277,48 @@ class Sites:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.family = family_for(model.config.model_type)
+        self.family = family_for(model.config)
         self.layers: nn.ModuleList = _getattr_path(model, self.family.layers)
+        self._validate()
+
+    def _validate(self) -> None:
+        """Every module the family's table names exists in every block, and down_proj is a linear layer: a layout
+        the table does not describe (a mixture-of-experts MLP, a renamed norm) fails here, in one line, when the
+        model loads, not as a wrong number later."""
+        model_type, family = self.model.config.model_type, self.family
+        for site, path in (("embed", family.embed), ("final_norm", family.final_norm)):
+            if path is not None and not _has_path(self.model, path):
+                raise UnsupportedArchitecture(f"this {model_type} model has no {path} (the {family.name} table's "
+                                              f"{site}); its layout is not the one models/sites.py describes")
+        for layer in range(self.num_layers):
+            for role in family.required_roles():
+                if not _has_path(self.layers[layer], family.path(role)):
+                    raise UnsupportedArchitecture(
+                        f"this {model_type} model's layers.{layer} has no {family.path(role)} (the {family.name} "
+                        f"table's {role}); its layout is not the one models/sites.py describes")
+            down_proj = _getattr_path(self.layers[layer], family.down_proj)
+            if not isinstance(down_proj, LINEAR_TYPES):
+                raise UnsupportedArchitecture(
+                    f"this {model_type} model's layers.{layer}.{family.down_proj} is a {type(down_proj).__name__}, "
+                    "not a linear layer (a mixture-of-experts MLP has no single down_proj)")
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def attention_observable(self) -> bool:
+        """Whether `layers.{i}.attn.probs|logits|values` can be observed (models/attention.py): the attention goes
+        through transformers' AttentionInterface. Recorded when the model loads; observing fails in one line."""
+        from outlierlab.models.attention import observable
+        return observable(self.module("layers.0.attn"))
+
     def module(self, site: str) -> nn.Module:
         if site == "embed":
             return _getattr_path(self.model, self.family.embed)
         if site == "final_norm":
+            if self.family.final_norm is None:
+                raise KeyError(f"site 'final_norm': {self.family.name} models have no norm before the LM head")
             return _getattr_path(self.model, self.family.final_norm)
         match = _LAYER_SITE.match(site)
         if not match:
@@ -213,18 +328,15 @@ class Sites:
         if rest is None:
             return layer
         family = self.family
-        paths = {"attn": family.attn, "norm1": family.norm1, "norm2": family.norm2,
-                 "norm_attn_out": family.norm_attn_out, "norm_mlp_out": family.norm_mlp_out,
-                 "mlp.down_proj": family.down_proj, "mlp.gate_proj": family.gate_proj,
-                 "mlp.up_proj": family.up_proj, "attn.o_proj": family.o_proj}
-        if rest not in paths:
-            raise KeyError(f"unknown site '{site}' (layer sites: {', '.join(paths)}, out)")
-        if paths[rest] is None:
+        if rest not in ROLES:
+            raise KeyError(f"unknown site '{site}' (layer sites: {', '.join(ROLES)}, out)")
+        path = family.path(rest)
+        if path is None:
             raise KeyError(f"site '{site}': {family.name} models have no {rest} to address")
         try:
-            return _getattr_path(layer, paths[rest])
+            return _getattr_path(layer, path)
         except AttributeError:
-            raise KeyError(f"site '{site}': this {self.model.config.model_type} model has no {paths[rest]} "
+            raise KeyError(f"site '{site}': this {self.model.config.model_type} model has no {path} "
                            f"(the {family.name} table's {rest})") from None
 
     def has(self, site: str) -> bool:
@@ -315,18 +427,22 @@ class Sites:
                     if pattern is None or pattern.search(name):
                         yield name, module
 
-    def _hook_target(self, site: str) -> tuple[nn.Module, str]:
-        """(module, "in" | "out") that hook point `site` reads."""
+    def _hook_target(self, site: str) -> tuple[nn.Module, str, str | None]:
+        """(module, "in" | "out", block role or None) that hook point `site` reads."""
         match = _LAYER_SITE.match(site)
+        if match and match.group(2) == "mid" and self.family.parallel_blocks:
+            raise KeyError(f"site '{site}': {self.family.name} blocks run attention and the MLP in parallel on the "
+                           "block input; there is no residual after attention")
         if match and match.group(2) in BLOCK_ALIASES:
             role, point = BLOCK_ALIASES[match.group(2)]
-            return self.module(f"layers.{match.group(1)}.{role}"), point
+            return self.module(f"layers.{match.group(1)}.{role}"), point, role
         if match and match.group(2) == "out":
-            return self.module(site[: -len(".out")]), "out"  # layers.{i}.out: the block's output
+            return self.module(site[: -len(".out")]), "out", None  # layers.{i}.out: the block's output
         module_site, _, point = site.rpartition(".")
         if point not in _HOOK_SUFFIXES:
             raise KeyError(f"site '{site}' is not a hook point (it should end in .in or .out)")
-        return self.module(module_site), point
+        role = _LAYER_SITE.match(module_site)
+        return self.module(module_site), point, role.group(2) if role else None
 
     def register(self, site: str, fn):
         """Attach fn at a hook point and return the handle; for hooks that live as long as an edit session
@@ -335,7 +451,9 @@ class Sites:
         if attention:
             from outlierlab.models.attention import observe
             return observe(self.model, self.module(attention.group(1)), attention.group(2), fn)
-        module, point = self._hook_target(site)
+        module, point, role = self._hook_target(site)
+        if self.family.flat_mlp and role in _FLAT_MLP_ROLES:
+            return self._register_unflattened(int(_LAYER_SITE.match(site).group(1)), module, point, fn)
         if point == "in":
             def pre_hook(_module, args):
                 replaced = fn(args[0])
@@ -351,3 +469,39 @@ class Sites:
                 return (replaced, *output[1:])
             return replaced
         return module.register_forward_hook(post_hook)
+
+    def _register_unflattened(self, layer: int, module: nn.Module, point: str, fn):
+        """A hook on a flattened MLP module (OPT) that hands fn [batch, positions, channels], the shape of the block
+        input this forward, and flattens fn's replacement back."""
+        shape: list[tuple[int, int]] = []
+
+        def remember(_block, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            shape[:] = [tuple(hidden.shape[:2])]
+
+        def unflattened(tensor: torch.Tensor):
+            replaced = fn(tensor.view(*shape[0], tensor.shape[-1]))
+            return None if replaced is None else replaced.reshape(tensor.shape)
+
+        handles = [self.layers[layer].register_forward_pre_hook(remember, with_kwargs=True)]
+        if point == "in":
+            handles.append(module.register_forward_pre_hook(
+                lambda _module, args: None if (r := unflattened(args[0])) is None else (r, *args[1:])))
+        else:
+            handles.append(module.register_forward_hook(lambda _module, _args, output: unflattened(output)))
+        return _Handles(handles)
+
+
+# The block roles inside OPT's flattened MLP path (Family.flat_mlp).
+_FLAT_MLP_ROLES = ("norm2", "mlp.up_proj", "mlp.down_proj")
+
+
+class _Handles:
+    """Several hook handles removed as one."""
+
+    def __init__(self, handles):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()

@@ -63,7 +63,7 @@ def channel_points(sites) -> list[str]:
     points = []
     for layer in range(sites.num_layers):
         points += [f"{norm}.out" for norm in sites.norms(layer)] + linear_input_points(sites, layer)
-    return points + ["final_norm.out"]
+    return points + (["final_norm.out"] if sites.has("final_norm") else [])
 
 
 def kind(point: str) -> str:

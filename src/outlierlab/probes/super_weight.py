@@ -115,13 +115,11 @@ def detect_super_weights(loaded, prompt: str = DEFAULT_PROMPT, spike_layer_ratio
     dequantized block-quantized value), its magnitude rank in its matrix, z-score, and the input/output spikes.
 
     A layer is a candidate when its down_proj input and output spike (`_spiking`; presets in conf/probe/sw_*.yaml).
-    Each iteration takes the candidate not already found with the largest |output spike| (as the paper takes the
-    largest spike; ranking within one model needs no scale); it is a super weight when that one weight makes at least `min_share` of
-    the spike (w * x[col] / y[row]) and is an outlier of its matrix (|w| >= `min_weight_zscore` standard
-    deviations): it is zeroed and detection runs again. Otherwise detection stops (`rejected` says why). The
-    z-score guard matters once a super weight is zeroed: its input spike still multiplies the ordinary weights of
-    the same column, whose outputs can spike without any of them being special. Detected is not important: the
-    studies measure importance separately.
+    Each iteration takes the candidate not already found with the largest |output spike| (`_largest_new_spike`: as
+    the paper takes the largest spike; ranking within one model needs no scale); it is a super weight when that one
+    weight makes at least `min_share` of the spike and is an outlier of its matrix (`_rejection`): it is zeroed and
+    detection runs again. Otherwise detection stops (`rejected` says why). Detected is not important: the studies
+    measure importance separately.
     """
     ids = torch.tensor([loaded.encode(prompt)], device=loaded.device)
     tokens = loaded.tokenizer.convert_ids_to_tokens(ids[0].tolist())
@@ -129,46 +127,63 @@ def detect_super_weights(loaded, prompt: str = DEFAULT_PROMPT, spike_layer_ratio
     rejected = None  # the spike that stopped detection, when it was one weight's location but not a super weight
     iterations = []
     stop_reason = f"reached max_iterations={max_iterations}"
+    # Detection edits the model (each super weight found is zeroed so the next can show); the session undoes it.
     with EditSession(loaded) as session:
         for iteration in tqdm(range(max_iterations), desc="detect super weights", leave=False):
             profile = spike_profile(loaded, ids)
             spikes, ratios = _spiking(profile, spike_min_abs, spike_layer_ratio, spike_ratio)
             iterations.append({"iteration": iteration, "spiking_layers": spikes, **ratios, "profile": profile})
-            known = {tuple(f["coord"]) for f in found}
-            fresh = sorted((l for l in spikes if (l, profile[l]["row"], profile[l]["col"]) not in known),
-                           key=lambda l: -profile[l]["output_abs"])
-            if not fresh:
+            layer = _largest_new_spike(spikes, profile, found)
+            if layer is None:
                 stop_reason = "no layer spikes" if not spikes else "only already-found super weights spike"
                 break
-            layer = fresh[0]
-            spike = profile[layer]
-            weight = SuperWeight(layer, spike["row"], spike["col"])
-            view = loaded.sites.down_proj(layer)
-            index = view.index(weight.row, weight.col)
-            matrix = view.param.data
-            value = float(matrix[index])
-            share = value * spike["input"] / spike["output"] if spike["output"] else 0.0
-            zscore = abs(value) / float(matrix.float().std())
-            candidate = {
-                "coord": list(weight), "label": str(weight), "value": value,
-                "magnitude_rank": int((matrix.abs() > abs(value)).sum()) + 1,
-                "output_spike": spike["output"], "input_spike": spike["input"], "position": spike["position"],
-                "token": tokens[spike["position"]], **{key: ratios[key][layer] for key in ratios},
-                "contribution_share": share, "weight_zscore": zscore, "iteration": iteration}
-            if share < min_share:
-                stop_reason = f"largest remaining spike {weight} is not one weight's doing (share {share:.2f})"
-                rejected = {**candidate, "reason": stop_reason}
-                break
-            if zscore < min_weight_zscore:
-                stop_reason = f"largest remaining spike {weight} comes from an ordinary weight (z-score {zscore:.1f})"
-                rejected = {**candidate, "reason": stop_reason}
+            candidate = _candidate(loaded, profile[layer], {key: ratios[key][layer] for key in ratios}, tokens)
+            candidate["iteration"] = iteration
+            reason = _rejection(candidate, min_share, min_weight_zscore)
+            if reason is not None:
+                stop_reason, rejected = reason, {**candidate, "reason": reason}
                 break
             found.append(candidate)
-            session.set(view.param, index, 0.0)
+            view = loaded.sites.down_proj(layer)
+            session.set(view.param, view.index(*candidate["coord"][1:]), 0.0)
     return {"prompt": prompt, "preset": preset, "provenance": provenance, "spike_layer_ratio": spike_layer_ratio,
             "spike_min_abs": spike_min_abs, "spike_ratio": spike_ratio, "min_share": min_share,
             "min_weight_zscore": min_weight_zscore, "super_weights": found, "rejected": rejected,
             "stop_reason": stop_reason, "iterations": iterations}
+
+
+def _largest_new_spike(spikes: list[int], profile: list[dict], found: list[dict]) -> int | None:
+    """The spiking layer with the largest |output| whose (layer, row, col) is not a super weight found already."""
+    known = {tuple(entry["coord"]) for entry in found}
+    fresh = [layer for layer in spikes if (layer, profile[layer]["row"], profile[layer]["col"]) not in known]
+    return max(fresh, key=lambda layer: profile[layer]["output_abs"], default=None)
+
+
+def _candidate(loaded, spike: dict, ratios: dict, tokens: list[str]) -> dict:
+    """The weight at a spike's (layer, row, col): its value, rank and z-score in its matrix, and the share of the
+    spike it makes alone (w * x[col] / y[row])."""
+    weight = SuperWeight(spike["layer"], spike["row"], spike["col"])
+    view = loaded.sites.down_proj(weight.layer)
+    matrix = view.param.data
+    value = float(matrix[view.index(weight.row, weight.col)])
+    return {"coord": list(weight), "label": str(weight), "value": value,
+            "magnitude_rank": int((matrix.abs() > abs(value)).sum()) + 1,
+            "output_spike": spike["output"], "input_spike": spike["input"], "position": spike["position"],
+            "token": tokens[spike["position"]], **ratios,
+            "contribution_share": value * spike["input"] / spike["output"] if spike["output"] else 0.0,
+            "weight_zscore": abs(value) / float(matrix.float().std())}
+
+
+def _rejection(candidate: dict, min_share: float, min_weight_zscore: float) -> str | None:
+    """Why the candidate is not a super weight (None: it is). The z-score guard matters once a super weight is
+    zeroed: its input spike still multiplies the ordinary weights of the same column, whose outputs can spike
+    without any of them being special."""
+    label, share, zscore = candidate["label"], candidate["contribution_share"], candidate["weight_zscore"]
+    if share < min_share:
+        return f"largest remaining spike {label} is not one weight's doing (share {share:.2f})"
+    if zscore < min_weight_zscore:
+        return f"largest remaining spike {label} comes from an ordinary weight (z-score {zscore:.1f})"
+    return None
 
 
 def choose_super_weights(mode: str, detected: list[SuperWeight], registry: list[SuperWeight]):

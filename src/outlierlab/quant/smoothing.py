@@ -4,25 +4,16 @@
 
 X_j is input channel j of the linears that read one norm's output (calibrated on data), W_j the column j of those
 linears' weights (max over all of them). X / s and W * s give the same product, with the activation outliers moved
-into the weights. Which linears share a norm is one table per architecture family (as SmoothQuant's smooth.py does
-for Llama and OPT: the attention projections after the first norm, the MLP's input projections after the second;
-o_proj and down_proj are not smoothed).
+into the weights. Which linears share a norm is a fact of the architecture family, `Family.smooth_groups` in
+models/sites.py (as SmoothQuant's smooth.py does for Llama and OPT: the attention projections after the first norm,
+the MLP's input projections after the second; o_proj and down_proj are not smoothed).
 """
 from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
 
-# family name (models/sites.py) -> [(norm site, candidate linear paths inside the block)]. A fused projection
-# (Phi-3's qkv_proj / gate_up_proj) is listed beside the split ones; the ones a model has are used.
-SMOOTH_GROUPS: dict[str, list[tuple[str, list[str]]]] = {
-    "llama-like": [("norm1", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj"]),
-                   ("norm2", ["mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj"])],
-    "opt": [("norm1", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]), ("norm2", ["fc1"])],
-    "gpt2": [("norm1", ["attn.c_attn"]), ("norm2", ["mlp.c_fc"])],
-}
-SMOOTH_GROUPS["gemma"] = SMOOTH_GROUPS["llama-like"]  # same linears; only the norms' gain convention differs
-SMOOTH_GROUPS["gemma2-like"] = SMOOTH_GROUPS["llama-like"]  # same linears; only its norm2 module differs
+from outlierlab.models.sites import FAMILIES
 
 # SmoothQuant's smooth.py clamps both maxima and the factors at 1e-5 (avoids 0 ** negative and division by 0).
 EPSILON = 1e-5
@@ -34,10 +25,11 @@ class NoSmoothingTable(ValueError):
 
 def smoothing_groups(sites) -> list[tuple[int, str, list[tuple[str, torch.nn.Module]]]]:
     """[(layer, norm site, [(linear name, module)])] for every block of this model."""
-    table = SMOOTH_GROUPS.get(sites.family.name)
+    table = sites.family.smooth_groups
     if table is None:
+        known = sorted(family.name for family in FAMILIES if family.smooth_groups is not None)
         raise NoSmoothingTable(f"SmoothQuant has no norm -> linear table for family '{sites.family.name}' "
-                               f"(known: {', '.join(SMOOTH_GROUPS)}); add one to quant/smoothing.py")
+                               f"(known: {', '.join(known)}); add smooth_groups to its Family in models/sites.py")
     groups = []
     for layer in range(sites.num_layers):
         block = sites.module(f"layers.{layer}")

@@ -1,0 +1,159 @@
+"""Block layouts the site table tells apart from the config (never the model name), and layouts it refuses in one
+line when the model loads: Falcon's three blocks, OPT's pre-/post-LN and flattened MLP, mixture-of-experts MLPs."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, compose_cfg, weights_hash
+
+from outlierlab.interventions.base import EditSession
+from outlierlab.models.load import byte_tokenizer, load_model
+from outlierlab.models.sites import Sites, UnsupportedArchitecture, supported_model_types
+from outlierlab.probes.stats import DownProjStats
+from outlierlab.interventions.quant import SmoothQuant
+from outlierlab.quant.smoothing import smoothing_groups
+
+FALCON = ["model=tiny_llama", "model.tiny.model_type=falcon", "+model.tiny.alibi=false", "+model.tiny.bias=true",
+          "+model.tiny.ffn_hidden_size=128"]
+# (overrides, family, norms of block 0, whether the block has a residual after attention)
+LAYOUTS = {
+    "falcon-rw": (FALCON + ["+model.tiny.parallel_attn=false", "+model.tiny.new_decoder_architecture=false"],
+                  "falcon", ["input_layernorm", "post_attention_layernorm"], True),
+    "falcon-7b": (FALCON + ["+model.tiny.parallel_attn=true", "+model.tiny.new_decoder_architecture=false"],
+                  "falcon-parallel", ["input_layernorm"], False),
+    "falcon-40b": (FALCON + ["+model.tiny.parallel_attn=true", "+model.tiny.new_decoder_architecture=true"],
+                   "falcon-parallel-2ln", ["ln_attn", "ln_mlp"], False),
+    "opt-125m": (["model=tiny_opt"], "opt", ["self_attn_layer_norm", "final_layer_norm"], True),
+    "opt-350m": (["model=tiny_opt", "+model.tiny.do_layer_norm_before=false"], "opt-post-ln", [], False),
+}
+
+
+def _load(overrides, tmp_path):
+    return load_model(compose_cfg(overrides).model, tmp_path)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_is_read_from_the_config(layout, tmp_path):
+    overrides, family, norms, has_mid = LAYOUTS[layout]
+    loaded = _load(overrides, tmp_path)
+    sites = loaded.sites
+    assert sites.family.name == family
+    block = sites.module("layers.0")
+    assert [sites.module(site) for site in sites.norms(0)] == [getattr(block, name) for name in norms]
+    assert sites.has("layers.0.mid") is has_mid
+    # Every block point the model has hooks and sees [batch, positions, channels] of this forward.
+    ids = torch.tensor([loaded.encode("one two"), loaded.encode("three f")])
+    seen = {}
+    points = sites.block_points(0)
+    with sites.hooks({point: (lambda p: lambda x: seen.__setitem__(p, tuple(x.shape)))(point) for point in points}):
+        loaded.model(ids)
+    assert set(seen) == set(points) and all(shape[:2] == tuple(ids.shape) for shape in seen.values())
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if LAYOUTS[name][2]])
+def test_smoothquant_groups_come_from_the_family_and_keep_the_model(layout, tmp_path):
+    loaded = _load(LAYOUTS[layout][0], tmp_path)
+    groups = smoothing_groups(loaded.sites)
+    assert {norm.split(".", 2)[2] for _, norm, _ in groups} == {"norm1", "norm2"} & {
+        role for role in ("norm1", "norm2") if loaded.sites.has(f"layers.0.{role}")}
+    ids = torch.tensor([loaded.encode("SmoothQuant on every block layout.")])
+    with torch.no_grad():
+        logits = loaded.model(ids).logits
+    before = weights_hash(loaded.model)
+    with EditSession(loaded, {"calibration_ids": torch.randint(0, 256, (2, 16))}) as session:
+        session.apply([SmoothQuant(alpha=0.5)])
+        with torch.no_grad():
+            assert torch.allclose(loaded.model(ids).logits, logits, rtol=1e-4, atol=1e-4)
+    assert weights_hash(loaded.model) == before
+
+
+def test_opt_flattened_mlp_is_seen_per_sequence_and_edits_land_where_they_should(tmp_path):
+    loaded = _load(["model=tiny_opt"], tmp_path)
+    sites = loaded.sites
+    ids = torch.stack([torch.tensor(loaded.encode("abcdef")), torch.tensor(loaded.encode("uvwxyz"))])
+    flat = {}
+    fc2 = sites.module("layers.1.mlp.down_proj")
+    handle = fc2.register_forward_pre_hook(lambda _m, args: flat.__setitem__("in", args[0].clone()))
+    with sites.hook("layers.1.mlp.down_proj.in", lambda x: flat.__setitem__("hooked", x.clone())):
+        logits = loaded.model(ids).logits
+    handle.remove()
+    assert flat["in"].dim() == 2 and flat["hooked"].shape == (*ids.shape, flat["in"].shape[-1])
+    assert torch.equal(flat["hooked"].reshape(flat["in"].shape), flat["in"])
+    # A replacement at (sequence 1, position 2) changes sequence 1 from position 2 on and nothing of sequence 0.
+    def bump(x):
+        x = x.clone()
+        x[1, 2] += 10.0
+        return x
+    with sites.hook("layers.1.mlp.out", bump):
+        bumped = loaded.model(ids).logits
+    assert torch.equal(bumped[0], logits[0]) and torch.equal(bumped[1, :2], logits[1, :2])
+    assert not torch.allclose(bumped[1, 2], logits[1, 2])
+    # The probe that read OPT's 2-D input wrongly now gets positions per sequence.
+    with DownProjStats(sites) as stats:
+        loaded.model(ids)
+    peak = stats.summary()[1]["output_max"]
+    assert 0 <= peak["position"] < ids.shape[1] and peak["sequence"] in (0, 1)
+
+
+def test_post_ln_opt_has_no_input_or_final_norm_to_address(tmp_path):
+    sites = _load(LAYOUTS["opt-350m"][0], tmp_path).sites
+    for site, says in (("layers.0.norm1", "no norm1"), ("final_norm", "no norm before the LM head")):
+        assert not sites.has(site)
+        with pytest.raises(KeyError, match=says):
+            sites.module(site)
+
+
+def _tiny_llama_model():
+    cfg = compose_cfg(["model=tiny_llama"]).model
+    return load_model(cfg, "/nonexistent").model
+
+
+def test_a_block_without_a_module_the_table_names_fails_in_one_line():
+    model = _tiny_llama_model()
+    del model.model.layers[2].post_attention_layernorm
+    with pytest.raises(UnsupportedArchitecture, match=r"layers\.2 has no post_attention_layernorm \(the llama-like"):
+        Sites(model)
+
+
+def test_an_mlp_without_a_linear_down_proj_fails_in_one_line():
+    model = _tiny_llama_model()
+    model.model.layers[1].mlp.down_proj = torch.nn.Identity()
+    with pytest.raises(UnsupportedArchitecture, match=r"layers\.1\.mlp\.down_proj is a Identity, not a linear"):
+        Sites(model)
+
+
+def test_mixture_of_experts_model_stops_before_any_weights_load(tmp_path):
+    """A local Mixtral directory holding only its config: preflight builds it on the meta device and stops with one
+    line (exit 2); no weights file exists, so nothing could have loaded."""
+    from transformers import AutoConfig
+    config = AutoConfig.for_model("mixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, vocab_size=300)
+    config.save_pretrained(tmp_path / "mixtral")
+    byte_tokenizer().save_pretrained(tmp_path / "mixtral")
+    done = subprocess.run([sys.executable, "run.py", "+exp=prune_sw", "model=path",
+                           f"model.source={tmp_path / 'mixtral'}", "logger=none",
+                           f"paths.results_dir={tmp_path / 'results'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    assert "architecture 'mixtral' has no site table" in lines[-1]
+    assert not (tmp_path / "results").exists()
+
+
+def test_attention_observability_is_recorded_at_load(tmp_path):
+    llama = _load(["model=tiny_llama"], tmp_path)
+    assert llama.info["attention_observable"] is True
+    assert json.loads(json.dumps(llama.info))["attention_observable"] is True
+
+
+@pytest.mark.parametrize("model_type", [t for t in supported_model_types() if t != "outlierlab_llama"])
+def test_every_supported_model_type_validates_on_its_default_config(model_type):
+    """transformers' default config of each type, built on the meta device (no memory): the table's entry names
+    modules that exist in every block."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(model_type, num_hidden_layers=2)
+    with torch.device("meta"):
+        sites = Sites(AutoModelForCausalLM.from_config(config))
+    assert sites.num_layers == 2 and sites.has("layers.1.mlp.down_proj") and sites.has("layers.1.mlp.act.out")
