@@ -143,6 +143,10 @@ def test_means_are_right_cached_and_invalidated(tiny_llama, tmp_path):
     assert second["cache"]["hit"] is True and second["locations"] == first["locations"]
     # other data (one window more): recomputed
     assert calibrated_means(tiny_llama, [MA], _windows(tiny_llama, text, 4), tmp_path)["cache"]["hit"] is False
+    # another batch size (sums in another order): recomputed, and equal to float rounding
+    batched = calibrated_means(tiny_llama, [MA], windows, tmp_path, batch_size=2)
+    assert batched["cache"]["hit"] is False
+    assert torch.allclose(torch.tensor(batched["locations"][0]["mean"][2], dtype=torch.float64), direct, atol=1e-5)
     # other coordinates: recomputed
     other = MassiveActivation(1, (3,), (0,))
     assert calibrated_means(tiny_llama, [other], windows, tmp_path)["cache"]["hit"] is False

@@ -8,7 +8,8 @@ activation over calibration sequences. `ActivationMeans` folds each batch into r
 `calibrated_means` caches the result under `<cache_dir>/ma_means/<key hash>.json`, keyed by:
     model    its source, GGUF file sha256 (when there is one) and the sha256 of its weights as loaded
     data     the calibration windows' provenance: corpus files' sha256, the text's and the token windows' sha256
-    config   the MA coordinates, and this probe's version
+    config   the MA coordinates, the batch size (float sums over batches of 1 and 4 differ in the last bits, so a
+             mean measured at one batch size is not reused at another) and this probe's version
 Any change to one of these gives another key, so a stale mean is never reused; nothing changed, nothing recomputed.
 """
 from __future__ import annotations
@@ -76,11 +77,11 @@ def model_identity(loaded) -> dict:
             "weights_sha256": weights_sha256(loaded.model)}
 
 
-def cache_key(loaded, locations: list[MassiveActivation], windows_meta: dict) -> dict:
+def cache_key(loaded, locations: list[MassiveActivation], windows_meta: dict, batch_size: int = 1) -> dict:
     data = {key: windows_meta.get(key) for key in ("dataset", "split", "sampling", "seqlen", "windows", "bos",
                                                     "seed", "text_sha256", "windows_sha256", "data")}
     return {"version": CACHE_VERSION, "model": model_identity(loaded), "data": data,
-            "locations": [location.describe() for location in locations]}
+            "locations": [location.describe() for location in locations], "batch_size": batch_size}
 
 
 @torch.no_grad()
@@ -101,7 +102,7 @@ def calibrated_means(loaded, locations: list[MassiveActivation], windows, cache_
     """The MA means over `windows`, from the disk cache when model, data and coordinates are unchanged.
 
     Returns the probe summary plus `cache`: {path, hit, key}."""
-    key = cache_key(loaded, locations, windows.meta)
+    key = cache_key(loaded, locations, windows.meta, batch_size)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     path = Path(cache_dir).expanduser() / "ma_means" / f"{digest[:32]}.json"
     if path.is_file():

@@ -41,7 +41,7 @@ def down_proj_profile(loaded, prompt: str) -> list[dict]:
 
 
 def _one_sequence(tensor: torch.Tensor) -> torch.Tensor:
-    """[positions, channels] of a one-sequence batch (OPT's MLP sees [batch * positions, channels])."""
+    """[positions, channels] of a one-sequence batch."""
     return tensor.detach().float().reshape(-1, tensor.shape[-1])
 
 
