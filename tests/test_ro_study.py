@@ -66,6 +66,19 @@ def test_ro_locate_and_ro_smooth_on_a_planted_mlp(tmp_path):
     assert {p.name for p in written} >= {"ro_locate_planted_quick.png", "ro_smooth_planted_quick.png"}
 
 
+def test_ro_locate_and_ro_smooth_without_a_massive_activation(tmp_path):
+    """A model with no MA (as the tiny trained ones): nothing is born, every smoothing variant is skipped, and the
+    figures still build (saying so instead of an empty panel)."""
+    source = _saved(tmp_path, lambda loaded: None)
+    record, _ = _run(tmp_path, source, "ro_locate")
+    assert record["birth"]["channels"] == [] and record["traces"] == {}
+    record, rows = _run(tmp_path, source, "ro_smooth", "exp.calibration.windows=2", "exp.calibration.seqlen=64")
+    assert record["massive_activations"]["used"] == []
+    assert {v for v, row in rows.items() if "note" in row} == set(rows) - {"original"}
+    written = reports.run_builders("figures", tmp_path / "results", tmp_path / "out", only=["ro"])
+    assert {p.name for p in written} >= {"ro_locate_planted_quick.png", "ro_smooth_planted_quick.png"}
+
+
 @pytest.mark.parametrize("args,message", [
     (["+exp=ro_gamma", "exp.interventions.reset_one.value=two"], "exp.interventions.reset_one: value='two'"),
     (["+exp=ro_gamma", "exp.criterion.layer_share=2"], "exp.criterion.layer_share=2"),
