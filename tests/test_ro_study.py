@@ -45,6 +45,7 @@ def test_ro_gamma_removes_a_planted_channel_outlier_and_the_control_does_not(tmp
     assert rows["random_one"]["int8 features"] == 1  # resetting other channels leaves the outlier
     assert rows["original"]["W8A8 wikitext2"] > 1
     assert record["coincidence"]["norm2"]["also_activation_outliers"] == 4
+    assert record["coincidence_relative"]["norm2"]["also_activation_outliers"] == 4
     written = reports.run_builders("tables", tmp_path / "results", tmp_path / "out", only=["ro"])
     written += reports.run_builders("figures", tmp_path / "results", tmp_path / "out", only=["ro"])
     assert {p.name for p in written} >= {"ro_gamma_planted_quick.md", "ro_gamma_planted_quick.png"}
