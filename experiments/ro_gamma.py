@@ -109,6 +109,8 @@ def run(ctx) -> dict:
     ratio_to_baseline(rows, protocols[0])
     original = details.get("original", {}).get("channels")
     overlap = coincidence(gammas, original["summary"]) if original else None
+    # the same against the relative rule's outlier channels (for models whose norm outputs are far below |x| = 6)
+    overlap_relative = coincidence(gammas, original["summary"], "relative") if original else None
     columns = ["variant", "channels reset", "int8 features", "relative features", "outlier ch./site",
                "max |x| norm out", *protocols, "x original", *(f"W8A8 {k}" for k in w8a8_keys)]
     if ctx.cfg.eval.get("zeroshot"):
@@ -132,5 +134,5 @@ def run(ctx) -> dict:
                                                 "gain_and_bias": found["gain_and_bias"],
                                                 "per_layer": {str(k): v for k, v in found["per_layer"].items()}}
                                          for role, found in gammas.items()}},
-            "coincidence": overlap, "criterion": vars(outlier), "probe_data": probe,
+            "coincidence": overlap, "coincidence_relative": overlap_relative, "criterion": vars(outlier), "probe_data": probe,
             "variants": details, "table": {"columns": columns, "rows": rows, "caption": caption}}

@@ -116,8 +116,8 @@ def run(ctx) -> dict:
                       for m in found) or "none"
     clip = next((OmegaConf.select(exp, f"interventions.{name}.clip_ratio") for name in exp.interventions
                  if OmegaConf.select(exp, f"interventions.{name}.value") == "clip"), None)
-    caption = (f"{ctx.cfg.model.name}, PPL ({ctx.cfg.eval.name}); MAs from {origin}: {where}. birth = the MLP output "
-               f"of the birth layer, skip = the block outputs of every later layer (our reading of paper RO); mean = "
+    caption = (f"{ctx.cfg.model.name}, PPL ({ctx.cfg.eval.name}); MAs from {origin}: {where}. birth = the MLP branch's "
+               f"output of the birth layer (down_proj's, or the MLP output norm's in sandwich-norm families), skip = the block outputs of every later layer (our reading of paper RO); mean = "
                f"calibrated over {calibration.meta['windows']} x {calibration.meta['seqlen']} tokens of "
                f"{calibration.meta['dataset']} {calibration.meta['split']}; clip = to {clip} x the token's median |x|;"
                f" |MA| last layer = largest |mean MA value| at the last block output with the edit in place "

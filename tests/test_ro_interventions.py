@@ -135,6 +135,34 @@ def test_smoothing_at_birth_and_on_the_skip_path(tmp_path):
     assert torch.equal(after, logits)  # hooks removed
 
 
+def test_smoothing_at_birth_edits_the_mlp_output_norm_in_sandwich_families(tmp_path):
+    """Gemma-2/3 add post_feedforward_layernorm(mlp(x)) to the residual: birth = that norm's output (where
+    +exp=ro_locate finds Gemma-3's MAs born); Llama-like blocks keep the down_proj output; `site` still wins."""
+    gemma3 = load_model(compose_cfg(["model=tiny_gemma", "model.tiny.model_type=gemma3_text"]).model, tmp_path / "g")
+    ids = torch.tensor([gemma3.encode(TEXT)])
+    context = {"massive_activations": [MassiveActivation(1, (5,), (0, 2))], "calibration_ids": ids.repeat(2, 1)}
+    point = "layers.1.norm_mlp_out.out"
+    original, logits = _seen(gemma3, ids, [point])
+    with EditSession(gemma3, context) as session:
+        session.apply([_intervention("smooth_ma_birth", value="clip", clip_ratio=0.01)])
+        assert session.log[0]["sites"] == [point]
+        seen, _ = _seen(gemma3, ids, [point])
+        x, ref = seen[point][0], original[point][0]
+        for position in (0, 2):
+            limit = 0.01 * ref[position].abs().median()
+            assert float(x[position, 5].abs()) <= float(limit) * (1 + 1e-5)
+        untouched = torch.ones_like(x, dtype=torch.bool)
+        untouched[[0, 2], 5] = False
+        assert torch.equal(x[untouched], ref[untouched])
+    _, after = _seen(gemma3, ids, [point])
+    assert torch.equal(after, logits)
+    llama = load_model(compose_cfg(["model=tiny_llama"]).model, tmp_path / "l")
+    assert SmoothMassiveActivation(where="birth").site_for(llama.sites) == "layers.{layer}.mlp.out"
+    assert SmoothMassiveActivation(where="skip").site_for(gemma3.sites) == "layers.{layer}.out"
+    given = SmoothMassiveActivation(where="birth", site="layers.{layer}.mlp.out")
+    assert given.site_for(gemma3.sites) == "layers.{layer}.mlp.out"
+
+
 def test_smoothing_needs_calibration_for_means_and_checks_its_arguments(tmp_path):
     loaded, _, context = _smoothing_case(tmp_path)
     del context["calibration_ids"]

@@ -45,6 +45,7 @@ def test_ro_gamma_removes_a_planted_channel_outlier_and_the_control_does_not(tmp
     assert rows["random_one"]["int8 features"] == 1  # resetting other channels leaves the outlier
     assert rows["original"]["W8A8 wikitext2"] > 1
     assert record["coincidence"]["norm2"]["also_activation_outliers"] == 4
+    assert record["coincidence_relative"]["norm2"]["also_activation_outliers"] == 4
     written = reports.run_builders("tables", tmp_path / "results", tmp_path / "out", only=["ro"])
     written += reports.run_builders("figures", tmp_path / "results", tmp_path / "out", only=["ro"])
     assert {p.name for p in written} >= {"ro_gamma_planted_quick.md", "ro_gamma_planted_quick.png"}
@@ -62,6 +63,19 @@ def test_ro_locate_and_ro_smooth_on_a_planted_mlp(tmp_path):
     assert rows["birth_clip"]["edited at"] == "birth (1 sites, clip)"
     assert rows["skip_clip"]["edited at"] == "skip (1 sites, clip)"  # layer 3, the only later one
     assert rows["birth_clip"]["wikitext2"] != rows["original"]["wikitext2"]
+    written = reports.run_builders("figures", tmp_path / "results", tmp_path / "out", only=["ro"])
+    assert {p.name for p in written} >= {"ro_locate_planted_quick.png", "ro_smooth_planted_quick.png"}
+
+
+def test_ro_locate_and_ro_smooth_without_a_massive_activation(tmp_path):
+    """A model with no MA (as the tiny trained ones): nothing is born, every smoothing variant is skipped, and the
+    figures still build (saying so instead of an empty panel)."""
+    source = _saved(tmp_path, lambda loaded: None)
+    record, _ = _run(tmp_path, source, "ro_locate")
+    assert record["birth"]["channels"] == [] and record["traces"] == {}
+    record, rows = _run(tmp_path, source, "ro_smooth", "exp.calibration.windows=2", "exp.calibration.seqlen=64")
+    assert record["massive_activations"]["used"] == []
+    assert {v for v, row in rows.items() if "note" in row} == set(rows) - {"original"}
     written = reports.run_builders("figures", tmp_path / "results", tmp_path / "out", only=["ro"])
     assert {p.name for p in written} >= {"ro_locate_planted_quick.png", "ro_smooth_planted_quick.png"}
 

@@ -3,8 +3,11 @@ connection carries it on? A forward hook at a chosen site replaces the MA coordi
 clips them.
 
 Our reading of the paper's two places (its text names them, not the tensors):
-    where: birth   the MLP output of the layer where the MA is born (`layers.{b}.mlp.out`, the down_proj output
-                   that writes it: "the output position where it is created")
+    where: birth   the MLP branch's output of the layer where the MA is born, i.e. what that branch adds to the
+                   residual ("the output position where it is created"): the down_proj output
+                   (`layers.{b}.mlp.out`), or, in families that normalise the MLP output before the residual add
+                   (Gemma-2/3's sandwich norms, OLMo-2), that norm's output (`layers.{b}.norm_mlp_out.out`), where
+                   those models' MAs first appear (+exp=ro_locate on Gemma-3-270M)
     where: skip    the residual stream that carries it on: the block outputs `layers.{j}.out` of the later layers
                    (`layers: after_birth` = every j > b, or a list); the birth layer itself is left intact
     site           any hook point with the residual's width can be given instead (`site: "layers.{layer}.mid"`)
@@ -26,6 +29,8 @@ from outlierlab.interventions.massive_activation import _index, _locations
 from outlierlab.probes.channel_outliers import forward_windows
 
 SITES = {"birth": "layers.{layer}.mlp.out", "skip": "layers.{layer}.out"}
+# The MLP branch's output when the family normalises it before the residual add (used for `birth` when present).
+SANDWICH_BIRTH = "layers.{layer}.norm_mlp_out.out"
 LAYER_RULES = ("birth", "after_birth")
 
 
@@ -51,7 +56,16 @@ class SmoothMassiveActivation(Intervention):
         if isinstance(clip_ratio, bool) or not isinstance(clip_ratio, (int, float)) or clip_ratio <= 0:
             raise ValueError(f"clip_ratio={clip_ratio} must be a positive number")
         self.where, self.value, self.layers, self.clip_ratio = where, value, layers, float(clip_ratio)
-        self.site = site or SITES[where]
+        self.site = site  # None: SITES[where], resolved on the model (`site_for`)
+
+    def site_for(self, sites) -> str:
+        """The site pattern on this model: the given one, else the birth / skip default (birth: after the MLP's
+        output norm where the family has one)."""
+        if self.site:
+            return self.site
+        if self.where == "birth" and sites.has(SANDWICH_BIRTH.format(layer=0)):
+            return SANDWICH_BIRTH
+        return SITES[self.where]
 
     def _layers(self, birth: int, num_layers: int) -> list[int]:
         if self.layers == "birth":
@@ -66,9 +80,10 @@ class SmoothMassiveActivation(Intervention):
     def plan(self, session: EditSession) -> dict[str, list]:
         """site -> [MA locations edited there]."""
         plan: dict[str, list] = {}
+        pattern = self.site_for(session.sites)
         for location in _locations(session):
             for layer in self._layers(location.first_layer, session.sites.num_layers):
-                plan.setdefault(self.site.format(layer=layer), []).append(location)
+                plan.setdefault(pattern.format(layer=layer), []).append(location)
         return plan
 
     def apply(self, session: EditSession) -> None:

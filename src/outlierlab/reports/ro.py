@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from outlierlab.figures import plt, save_figure
 from outlierlab.probes.channel_outliers import decode_channels
@@ -64,6 +65,9 @@ def _locate_figure(record: dict, model: str):
         label = next((r["label"] for r in points if r["kind"] == kind and r["label"]), None)
         labels.append(f"{kind} ({label})" if label else kind)
     heat.set_xticks(range(len(kinds)), labels, rotation=60, ha="right", fontsize=7)
+    heat.yaxis.set_major_locator(MaxNLocator(integer=True))
+    heat.set_yticks(heat.get_yticks()[(heat.get_yticks() >= 0) & (heat.get_yticks() < len(layers))])
+    heat.set_yticklabels([str(layers[int(t)]) for t in heat.get_yticks()])
     heat.set_ylabel("layer")
     heat.set_title("max |x| at every block point (forward order, left to right)", fontsize=9)
     if hits or record["birth"]["channels"]:
@@ -79,6 +83,19 @@ def _locate_figure(record: dict, model: str):
                 xs, ys = zip(*by_kind[kind])
                 trace.plot(xs, ys, linestyle=style, color=f"C{number}", marker="." if kind == "out" else None,
                            label=f"ch {channel} at {kind}")
+    if not record["traces"]:  # no MA: say so, with the largest block output, instead of an empty panel
+        outs = [r for r in points if r["kind"] == "out"]
+        top = max(outs, key=lambda r: r["peak"]["abs"], default=None)
+        note = "no residual channel meets the MA criterion"
+        if top:
+            note += (f"\nlargest block output: |x| = {top['peak']['abs']:.4g} (channel {top['peak']['channel']}, "
+                     f"layer {top['layer']}),\n{top['mean_peak'] / max(top['mean_median'], 1e-12):.3g} x its median "
+                     f"(criterion: > {record['criterion']['min_abs']:g} and > {record['criterion']['median_ratio']:g} x)")
+        trace.text(0.5, 0.88, note, transform=trace.transAxes, ha="center", va="top", fontsize=9)
+        if outs:
+            trace.plot([r["layer"] for r in outs], [max(r["mean_peak"], 1e-6) for r in outs], color="grey",
+                       marker=".", label="largest |x| at each block output (any channel)")
+    trace.xaxis.set_major_locator(MaxNLocator(integer=True))
     trace.axhline(record["criterion"]["min_abs"], color="grey", linestyle=":", linewidth=1,
                   label=f"|x| = {record['criterion']['min_abs']:g}")
     trace.set_yscale("log")
@@ -112,10 +129,10 @@ def _gamma_figure(record: dict, model: str):
     figure, (absolute, relative, gains) = plt.subplots(1, 3, figsize=(17, 4.6))
     criterion = record["criterion"]
     for axis, which, title in (
-            (absolute, "absolute", f"LLM.int8 rule: >= {criterion['position_share']:.0%} of positions with |x| >= "
-                                   f"{criterion['min_abs']:g}"),
-            (relative, "relative", f"relative rule: >= {criterion['position_share']:.0%} of positions with |x| >= "
-                                   f"{criterion['median_ratio']:g} x token median")):
+            (absolute, "absolute", (f"LLM.int8 rule: >= {criterion['position_share']:.0%} of positions with |x| >= "
+                                    f"{criterion['min_abs']:g}")),
+            (relative, "relative", (f"relative rule: >= {criterion['position_share']:.0%} of positions with |x| >= "
+                                    f"{criterion['median_ratio']:g} x token median"))):
         for variant, detail in record["variants"].items():
             channels = detail.get("channels")
             if not channels:
@@ -124,6 +141,8 @@ def _gamma_figure(record: dict, model: str):
             style = "--" if variant.startswith("random") else "-"
             axis.plot(layers, counts, linestyle=style, marker="o", markersize=3, label=variant)
         axis.set_xlabel("layer")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel("outlier channels (union over residual-width sites)")
         axis.set_title(title, fontsize=9)
         axis.legend(fontsize=7)
@@ -138,6 +157,7 @@ def _gamma_figure(record: dict, model: str):
     gains.axhline(1.0, color="black", linewidth=0.6)
     gains.set_yscale("log")
     gains.set_xlabel("layer")
+    gains.xaxis.set_major_locator(MaxNLocator(integer=True))
     gains.set_ylabel(f"gain = {offset:g} + w")
     gains.set_title("the norms' gains (reset to 1 means the black line)", fontsize=9)
     gains.legend(fontsize=7, ncol=2)
@@ -170,11 +190,16 @@ def _smooth_figure(record: dict, model: str):
                    linestyle="--" if "skip" in variant else "-")
     lines.set_yscale("symlog", linthresh=1.0)
     lines.set_xlabel("layer (block output)")
+    lines.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if not any(detail.get("ma_trace") for detail in record["variants"].values()):
+        lines.text(0.5, 0.5, "no massive activation detected: nothing to smooth", transform=lines.transAxes,
+                   ha="center", va="center", fontsize=9)
+    else:
+        lines.legend(fontsize=7)
     lines.set_ylabel("largest |mean MA value| (symlog)")
     lines.set_title("the MA at every block output, edit in place", fontsize=9)
-    lines.legend(fontsize=7)
     used = "; ".join(f"layer {m['first_layer']}, ch {m['channels']}, pos {m['positions']}"
-                     for m in record["massive_activations"]["used"])
+                     for m in record["massive_activations"]["used"]) or "none detected"
     figure.suptitle(f"{model}: smoothing the massive activation at birth vs on the skip path ({used})", fontsize=10)
     figure.tight_layout()
     return figure
