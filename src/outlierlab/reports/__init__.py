@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from outlierlab.results import read_result
+from outlierlab.tables import Table
 
 Builder = Callable[[Path, Path], list[Path]]
 
@@ -64,6 +65,12 @@ def recorded(record: dict, key: str, config_path: str):
     for part in config_path.split("."):
         node = (node or {}).get(part)
     return node
+
+
+def table_of(record: dict, caption: str | None = None) -> Table:
+    """The record's stored table (outlierlab.table/1), optionally with another caption: what reports render."""
+    table = Table.from_dict(record["table"])
+    return table if caption is None else table.with_caption(caption)
 
 
 def by_model(found: list[Result]) -> dict[str, list[Result]]:
