@@ -6,7 +6,9 @@ Old records stored `table` = {"columns": [display labels], "rows": [{label: valu
 numbers as "paper ..." columns in some recipes and taken from the run's config by the reports in others. The new
 table keys rows by snake_case column keys, gives each column its label, names the row id (`index`) and holds the
 paper's numbers in one reference block. Values are copied unchanged (paper x original, which the SW Table 1 report
-computed at render time, is computed the same way here). Run once; a record already migrated is left as it is.
+computed at render time, is computed the same way here). What reports read from the run's config (the eval name,
+the SW figures' paper numbers) is copied into the record, so reports read records only. Run once; a record already
+migrated is left as it is.
 """
 from __future__ import annotations
 
@@ -82,12 +84,17 @@ def _paper_columns(table: Table, reference, label: str, ratio: bool) -> None:
 
 def migrate(path: Path) -> bool:
     record = read_result(path)
-    if not record.get("table") or record["table"].get("schema") == SCHEMA:
-        return False
+    before = dict(record)
     exp = path.parent.parent.name
-    record["table"] = migrate_table(exp, record)
-    if "eval" not in record and (record.get("config") or {}).get("eval"):
-        record = {**record, "eval": record["config"]["eval"]["name"]}  # new records carry it; reports read it
+    config = record.get("config") or {}
+    if record.get("table") and record["table"].get("schema") != SCHEMA:
+        record["table"] = migrate_table(exp, record)
+    if record.get("table") and "eval" not in record and config.get("eval"):
+        record["eval"] = config["eval"]["name"]  # new records carry it; reports read it
+    if exp in ("sw_activations", "sw_stopwords") and "paper_reference" not in record:
+        record["paper_reference"] = (config.get("exp") or {}).get("reference")  # as the recipes now record it
+    if record == before:
+        return False
     write_result(record, path)
     return True
 

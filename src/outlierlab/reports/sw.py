@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from outlierlab.figures import plt, save_figure
-from outlierlab.reports import recorded, register, results, table_of
+from outlierlab.reports import register, results, table_of
 from outlierlab.tables import Column, Table, write_table
 
 
@@ -111,7 +111,7 @@ def fig3(stem: str, record: dict, out_dir: Path) -> list[Path]:
         axis.grid(alpha=0.3)
     used = ", ".join(record["super_weights"]["used"]) or "none"
     title = f"SW Fig. 3 - {_title(record)}; super weights {used}\nprompt: \"{record['detection']['prompt']}\""
-    reference = recorded(record, "paper_reference", "exp.reference")
+    reference = record.get("paper_reference")
     if reference:
         title += (f"; {reference['source']}: layer {reference['layer']}, input {reference['input_spike']}, "
                   f"output {reference['output_spike']}")
@@ -168,7 +168,7 @@ def fig5(stem: str, record: dict, out_dir: Path, count: int = 20) -> list[Path]:
              color=["tab:blue", "tab:red"])
     mass.set_ylabel("total probability on stopword tokens")
     mass.set_title(f"{shift['stopword_tokens']} stopword tokens", fontsize=9)
-    reference = recorded(record, "paper_reference", "exp.reference") or {}
+    reference = record.get("paper_reference") or {}
     if reference.get("ratios"):
         ours = shift.get("focus") or {}
         def measured(word: str) -> str:
