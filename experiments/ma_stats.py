@@ -175,5 +175,6 @@ def run(ctx) -> dict:
         "first_massive_layer": first_ma, "peak_layer": peak,
         "registry": {"known": registry, "super_weights": [str(w) for w in ctx.registry_super_weights]},
         "prompt": prompt,
-        "table": Table(COLUMNS, [table_row(r, found, known_channels) for r in records], caption=caption).to_dict(),
+        "table": Table(COLUMNS, [table_row(r, found, known_channels) for r in records],
+                       index=["kind", "channel", "role"], caption=caption).to_dict(),
     }

@@ -58,7 +58,7 @@ def table(found: dict, model: str, windows_meta: dict) -> dict:
     shown = columns(("ma_channel", "MA channel"), "site", "paper", ("mean_max_abs_x", "mean max |x|"),
                     ("at_channel", "at channel"), ("median_abs_x", "median |x|"), ("massive_in", "massive in"),
                     ("born_here", "born here"), ("first_in_channel", "first in channel"))
-    return Table(shown, rows, caption=caption).to_dict()
+    return Table(shown, rows, index=["ma_channel", "site"], caption=caption).to_dict()
 
 
 def run(ctx) -> dict:

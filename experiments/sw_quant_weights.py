@@ -92,5 +92,5 @@ def run(ctx) -> dict:
         "runs": runs,
         "methods": {name: OmegaConf.to_container(spec) for name, spec in exp.methods.items()},
         "reference": OmegaConf.to_container(exp.reference) if exp.get("reference") else None,
-        "table": Table(columns, rows, caption=caption).to_dict(),
+        "table": Table(columns, rows, index=["bits", "block"], caption=caption).to_dict(),
     }

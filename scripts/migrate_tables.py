@@ -26,10 +26,11 @@ KEYS = {"x original": "x_original", "zero-shot mean": "zero_shot_mean", "row = M
         "final layer max abs(h)": "final_layer_max_abs_h", "W8A8 / FP": "w8a8_over_fp", "top1/median": "top1_over_median",
         "SW spikes in/out": "sw_spikes_in_out", "outlier ch./site": "outlier_channels_per_site",
         "rel std top10%": "rel_std_top10pct", "SW PPL x": "sw_ppl_x_original", "MA x median": "ma_x_median"}
-INDEX = {"prune_sw": "variant", "ma_intervene": "variant", "sw_quant_activations": "variant", "ro_gamma": "variant",
-         "ro_smooth": "variant", "ma_attention": "variant", "variants_table": "variant", "sw_scale": "scale",
-         "sw_index": "candidate", "sw_stopwords": "token", "pretrain": "step", "finetune": "method",
-         "atlas": "model", "sw_activations": "variant"}
+INDEX = {"prune_sw": ["variant"], "ma_intervene": ["variant"], "sw_quant_activations": ["variant"],
+         "ro_gamma": ["variant"], "ro_smooth": ["variant"], "ma_attention": ["variant"], "sw_activations": ["variant"],
+         "variants_table": ["variant"], "sw_scale": ["scale"], "sw_index": ["candidate"], "sw_stopwords": ["token"],
+         "pretrain": ["step"], "finetune": ["method"], "atlas": ["model"], "ma_stats": ["kind", "channel", "role"],
+         "ro_locate": ["ma_channel", "site"], "sw_quant_weights": ["bits", "block"]}  # as the recipes set it
 # stored "paper ..." columns -> the reference key they hold (the paper's own names where it had them)
 PAPER_COLUMNS = {"paper zero-shot mean": "zero_shot_mean", "paper FP ppl": "fp_ppl", "paper inf-norm": "max_inf_norm",
                  "paper kurtosis": "avg_kurtosis", "paper W8A8 ppl": "w8a8_ppl"}
@@ -45,7 +46,8 @@ def key_of(label: str) -> str:
 
 def migrate_table(exp: str, record: dict) -> dict:
     old = record["table"]
-    index = INDEX.get(exp) if old["columns"] and old["columns"][0] == INDEX.get(exp) else None
+    keys = [key_of(c) for c in old["columns"]]
+    index = INDEX.get(exp, []) if keys[:len(INDEX.get(exp, []))] == INDEX.get(exp) else []
     ours = [c for c in old["columns"] if c not in PAPER_COLUMNS]
     columns = [Column(key_of(c), c) for c in ours]
     rows = [{key_of(label): value for label, value in row.items() if label not in PAPER_COLUMNS} for row in old["rows"]]

@@ -32,7 +32,7 @@ def _run(tmp_path, source, exp, *extra):
     record = execute(cfg)
     assert record["weights_restored"] is True
     return record, {row["variant"]: row for row in record["table"]["rows"]} if record["table"][
-        "index"] == "variant" else record["table"]["rows"]
+        "index"] == ["variant"] else record["table"]["rows"]
 
 
 def test_ro_gamma_removes_a_planted_channel_outlier_and_the_control_does_not(tmp_path):

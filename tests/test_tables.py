@@ -139,3 +139,16 @@ def test_migration_keeps_labels_values_and_moves_paper_columns_into_the_referenc
                           {"variant": "gated", "fp_ppl": 19.0, "max_abs_h": 10.0}]
     assert table.reference.values == {"vanilla": {"fp_ppl": 15.84}} and table.reference.source == "paper QT Table 2"
     assert migrate.key_of("row = MA channel") == "row_is_ma_channel" and migrate.key_of("peak |MA|") == "peak_abs_ma"
+
+
+def test_a_composite_index_names_rows_for_the_reference_block():
+    table = Table([Column("bits", "bits"), Column("block", "block"), Column("rtn_zs", "rtn"),
+                   Column("rtn_zs", "paper rtn", reference=True)],
+                  [{"bits": "INT4", "block": "128x128", "rtn_zs": 60.0}, {"bits": "INT3", "block": "128x128"}],
+                  index=["bits", "block"], reference=Reference(source="paper SW Fig. 7",
+                                                               values={"INT4/128x128": {"rtn_zs": 65.5}}))
+    assert [table.row_id(row) for row in table.rows] == ["INT4/128x128", "INT3/128x128"]
+    assert [table.value(row, table.columns[-1]) for row in table.rows] == [65.5, None]
+    assert Table.from_dict(table.to_dict()) == table and table.to_dict()["index"] == ["bits", "block"]
+    with pytest.raises(ValueError, match="index"):
+        Table([Column("bits", "bits")], [{"bits": "INT4"}], index=["bits", "block"])

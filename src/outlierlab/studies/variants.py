@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from outlierlab.tables import Column, Reference, Table, ratio_to_baseline
+from outlierlab.tables.schema import row_id
 
 ZERO_SHOT = Column("zero_shot_mean", "zero-shot mean")
 RATIO = Column("x_original", "x original")
@@ -33,13 +34,13 @@ def paper_reference(block: dict | None, values: dict | None = None, model: str |
                                    for key, value in scores.items()} for row, scores in values.items()})
 
 
-def add_reference_ratio(reference: Reference | None, rows: list[dict], key: str, index: str = "variant",
+def add_reference_ratio(reference: Reference | None, rows: list[dict], key: str, index: list[str] = ("variant",),
                         baseline: str = "original") -> bool:
     """Reference x_original = the paper's value of `key` / the paper's baseline, for our rows; True if any."""
     base = reference.value(baseline, key) if reference else None
     added = False
     for row in rows:
-        paper = reference.values.get(str(row.get(index))) if base else None
+        paper = reference.values.get(row_id(row, list(index))) if base else None
         if paper and paper.get(key) is not None:
             paper["x_original"] = paper[key] / base
             added = True

@@ -8,9 +8,10 @@ and the paper's numbers in one reference block.
                               values={"original": {"wikitext2": 5.68}}),
           caption="...")
 
-A column's `key` is data (snake_case, stable); its `label` is display only and never a key. A reference column
-takes its value from `reference.values[<row id>][<key>]` (the row id is the row's `index` value), so the paper's
-numbers sit beside ours without being copied into our rows. `to_dict()` is what a result JSON stores under "table".
+A column's `key` is data (snake_case, stable); its `label` is display only and never a key. A row's id is its value
+of the `index` key(s) ("original"; "INT4/128x128" for index ["bits", "block"]). A reference column takes its value
+from `reference.values[<row id>][<key>]`, so the paper's numbers sit beside ours without being copied into our rows.
+`to_dict()` is what a result JSON stores under "table".
 """
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ from dataclasses import dataclass, field, replace
 
 SCHEMA = "outlierlab.table/1"
 KEY = re.compile(r"[a-z0-9][a-z0-9_]*")
+
+
+def row_id(row: dict, index: list[str]) -> str | None:
+    """A row's id: its value of each index key, joined by "/" (None without an index or with a value missing)."""
+    values = [row.get(key) for key in index]
+    return None if not values or None in values else "/".join(map(str, values))
 
 
 def check_key(key: str) -> str:
@@ -83,22 +90,23 @@ class Reference:
 class Table:
     columns: list[Column]
     rows: list[dict] = field(default_factory=list)  # {column key: value}
-    index: str | None = None  # the key whose value is each row's stable id (None: rows are identified by position)
+    index: list[str] | str = field(default_factory=list)  # the key(s) whose values are a row's id ([]: its position)
     reference: Reference | None = None
     caption: str = ""
 
     def __post_init__(self):
+        self.index = [self.index] if isinstance(self.index, str) else list(self.index or [])
         keys = {column.key for column in self.columns if not column.reference}
         for row in self.rows:
             for key in row:
                 check_key(key)
-        if self.index is not None and self.rows and self.index not in keys:
-            raise ValueError(f"table index {self.index!r} is not one of its columns")
+        if self.rows and set(self.index) - keys:
+            raise ValueError(f"table index {self.index} is not among its columns")
         if any(column.reference for column in self.columns) and self.reference is None:
             raise ValueError("a reference column needs the table's reference block")
 
     def row_id(self, row: dict) -> str | None:
-        return None if self.index is None or row.get(self.index) is None else str(row[self.index])
+        return row_id(row, self.index)
 
     def value(self, row: dict, column: Column):
         if column.reference:
