@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from outlierlab.errors import ConfigError
 from outlierlab.models import massive
 from outlierlab.models.coords import SuperWeight
 from outlierlab.probes.massive_activations import (
@@ -38,9 +39,13 @@ from outlierlab.probes.outliers import (
     norm_gains,
 )
 from outlierlab.probes.stats import ResidualStats
-from outlierlab.probes.super_weight import describe_weights, detect_super_weights, massive_activation
-from outlierlab.reports.atlas import atlas_row
-from outlierlab.errors import ConfigError
+from outlierlab.probes.super_weight import (
+    describe_weights,
+    detect_super_weights,
+    massive_activation,
+)
+from outlierlab.reports.atlas import COLUMNS, atlas_row
+from outlierlab.tables import Table
 
 
 def _criterion(kind, spec):
@@ -199,5 +204,5 @@ def run(ctx) -> dict:
         "per_layer": per_layer,
     }
     row = atlas_row({**record, "model": {"name": ctx.cfg.model.name}})  # the runner adds "model" (loaded.info)
-    record["table"] = {"columns": list(row), "rows": [row], "caption": caption}
+    record["table"] = Table(COLUMNS, [row], index="model", caption=caption).to_dict()
     return record

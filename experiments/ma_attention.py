@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from outlierlab.interventions.base import StudyContext
 from outlierlab.probes.attention import AttentionSinks
 from outlierlab.studies.massive_activations import calibrate, locations
+from outlierlab.tables import Table, columns
 
 
 def _mean(values) -> float | None:
@@ -30,15 +31,22 @@ def summarize(layers: list[dict], first_layer: int) -> dict:
     before = [row for row in layers if row["layer"] < first_layer and row["queries"]]
     after = [row for row in layers if row["layer"] >= first_layer and row["queries"]]
     return {
-        "sink share (before MA)": _mean([head_mean(r, "sink_share") for r in before]),
-        "sink share (MA layers)": _mean([head_mean(r, "sink_share") for r in after]),
-        "logit gap (MA layers)": _mean([head_mean(r, "logit_gap") for r in after]),
-        "sink argmax (MA layers)": _mean([head_mean(r, "sink_argmax") for r in after]),
-        "sink part rel. var": _mean([r["sink_relvar_layer"] for r in after]),
-        "rest rel. var": _mean([r["rest_relvar_layer"] for r in after]),
-        "sink part dir. var": _mean([head_mean(r, "sink_dirvar") for r in after]),
-        "rest dir. var": _mean([head_mean(r, "rest_dirvar") for r in after]),
+        "sink_share_before_ma": _mean([head_mean(r, "sink_share") for r in before]),
+        "sink_share_ma_layers": _mean([head_mean(r, "sink_share") for r in after]),
+        "logit_gap_ma_layers": _mean([head_mean(r, "logit_gap") for r in after]),
+        "sink_argmax_ma_layers": _mean([head_mean(r, "sink_argmax") for r in after]),
+        "sink_part_rel_var": _mean([r["sink_relvar_layer"] for r in after]),
+        "rest_rel_var": _mean([r["rest_relvar_layer"] for r in after]),
+        "sink_part_dir_var": _mean([head_mean(r, "sink_dirvar") for r in after]),
+        "rest_dir_var": _mean([head_mean(r, "rest_dirvar") for r in after]),
     }
+
+
+COLUMNS = columns("variant", ("sink_share_before_ma", "sink share (before MA)"),
+                  ("sink_share_ma_layers", "sink share (MA layers)"), ("logit_gap_ma_layers", "logit gap (MA layers)"),
+                  ("sink_argmax_ma_layers", "sink argmax (MA layers)"), ("sink_part_rel_var", "sink part rel. var"),
+                  ("rest_rel_var", "rest rel. var"), ("sink_part_dir_var", "sink part dir. var"),
+                  ("rest_dir_var", "rest dir. var"))
 
 
 @torch.no_grad()
@@ -56,8 +64,8 @@ def run(ctx) -> dict:
     if not found:
         note = "skipped: no massive activation with a fixed token position"
         return {"massive_activations": {"used": [], "origin": origin, "notes": notes},
-                "table": {"columns": ["variant", "note"], "rows": [{"variant": v, "note": note} for v in cfg.variants],
-                          "caption": note}}
+                "table": Table(columns("variant", "note"), [{"variant": v, "note": note} for v in cfg.variants],
+                               index="variant", caption=note).to_dict()}
     sinks = sorted({p for location in found for p in location.positions})
     first_layer = min(location.first_layer for location in found)
     means, _ = calibrate(ctx, found)
@@ -73,7 +81,6 @@ def run(ctx) -> dict:
         rows.append({"variant": variant, **summarize(layers, first_layer)})
         details[variant] = {"interventions": list(names), "edits": edits, "layers": layers}
 
-    columns = list(rows[0])
     caption = (f"Attention toward the MA tokens (positions {sinks}; first MA layer {first_layer}) over "
                f"{windows.meta['windows']} windows of {windows.meta['seqlen']} tokens ({protocol.dataset} "
                f"{protocol.split}); means over heads and layers; queries after the last sink position only; "
@@ -85,5 +92,5 @@ def run(ctx) -> dict:
         "sink_positions": sinks, "first_ma_layer": first_layer,
         "attention_data": windows.meta, "ma_means": means,
         "variants": details,
-        "table": {"columns": columns, "rows": rows, "caption": caption},
+        "table": Table(COLUMNS, rows, index="variant", caption=caption).to_dict(),
     }

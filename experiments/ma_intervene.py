@@ -4,7 +4,7 @@
 2. Their mean at every layer over the calibration corpus (a probe pass, cached on disk by model + data + coords).
 3. For each variant (interventions applied in order to the original model): PPL on every protocol of the eval suite,
    zero-shot accuracy when the suite has it; then the hooks are removed.
-4. One row per variant, with the paper's numbers beside ours when this model is the paper's.
+4. One row per variant, the paper's numbers (reference block) beside ours when this model is the paper's, else after.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from outlierlab.interventions.base import StudyContext
 from outlierlab.interventions.massive_activation import NoMassiveActivations
 from outlierlab.probes.activation_means import measure_means
 from outlierlab.studies.massive_activations import calibrate, locations
-from outlierlab.studies.variants import VariantTable
+from outlierlab.studies.variants import VariantTable, paper_reference
+from outlierlab.tables import Column
 
 
 def trace(ctx, found, windows: Windows | None) -> dict | None:
@@ -44,15 +45,18 @@ def caption(ctx, found, origin: str, means: dict | None, details: dict, table: V
     if means:
         text += (f"; means over {means['sequences']} calibration windows of {means['calibration']['seqlen']} "
                  f"tokens ({means['calibration']['dataset']} {means['calibration']['split']})")
-    if any(row.get("peak |MA|") is not None for row in table.rows):
+    if any(row.get(PEAK.key) is not None for row in table.rows):
         text += (f"; peak |MA| = largest |mean MA value| over all layers on the first {ctx.cfg.exp.trace_windows} "
                  "calibration windows with the edit in place")
     zeroshot = next((d["zeroshot"] for d in details.values() if d.get("zeroshot")), None)
     if zeroshot:
         text += f"; zero-shot: mean acc x100 over {', '.join(zeroshot['tasks'])}, limit {zeroshot['limit']} per task"
-    if table.paper is not None:
+    if table.reference and table.beside:
         text += f"; paper: {reference['source']}"
     return text
+
+
+PEAK = Column("peak_abs_ma", "peak |MA|")
 
 
 def run(ctx) -> dict:
@@ -62,15 +66,16 @@ def run(ctx) -> dict:
     reference = OmegaConf.to_container(cfg.reference) if cfg.get("reference") else {}
     with_paper = reference.get("model") == ctx.cfg.model.name
     table = VariantTable(list(ctx.cfg.eval.ppl), zeroshot=bool(ctx.cfg.eval.get("zeroshot")),
-                         paper=reference.get("values", {}) if with_paper else None)
+                         reference=paper_reference(reference), beside=with_paper,
+                         paper="paper" if with_paper else f"paper {reference.get('model')}")
     details = table.evaluate(ctx, cfg.variants, StudyContext(massive_activations=found, ma_means=means),
                              skip={NoMassiveActivations: "skipped: no massive activation"},
                              observe=lambda: {"ma_trace": trace(ctx, found, calibration)},
-                             extra=lambda evaluated: {"peak |MA|": peak(evaluated["ma_trace"])})
+                             extra=lambda evaluated: {PEAK.key: peak(evaluated["ma_trace"])})
     return {
         "massive_activations": {"used": [m.describe() for m in found], "origin": origin, "notes": notes},
         "ma_means": means,
         "variants": details,
         "reference": reference if with_paper else None,
-        "table": table.render(caption(ctx, found, origin, means, details, table, reference), optional=["peak |MA|"]),
+        "table": table.render(caption(ctx, found, origin, means, details, table, reference), optional=[PEAK]),
     }

@@ -28,6 +28,7 @@ from outlierlab.probes.massive_activations import (
     super_weight_rows,
 )
 from outlierlab.probes.stats import ResidualStats
+from outlierlab.tables import Table, columns
 
 LAYER_KEYWORDS = ("first_ma", "peak")
 
@@ -116,20 +117,22 @@ def table_row(record: dict, found: list[dict], known_channels: set[int]) -> dict
     return {
         "kind": record["kind"], "channel": record["channel"], "role": record["role"],
         "tokens": ", ".join(repr(text) for text, _ in record["tokens"][:3]),
-        "first layer": record["first_layer"], "value at first": record["value_at_first_layer"],
-        "peak layer": record["peak_layer"], "peak mean": record["peak_mean"], "peak std": record["peak_std"],
-        "x median": record["peak_ratio_to_median"], "share": record["peak_share"],
-        "rel std": record["peak_relative_std"],
-        "rel std top10%": reference.get("top", {}).get("relative_std"),
-        "rel std median": reference.get("median", {}).get("relative_std"),
-        "input-agnostic": record["peak_input_agnostic"],
-        "SW same row": " ".join(record["super_weights_same_row"]),
-        "in registry": record["channel"] in known_channels}
+        "first_layer": record["first_layer"], "value_at_first": record["value_at_first_layer"],
+        "peak_layer": record["peak_layer"], "peak_mean": record["peak_mean"], "peak_std": record["peak_std"],
+        "x_median": record["peak_ratio_to_median"], "share": record["peak_share"],
+        "rel_std": record["peak_relative_std"],
+        "rel_std_top10pct": reference.get("top", {}).get("relative_std"),
+        "rel_std_median": reference.get("median", {}).get("relative_std"),
+        "input_agnostic": record["peak_input_agnostic"],
+        "sw_same_row": " ".join(record["super_weights_same_row"]),
+        "in_registry": record["channel"] in known_channels}
 
 
-COLUMNS = ["kind", "channel", "role", "tokens", "first layer", "value at first", "peak layer", "peak mean", "peak std",
-           "x median", "share", "rel std", "rel std top10%", "rel std median", "input-agnostic", "SW same row",
-           "in registry"]
+COLUMNS = columns("kind", "channel", "role", "tokens", ("first_layer", "first layer"), ("value_at_first", "value at first"),
+                  ("peak_layer", "peak layer"), ("peak_mean", "peak mean"), ("peak_std", "peak std"),
+                  ("x_median", "x median"), "share", ("rel_std", "rel std"), ("rel_std_top10pct", "rel std top10%"),
+                  ("rel_std_median", "rel std median"), ("input_agnostic", "input-agnostic"),
+                  ("sw_same_row", "SW same row"), ("in_registry", "in registry"))
 
 
 def run(ctx) -> dict:
@@ -172,6 +175,6 @@ def run(ctx) -> dict:
         "first_massive_layer": first_ma, "peak_layer": peak,
         "registry": {"known": registry, "super_weights": [str(w) for w in ctx.registry_super_weights]},
         "prompt": prompt,
-        "table": {"columns": COLUMNS, "rows": [table_row(r, found, known_channels) for r in records],
-                  "caption": caption},
+        "table": Table(COLUMNS, [table_row(r, found, known_channels) for r in records],
+                       index=["kind", "channel", "role"], caption=caption).to_dict(),
     }

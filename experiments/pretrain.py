@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from outlierlab.errors import ConfigError
+from outlierlab.tables import Table, columns
 from outlierlab.train.attention import ATTENTION_VARIANTS
 from outlierlab.train.data import (
     SINK,
@@ -74,8 +75,8 @@ def run(ctx) -> dict:
 
     history = outcome["history"]
     evaluations = [entry for entry in history if "val_loss" in entry]
-    rows = [{"step": e["step"], "train loss": e["loss"], "val loss": e["val_loss"],
-             "max abs(h)": e["peak"]["abs"], "at layer": e["peak"]["layer"], "position": e["peak"]["position"],
+    rows = [{"step": e["step"], "train_loss": e["loss"], "val_loss": e["val_loss"],
+             "max_abs_h": e["peak"]["abs"], "at_layer": e["peak"]["layer"], "position": e["peak"]["position"],
              "channel": e["peak"]["channel"]} for e in evaluations]
     parameters = sum(p.numel() for p in model.parameters())
     caption = (f"{variant.name} ({size.name}: {parameters / 1e6:.2f}M parameters, {size.steps} steps x "
@@ -86,6 +87,7 @@ def run(ctx) -> dict:
                   "dtype": "float32", "device": device, "num_parameters": parameters, **metadata},
         "training": {k: v for k, v in outcome.items() if k != "history"},
         "history": history,
-        "table": {"columns": ["step", "train loss", "val loss", "max abs(h)", "at layer", "position", "channel"],
-                  "rows": rows, "caption": caption},
+        "table": Table(columns("step", ("train_loss", "train loss"), ("val_loss", "val loss"), ("max_abs_h", "max abs(h)"),
+                               ("at_layer", "at layer"), "position", "channel"), rows, index="step",
+                       caption=caption).to_dict(),
     }

@@ -3,7 +3,7 @@
 1. Find the super weights: data-free detection always runs; `exp.super_weights` picks detected or registry ones.
 2. For each variant (a list of interventions applied in order to the original weights): PPL on every protocol of
    the eval suite, then undo the edits.
-3. One row per variant, with the paper's numbers beside ours when this model is the paper's.
+3. One row per variant; the paper's numbers (its model, whichever ours is) in the table's reference block, after ours.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from outlierlab.interventions.super_weight import NoSuperWeights
 from outlierlab.studies.super_weights import SuperWeightChoice
-from outlierlab.studies.variants import VariantTable
+from outlierlab.studies.variants import VariantTable, paper_reference
 
 
 def run(ctx) -> dict:
@@ -21,7 +21,7 @@ def run(ctx) -> dict:
     with_paper = reference.get("model") == ctx.cfg.model.name
     suite = ctx.cfg.eval.get("zeroshot")
     table = VariantTable(list(ctx.cfg.eval.ppl), zeroshot=bool(suite), tasks=list(suite.tasks) if suite else None,
-                         paper=reference.get("values", {}) if with_paper else None)
+                         reference=paper_reference(reference), beside=False, paper_ratio=True)
     details = table.evaluate(ctx, cfg.variants, weights.context, skip={NoSuperWeights: "skipped: no super weight"})
 
     caption = f"PPL ({ctx.cfg.eval.name} protocols); super weights {weights.describe()}"
@@ -35,6 +35,5 @@ def run(ctx) -> dict:
         **weights.record(registry=True),
         "variants": details,
         "reference": reference if with_paper else None,
-        "paper_reference": reference or None,  # the paper's numbers whatever the model: the report prints them
         "table": table.render(caption),
     }

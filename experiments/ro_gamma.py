@@ -22,7 +22,7 @@ from outlierlab.probes.channel_outliers import (
     forward_windows,
     gamma_outliers,
 )
-from outlierlab.tables import ratio_to_baseline
+from outlierlab.tables import Column, Table, columns, ratio_to_baseline
 
 
 def criteria(cfg) -> tuple[OutlierCriterion, GammaCriterion]:
@@ -69,19 +69,19 @@ def row_for(variant: str, detail: dict, protocols: list[str], hidden_size: int) 
     summary = channels["summary"]
     hidden = _hidden_points(summary, hidden_size)
     row = {"variant": variant,
-           "channels reset": sum(e.get("channels_reset", 0) for e in detail["edits"]
+           "channels_reset": sum(e.get("channels_reset", 0) for e in detail["edits"]
                                  if e.get("edit") == "reset_norm_gamma"),
-           "int8 features": len(channels["features"]["absolute"]["hidden"]["features"]),
-           "relative features": len(channels["features"]["relative"]["hidden"]["features"]),
-           "outlier ch./site": sum(summary[p]["absolute"]["count"] for p in hidden) / max(len(hidden), 1),
-           "max |x| norm out": max((summary[p]["max_abs"] for p in summary if ".norm" in p or p == "final_norm.out"),
+           "int8_features": len(channels["features"]["absolute"]["hidden"]["features"]),
+           "relative_features": len(channels["features"]["relative"]["hidden"]["features"]),
+           "outlier_channels_per_site": sum(summary[p]["absolute"]["count"] for p in hidden) / max(len(hidden), 1),
+           "max_abs_x_norm_out": max((summary[p]["max_abs"] for p in summary if ".norm" in p or p == "final_norm.out"),
                                    default=None)}
     for key in protocols:
         row[key] = detail["ppl"][key]["ppl"]
     for key, value in detail["w8a8"].items():
-        row[f"W8A8 {key}"] = value["ppl"]
+        row[f"w8a8_{key}"] = value["ppl"]
     if detail.get("zeroshot"):
-        row["zero-shot mean"] = None if detail["zeroshot"]["mean"] is None else 100 * detail["zeroshot"]["mean"]
+        row["zero_shot_mean"] = None if detail["zeroshot"]["mean"] is None else 100 * detail["zeroshot"]["mean"]
     return row
 
 
@@ -111,10 +111,11 @@ def run(ctx) -> dict:
     overlap = coincidence(gammas, original["summary"]) if original else None
     # the same against the relative rule's outlier channels (for models whose norm outputs are far below |x| = 6)
     overlap_relative = coincidence(gammas, original["summary"], "relative") if original else None
-    columns = ["variant", "channels reset", "int8 features", "relative features", "outlier ch./site",
-               "max |x| norm out", *protocols, "x original", *(f"W8A8 {k}" for k in w8a8_keys)]
-    if ctx.cfg.eval.get("zeroshot"):
-        columns.append("zero-shot mean")
+    shown = columns("variant", ("channels_reset", "channels reset"), ("int8_features", "int8 features"),
+                    ("relative_features", "relative features"), ("outlier_channels_per_site", "outlier ch./site"),
+                    ("max_abs_x_norm_out", "max |x| norm out"), *protocols, ("x_original", "x original"),
+                    *(Column(f"w8a8_{k}", f"W8A8 {k}") for k in w8a8_keys),
+                    *([("zero_shot_mean", "zero-shot mean")] if ctx.cfg.eval.get("zeroshot") else []))
     offset = sites.family.norm_gain_offset
     probe = ctx.data_windows("probe").meta
     consistent = {role: found["consistent"] for role, found in gammas.items()}
@@ -134,5 +135,6 @@ def run(ctx) -> dict:
                                                 "gain_and_bias": found["gain_and_bias"],
                                                 "per_layer": {str(k): v for k, v in found["per_layer"].items()}}
                                          for role, found in gammas.items()}},
-            "coincidence": overlap, "coincidence_relative": overlap_relative, "criterion": vars(outlier), "probe_data": probe,
-            "variants": details, "table": {"columns": columns, "rows": rows, "caption": caption}}
+            "coincidence": overlap, "coincidence_relative": overlap_relative, "criterion": vars(outlier),
+            "probe_data": probe, "variants": details,
+            "table": Table(shown, rows, index="variant", caption=caption).to_dict()}

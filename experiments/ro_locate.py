@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from outlierlab.probes.channel_outliers import forward_windows
 from outlierlab.probes.ma_birth import SiteExtremes, criterion_from, first_appearance
+from outlierlab.tables import Table, columns
 
 
 def check(cfg, plan) -> None:
@@ -38,11 +39,11 @@ def table(found: dict, model: str, windows_meta: dict) -> dict:
         for row in found["points"]:
             if row["layer"] != entry["layer"]:
                 continue
-            rows.append({"MA channel": entry["channel"], "site": row["point"], "paper": row["label"] or "",
-                         "mean max |x|": row["mean_peak"], "at channel": row["peak"]["channel"],
-                         "median |x|": row["mean_median"], "massive in": row["hit_share"],
-                         "born here": "<-" if row["point"] == entry["born_at"] else "",
-                         "first in channel": "<-" if row["point"] == entry["residual_point"] else ""})
+            rows.append({"ma_channel": entry["channel"], "site": row["point"], "paper": row["label"] or "",
+                         "mean_max_abs_x": row["mean_peak"], "at_channel": row["peak"]["channel"],
+                         "median_abs_x": row["mean_median"], "massive_in": row["hit_share"],
+                         "born_here": "<-" if row["point"] == entry["born_at"] else "",
+                         "first_in_channel": "<-" if row["point"] == entry["residual_point"] else ""})
     births = "; ".join(f"channel {e['channel']} born at {e['born_at']} ({e['born_label'] or 'no paper label'}, "
                        f"its channel {e['born_channel']}), first in the residual at {e['residual_point']}"
                        for e in found["birth"]["channels"]) or "no massive activation at any block output"
@@ -54,9 +55,10 @@ def table(found: dict, model: str, windows_meta: dict) -> dict:
                f"channel (inside the MLP, or in that channel); first in channel = the first residual-width point "
                f"where that channel is massive; {births}. Paper RO: born after the first FFN's activation (y6 in "
                f"Llama/Qwen blocks, y4 in GPT blocks; labels are our reading of its figure)")
-    columns = ["MA channel", "site", "paper", "mean max |x|", "at channel", "median |x|", "massive in", "born here",
-               "first in channel"]
-    return {"columns": columns, "rows": rows, "caption": caption}
+    shown = columns(("ma_channel", "MA channel"), "site", "paper", ("mean_max_abs_x", "mean max |x|"),
+                    ("at_channel", "at channel"), ("median_abs_x", "median |x|"), ("massive_in", "massive in"),
+                    ("born_here", "born here"), ("first_in_channel", "first in channel"))
+    return Table(shown, rows, index=["ma_channel", "site"], caption=caption).to_dict()
 
 
 def run(ctx) -> dict:

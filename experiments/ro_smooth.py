@@ -16,7 +16,7 @@ from outlierlab.models import massive
 from outlierlab.probes.activation_means import measure_means
 from outlierlab.probes.channel_outliers import forward_windows
 from outlierlab.probes.ma_birth import SiteExtremes, criterion_from, first_appearance
-from outlierlab.tables import ratio_to_baseline
+from outlierlab.tables import Table, columns, ratio_to_baseline
 
 SOURCES = ("auto", "registry", "detect")
 
@@ -99,19 +99,18 @@ def run(ctx) -> dict:
             rows.append({**row, "note": "skipped: no massive activation"})
             continue
         edits = [e for e in details[variant]["edits"] if e.get("edit") == "smooth_massive_activation"]
-        row["edited at"] = (", ".join(f"{e['where']} ({len(e['sites'])} sites, {e['value']})" for e in edits)
+        row["edited_at"] = (", ".join(f"{e['where']} ({len(e['sites'])} sites, {e['value']})" for e in edits)
                             or ("; ".join(e["edit"] for e in details[variant]["edits"]) or "-"))
         for key in protocols:
             row[key] = details[variant]["ppl"][key]["ppl"]
         trace = details[variant].get("ma_trace")
         if trace:
             last = [abs(v) for location in trace["mean"] for r in location[-1] for v in r]
-            row["|MA| last layer"] = max(last)
+            row["abs_ma_last_layer"] = max(last)
         rows.append(row)
     ratio_to_baseline(rows, protocols[0])
-    columns = ["variant", "edited at", *protocols, "x original", "|MA| last layer"]
-    if any("note" in row for row in rows):
-        columns.append("note")
+    shown = columns("variant", ("edited_at", "edited at"), *protocols, ("x_original", "x original"),
+                    ("abs_ma_last_layer", "|MA| last layer"), *(["note"] if any("note" in row for row in rows) else []))
     where = "; ".join(f"born in layer {m.first_layer}, channels {list(m.channels)}, positions {list(m.positions)}"
                       for m in found) or "none"
     clip = next((OmegaConf.select(exp, f"interventions.{name}.clip_ratio") for name in exp.interventions
@@ -124,4 +123,4 @@ def run(ctx) -> dict:
                f"({count} calibration windows)")
     return {"massive_activations": {"used": [m.describe() for m in found], "origin": origin, "birth": birth},
             "calibration": calibration.meta, "variants": details,
-            "table": {"columns": columns, "rows": rows, "caption": caption}}
+            "table": Table(shown, rows, index="variant", caption=caption).to_dict()}

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from outlierlab.interventions.super_weight import NoSuperWeights
 from outlierlab.probes.super_weight import down_proj_profile, residual_profile
 from outlierlab.studies.super_weights import SuperWeightChoice
+from outlierlab.tables import Table, columns
 
 
 def run(ctx) -> dict:
@@ -31,17 +32,17 @@ def run(ctx) -> dict:
             rows.append({"variant": variant, "note": "skipped: no super weight"})
             continue
         peak = max(residual[variant], key=lambda layer: layer["max_abs"])
-        rows.append({"variant": variant, "max abs(h)": peak["max_abs"], "layer": peak["layer"],
-                     "channel": peak["channel"], "final layer max abs(h)": residual[variant][-1]["max_abs"]})
+        rows.append({"variant": variant, "max_abs_h": peak["max_abs"], "layer": peak["layer"],
+                     "channel": peak["channel"], "final_layer_max_abs_h": residual[variant][-1]["max_abs"]})
     baseline = residual.get("original")
     for row in rows:
-        if baseline and "max abs(h)" in row:
-            row["x original"] = row["max abs(h)"] / max(layer["max_abs"] for layer in baseline)
+        if baseline and "max_abs_h" in row:
+            row["x_original"] = row["max_abs_h"] / max(layer["max_abs"] for layer in baseline)
 
     spike = max(down_proj, key=lambda layer: layer["output_max"]["abs"])
-    columns = ["variant", "max abs(h)", "layer", "channel", "final layer max abs(h)", "x original"]
-    if any("note" in row for row in rows):
-        columns.append("note")
+    shown = columns("variant", ("max_abs_h", "max abs(h)"), "layer", "channel",
+                    ("final_layer_max_abs_h", "final layer max abs(h)"), ("x_original", "x original"),
+                    *(["note"] if any("note" in row for row in rows) else []))
     caption = (f"max |residual| over layers on {len(prompts)} prompt(s); super weights {weights.describe()}; "
                f"largest down_proj output spike: layer {spike['layer']}, "
                f"{spike['output_max']['value']:.1f} in channel {spike['output_max']['channel']} from input "
@@ -54,5 +55,5 @@ def run(ctx) -> dict:
         "variants": {variant: {"interventions": list(cfg.variants[variant]), "edits": edits[variant]}
                      for variant in residual},
         "paper_reference": OmegaConf.to_container(cfg.reference) if cfg.get("reference") else None,
-        "table": {"columns": columns, "rows": rows, "caption": caption},
+        "table": Table(shown, rows, index="variant", caption=caption).to_dict(),
     }

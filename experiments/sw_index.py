@@ -17,6 +17,7 @@ from outlierlab.probes.super_weight import (
     detect_super_weights,
     massive_activation,
 )
+from outlierlab.tables import Table, columns
 
 
 def _detected_note(weight, detected, rejected) -> str:
@@ -29,10 +30,10 @@ def _detected_note(weight, detected, rejected) -> str:
 
 def _candidate_row(weight, fact, detected, rejected, registry, activation) -> dict:
     return {"candidate": str(weight), "value": fact["value"], "rank": fact["magnitude_rank"],
-            "z-score": fact["weight_zscore"], "input spike": fact["input_spike"],
-            "output spike": fact["output_spike"], "detected": _detected_note(weight, detected, rejected),
+            "z_score": fact["weight_zscore"], "input_spike": fact["input_spike"],
+            "output_spike": fact["output_spike"], "detected": _detected_note(weight, detected, rejected),
             "registry": "yes" if weight in registry else ("no" if registry else "none listed"),
-            "row = MA channel": ("yes" if weight.row == activation["channel"] else "no") if activation["massive"]
+            "row_is_ma_channel": ("yes" if weight.row == activation["channel"] else "no") if activation["massive"]
             else "no MA"}
 
 
@@ -79,10 +80,11 @@ def run(ctx) -> dict:
     if protocols and detected:
         rows.append({"candidate": "all detected", **ppl("all detected")})
     for row in rows if protocols else []:
-        row["x original"] = row[protocols[0]] / importance["original"][protocols[0]]["ppl"]
+        row["x_original"] = row[protocols[0]] / importance["original"][protocols[0]]["ppl"]
 
-    columns = ["candidate", "value", "rank", "z-score", "input spike", "output spike", "detected", "registry",
-               "row = MA channel", *protocols, *(["x original"] if protocols else [])]
+    shown = columns("candidate", "value", "rank", ("z_score", "z-score"), ("input_spike", "input spike"),
+                    ("output_spike", "output spike"), "detected", "registry", ("row_is_ma_channel", "row = MA channel"),
+                    *protocols, *([("x_original", "x original")] if protocols else []))
     caption = (f"{ctx.cfg.model.name}: super-weight candidates (layer, row, col) of down_proj; "
                f"{_describe_activation(activation)}; "
                f"detection stopped: {detection['stop_reason']}; spikes on the prompt \"{cfg.detection.prompt}\"")
@@ -102,5 +104,5 @@ def run(ctx) -> dict:
         "detection": {k: v for k, v in detection.items() if k != "iterations"},
         "detection_iterations": detection["iterations"],
         "importance": importance,
-        "table": {"columns": columns, "rows": rows, "caption": caption},
+        "table": Table(shown, rows, index="candidate", caption=caption).to_dict(),
     }

@@ -12,7 +12,8 @@ import math
 from omegaconf import OmegaConf
 
 from outlierlab.interventions.base import StudyContext
-from outlierlab.studies.variants import VariantTable
+from outlierlab.studies.variants import VariantTable, paper_reference
+from outlierlab.tables import Column
 
 
 def _activation_error(edits: list[dict]) -> float | None:
@@ -24,8 +25,10 @@ def _activation_error(edits: list[dict]) -> float | None:
 
 def _errors(evaluated: dict) -> dict:
     weights = [e["summary"]["mean_relative_error"] for e in evaluated["edits"] if e["edit"] == "quantize_weights"]
-    return {"act. rel. error": _activation_error(evaluated["edits"]),
-            "weight rel. error": weights[0] if weights else None}
+    return {"act_rel_error": _activation_error(evaluated["edits"]), "weight_rel_error": weights[0] if weights else None}
+
+
+ERRORS = [Column("act_rel_error", "act. rel. error"), Column("weight_rel_error", "weight rel. error")]
 
 
 def run(ctx) -> dict:
@@ -34,7 +37,8 @@ def run(ctx) -> dict:
     reference = (OmegaConf.to_container(exp.reference.models).get(ctx.cfg.model.name)
                  if exp.get("reference") else None)
     table = VariantTable(list(ctx.cfg.eval.ppl), zeroshot=bool(ctx.cfg.eval.get("zeroshot")),
-                         paper=reference or None, paper_zeroshot=False)
+                         reference=paper_reference(exp.get("reference"), values=reference, model=ctx.cfg.model.name)
+                         if reference else None, beside=False, paper_zeroshot=False)
     details = table.evaluate(ctx, exp.variants, StudyContext(calibration_ids=calibration.ids), extra=_errors)
     caption = (f"W8A8 simulated ({ctx.cfg.eval.name} protocols); act. rel. error = ||X^-X||/||X|| over every "
                f"quantized linear input; SmoothQuant calibrated on {calibration.meta['windows']} x "
@@ -43,5 +47,5 @@ def run(ctx) -> dict:
         "calibration": calibration.meta,
         "variants": details,
         "reference": {"source": exp.reference.source, "values": reference} if reference else None,
-        "table": table.render(caption, extra=["act. rel. error", "weight rel. error"], paper_last=True),
+        "table": table.render(caption, extra=ERRORS),
     }

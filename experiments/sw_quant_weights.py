@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from outlierlab.quant.rtn import spec_from_label
 from outlierlab.studies.super_weights import SuperWeightChoice
 from outlierlab.studies.variants import percent
+from outlierlab.tables import Column, Table
 
 
 def sweep(exp) -> list[tuple[int, str, str, object]]:
@@ -68,17 +69,19 @@ def run(ctx) -> dict:
 
     metrics = list(original["scores"])
     methods = list(exp.methods)
-    rows = [{"bits": "float", "block": "-", **{f"{m} {k}": original["scores"][k] for m in methods for k in metrics}}]
+    rows = [{"bits": "float", "block": "-", **{f"{m}_{k}": original["scores"][k] for m in methods for k in metrics}}]
     for bits in exp.bits:
         for block in map(str, exp.blocks):
             row = {"bits": f"INT{bits}", "block": block}
             for entry in runs:
                 if entry["bits"] == bits and entry["block"] == block:
                     for key in metrics:
-                        row[f"{entry['method']} {key}"] = entry["scores"][key]
-                    row[f"{entry['method']} rel. error"] = entry["summary"]["mean_relative_error"]
+                        row[f"{entry['method']}_{key}"] = entry["scores"][key]
+                    row[f"{entry['method']}_rel_error"] = entry["summary"]["mean_relative_error"]
             rows.append(row)
-    columns = ["bits", "block", *[f"{m} {k}" for k in metrics for m in methods], *[f"{m} rel. error" for m in methods]]
+    columns = [Column("bits", "bits"), Column("block", "block"),
+               *[Column(f"{m}_{k}", f"{m} {k}") for k in metrics for m in methods],
+               *[Column(f"{m}_rel_error", f"{m} rel. error") for m in methods]]
     caption = (f"Weight-only RTN of every decoder-block linear ({ctx.cfg.eval.name} protocols); rel. error = mean over "
                f"tensors of ||W^-W||/||W||; super weights {weights.describe()}")
     if ctx.loaded.info.get("kind") == "gguf":
@@ -89,5 +92,5 @@ def run(ctx) -> dict:
         "runs": runs,
         "methods": {name: OmegaConf.to_container(spec) for name, spec in exp.methods.items()},
         "reference": OmegaConf.to_container(exp.reference) if exp.get("reference") else None,
-        "table": {"columns": columns, "rows": rows, "caption": caption},
+        "table": Table(columns, rows, index=["bits", "block"], caption=caption).to_dict(),
     }

@@ -12,7 +12,8 @@ import hydra
 from omegaconf import OmegaConf
 
 from outlierlab.studies.super_weights import SuperWeightChoice
-from outlierlab.studies.variants import scores
+from outlierlab.studies.variants import ZERO_SHOT, scores
+from outlierlab.tables import Column, Reference, Table
 
 
 def scales(spec) -> list[float]:
@@ -41,7 +42,8 @@ def run(ctx) -> dict:
     cfg = ctx.cfg.exp
     weights = SuperWeightChoice.of(ctx)
     protocols = list(cfg.protocols)
-    reference = {float(s): v for s, v in (cfg.get("reference") or {}).get("zeroshot_mean", {}).items()}
+    paper = cfg.get("reference") or {}
+    reference = {float(s): v for s, v in paper.get("zeroshot_mean", {}).items()}
 
     rows, points = [], []
     for scale in (scales(cfg.scales) if weights.chosen else []):
@@ -49,12 +51,17 @@ def run(ctx) -> dict:
         with ctx.edit([intervention], weights.context):
             point = {"scale": scale, "ppl": ctx.perplexities(label=f"scale {scale:g}", keys=protocols),
                      "zeroshot": ctx.zeroshot(label=f"scale {scale:g}")}
-        rows.append({"scale": scale, **scores(point, protocols, tasks=True),
-                     **({"paper zero-shot mean": reference.get(scale)} if point["zeroshot"] else {})})
+        rows.append({"scale": scale, **scores(point, protocols, tasks=True)})
         points.append(point)
 
     suite = ctx.cfg.eval.get("zeroshot")
-    columns = ["scale", *protocols, *([*suite.tasks, "zero-shot mean", "paper zero-shot mean"] if suite else [])]
+    table = Table([Column("scale", "scale"), *(Column(key, key) for key in protocols)], rows, index="scale")
+    if suite:  # the paper's zero-shot mean per scale, beside ours
+        table.reference = Reference(source=paper.get("source", "paper"), values={
+            table.row_id(row): {ZERO_SHOT.key: reference[row["scale"]]} for row in rows
+            if ZERO_SHOT.key in row and reference.get(row["scale"]) is not None})
+        table.columns += [*(Column(task, task) for task in suite.tasks), ZERO_SHOT,
+                          Column(ZERO_SHOT.key, f"paper {ZERO_SHOT.label}", reference=True)]
     caption = (f"super weights {weights.origin} ({', '.join(map(str, weights.chosen)) or 'none: nothing to scale'}) "
                f"multiplied by s; PPL ({ctx.cfg.eval.name} protocols)")
     if suite:
@@ -64,5 +71,5 @@ def run(ctx) -> dict:
         **weights.record(),
         "points": points,
         "reference": OmegaConf.to_container(cfg.reference) if cfg.get("reference") else None,
-        "table": {"columns": columns, "rows": rows, "caption": caption},
+        "table": table.with_caption(caption).to_dict(),
     }

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from outlierlab.evals.stopwords import mean_next_token_probs, probability_shift
 from outlierlab.studies.super_weights import SuperWeightChoice
+from outlierlab.tables import Table, columns
 
 
 def check(cfg, plan) -> None:
@@ -29,7 +30,7 @@ def run(ctx) -> dict:
     weights = SuperWeightChoice.of(ctx)
     if not weights.chosen:
         return {**weights.record(),
-                "table": {"columns": ["note"], "rows": [{"note": "skipped: no super weight"}], "caption": ""}}
+                "table": Table(columns("note"), [{"note": "skipped: no super weight"}]).to_dict()}
 
     windows = ctx.windows(cfg.protocol)
     batch_size = ctx.cfg.eval.ppl[cfg.protocol].batch_size
@@ -40,8 +41,8 @@ def run(ctx) -> dict:
     shift = probability_shift(ctx.loaded.tokenizer, probs["original"], probs["prune_sw"], cfg.stopwords, cfg.top,
                               focus=list(cfg.focus))
 
-    rows = [{"token": repr(entry["text"]), "stopword": "yes" if entry["stopword"] else "", "p original":
-             entry["p_before"], "p pruned": entry["p_after"], "gain": entry["gain"], "x original": entry["ratio"]}
+    rows = [{"token": repr(entry["text"]), "stopword": "yes" if entry["stopword"] else "", "p_original":
+             entry["p_before"], "p_pruned": entry["p_after"], "gain": entry["gain"], "x_original": entry["ratio"]}
             for entry in shift["gainers"]]
     caption = (f"tokens gaining the most mean next-token probability when the super weights {weights.origin} "
                f"({', '.join(map(str, weights.chosen))}) are zeroed; {windows.meta['windows']} windows of "
@@ -54,6 +55,6 @@ def run(ctx) -> dict:
         "stopwords": {"name": cfg.stopwords.name, "provenance": cfg.stopwords.provenance},
         "shift": shift,
         "paper_reference": OmegaConf.to_container(cfg.reference) if cfg.get("reference") else None,
-        "table": {"columns": ["token", "stopword", "p original", "p pruned", "gain", "x original"], "rows": rows,
-                  "caption": caption},
+        "table": Table(columns("token", "stopword", ("p_original", "p original"), ("p_pruned", "p pruned"), "gain",
+                               ("x_original", "x original")), rows, index="token", caption=caption).to_dict(),
     }

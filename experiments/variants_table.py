@@ -19,6 +19,7 @@ from outlierlab.interventions.base import EditSession
 from outlierlab.interventions.fake_quant import W8A8
 from outlierlab.models.hashing import weights_sha256
 from outlierlab.models.load import load_model
+from outlierlab.tables import Column, Reference, Table, columns
 from outlierlab.train.analysis import classify_massive, measure, validation_loss
 from outlierlab.train.data import SINK, prepare, validation_windows
 from outlierlab.train.modeling import read_metadata
@@ -64,24 +65,26 @@ def run(ctx) -> dict:
         restored = weights_sha256(loaded.model) == before
         massive = classify_massive(fp["residual"], exp.massive.abs_min, exp.massive.ratio_min)
         attention = fp["attention_output"]
-        paper = reference["values"].get(variant, {})
-        row = {"variant": variant, "val loss": fp["val_loss"], "FP ppl": math.exp(fp["val_loss"]),
-               "W8A8 ppl": math.exp(w8a8_loss), "max inf-norm": attention["max_inf_norm"],
-               "avg kurtosis": attention["avg_kurtosis"], "max abs(h)": massive["max_abs"], "layer": massive["layer"],
-               "top1/median": massive["ratio_to_median"], "peak": massive["kind"],
-               "massive": "yes" if massive["massive"] else "no",
-               "paper FP ppl": paper.get("fp_ppl"), "paper inf-norm": paper.get("max_inf_norm"),
-               "paper kurtosis": paper.get("avg_kurtosis"), "paper W8A8 ppl": paper.get("w8a8_ppl")}
-        row["W8A8 / FP"] = row["W8A8 ppl"] / row["FP ppl"]
+        row = {"variant": variant, "val_loss": fp["val_loss"], "fp_ppl": math.exp(fp["val_loss"]),
+               "w8a8_ppl": math.exp(w8a8_loss), "max_inf_norm": attention["max_inf_norm"],
+               "avg_kurtosis": attention["avg_kurtosis"], "max_abs_h": massive["max_abs"], "layer": massive["layer"],
+               "top1_over_median": massive["ratio_to_median"], "peak": massive["kind"],
+               "massive": "yes" if massive["massive"] else "no"}
+        row["w8a8_over_fp"] = row["w8a8_ppl"] / row["fp_ppl"]
         rows.append(row)
         details[variant] = {"checkpoint": str(directory), "training": metadata, "model": loaded.info,
                             "bos": model_cfg.bos, "windows": list(windows.shape), **fp, "massive": massive,
                             "w8a8": {"val_loss": w8a8_loss, "edits": edits, "weights_restored": restored}}
         del loaded
 
-    columns = ["variant", "val loss", "FP ppl", "W8A8 ppl", "W8A8 / FP", "max inf-norm", "avg kurtosis", "max abs(h)",
-               "layer", "top1/median", "peak", "massive", "paper FP ppl", "paper inf-norm", "paper kurtosis",
-               "paper W8A8 ppl"]
+    shown = columns("variant", ("val_loss", "val loss"), ("fp_ppl", "FP ppl"), ("w8a8_ppl", "W8A8 ppl"),
+                    ("w8a8_over_fp", "W8A8 / FP"), ("max_inf_norm", "max inf-norm"), ("avg_kurtosis", "avg kurtosis"),
+                    ("max_abs_h", "max abs(h)"), "layer", ("top1_over_median", "top1/median"), "peak", "massive",
+                    *(Column(key, f"paper {label}", reference=True) for key, label in (
+                        ("fp_ppl", "FP ppl"), ("max_inf_norm", "inf-norm"), ("avg_kurtosis", "kurtosis"),
+                        ("w8a8_ppl", "W8A8 ppl"))))
+    paper = Reference(source=reference["source"], values={v: reference["values"][v] for v in details
+                                                          if v in reference["values"]}, model=reference.get("model"))
     steps = {v: d["training"].get("step") for v, d in details.items()}
     devices = sorted({str(d["training"].get("device_name")) for d in details.values()})
     caption = (f"{size.name} preset ({', '.join(devices)}; steps {sorted(set(steps.values()))}), "
@@ -92,4 +95,4 @@ def run(ctx) -> dict:
     model = {"name": cfg.model.name, "kind": "trained checkpoints", "dtype": "float32",
              "checkpoints": str(exp.checkpoints), "variants": list(details)}
     return {"model": model, "variants": details, "reference": reference,
-            "table": {"columns": columns, "rows": rows, "caption": caption}}
+            "table": Table(shown, rows, index="variant", reference=paper, caption=caption).to_dict()}

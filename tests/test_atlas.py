@@ -155,7 +155,7 @@ def test_atlas_end_to_end_on_a_tiny_model_with_a_planted_super_weight(tmp_path):
     assert origin["made_by"] == "super weight (1, 7, 33)"
     assert record["weights_restored"]
     stored = json.loads((tmp_path / "results" / "atlas" / "planted" / "quick.json").read_text())
-    assert stored["table"]["rows"][0]["SW detected"] == "(1, 7, 33)"
+    assert stored["table"]["rows"][0]["sw_detected"] == "(1, 7, 33)"
     from outlierlab.reports import run_builders
     written = run_builders("tables", tmp_path / "results", tmp_path / "tables", ["atlas"])
     written += run_builders("figures", tmp_path / "results", tmp_path / "figures", ["atlas"])

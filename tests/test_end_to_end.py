@@ -134,8 +134,8 @@ def test_zeroshot_columns_end_to_end(tmp_path):
                        "exp.variants={original:[],prune_non_sw:[prune_non_sw]}",
                        f"paths.results_dir={tmp_path}", f"paths.data_dir={DATA_DIR}", f"paths.cache_dir={tmp_path}"])
     record = execute(cfg)
-    columns = record["table"]["columns"]
-    assert {"arc_easy", "winogrande", "sciq", "zero-shot mean"} <= set(columns)
+    columns = [column["key"] for column in record["table"]["columns"]]
+    assert {"arc_easy", "winogrande", "sciq", "zero_shot_mean"} <= set(columns)
     row = record["table"]["rows"][0]
     assert 0 <= row["arc_easy"] <= 100 and row["sciq"] is None
     assert "arc_easy: reconstructed" in record["table"]["caption"] and "sciq: skipped" in record["table"]["caption"]

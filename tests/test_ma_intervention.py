@@ -193,7 +193,7 @@ def test_ma_intervene_end_to_end_on_a_tiny_model(tmp_path):
     assert record["variants"]["set_to_mean_every_layer"]["edits"][0]["layers"] == [1, 2, 3]
     zeroed = record["variants"]["set_to_zero_every_layer"]["ma_trace"]["mean"][0]  # [layer][position][channel]
     assert all(v == 0.0 for layer in zeroed[1:] for row in layer for v in row) and zeroed[0][0][0] != 0.0
-    assert rows["original"]["peak |MA|"] > 0
+    assert rows["original"]["peak_abs_ma"] > 0
     figures = ma_intervention.build_figures(tmp_path / "results", tmp_path / "figures")
     assert [p.name for p in figures if p.suffix == ".png"] == ["ma_intervene_trace_tiny_llama_quick.png"]
     written = ma_intervention.build_tables(tmp_path / "results", tmp_path / "tables")

@@ -144,7 +144,7 @@ def test_exp_report_and_registry_end_to_end(tmp_path, monkeypatch):
     without_bos = _execute_planted(tmp_path, monkeypatch, "none")
     assert with_bos["first_massive_layer"] == LAYER and without_bos["first_massive_layer"] is None
     row, = with_bos["table"]["rows"]
-    assert (row["channel"], row["role"], row["first layer"], row["input-agnostic"]) == (CHANNEL, "bos", LAYER, True)
+    assert (row["channel"], row["role"], row["first_layer"], row["input_agnostic"]) == (CHANNEL, "bos", LAYER, True)
     assert without_bos["table"]["rows"] == []
     path = with_bos["trajectories"][f"{CHANNEL}@bos"]  # its value in every layer, from the streamed moments
     assert abs(path["mean"][LAYER - 1]) < 1 and abs(path["mean"][LAYER]) > 1000 and max(path["std"]) < 1e-2

@@ -272,7 +272,7 @@ def test_quant_exps_end_to_end_and_reports(tmp_path):
                                        "exp.calibration.windows=1"]))
     assert activations["weights_restored"] is True
     rows = {row["variant"]: row for row in activations["table"]["rows"]}
-    assert rows["original"]["act. rel. error"] is None and rows["w8a8_naive"]["act. rel. error"] > 0
+    assert rows["original"]["act_rel_error"] is None and rows["w8a8_naive"]["act_rel_error"] > 0
     assert activations["variants"]["w8a8_smoothquant"]["edits"][0]["edit"] == "smoothquant"
 
     tables = run_builders("tables", tmp_path / "results", tmp_path / "tables", only=["sw_quant"])

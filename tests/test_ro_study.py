@@ -31,19 +31,19 @@ def _run(tmp_path, source, exp, *extra):
                        f"paths.cache_dir={tmp_path / 'cache'}", f"paths.data_dir={DATA_DIR}", *SMALL, *extra])
     record = execute(cfg)
     assert record["weights_restored"] is True
-    return record, {row["variant"]: row for row in record["table"]["rows"]} if "variant" in record["table"][
-        "columns"] else record["table"]["rows"]
+    return record, {row["variant"]: row for row in record["table"]["rows"]} if record["table"][
+        "index"] == ["variant"] else record["table"]["rows"]
 
 
 def test_ro_gamma_removes_a_planted_channel_outlier_and_the_control_does_not(tmp_path):
     source = _saved(tmp_path, lambda loaded: plant_gain(loaded, "norm2", 7, 60.0))
     record, rows = _run(tmp_path, source, "ro_gamma", "exp.w8a8_protocols=[wikitext2]")
     assert record["gamma_outliers"]["roles"]["norm2"]["consistent"] == [7]
-    assert rows["original"]["int8 features"] == 1 and rows["original"]["channels reset"] == 0
+    assert rows["original"]["int8_features"] == 1 and rows["original"]["channels_reset"] == 0
     for variant in ("reset_one", "reset_mean"):
-        assert rows[variant]["channels reset"] >= 4 and rows[variant]["int8 features"] == 0
-    assert rows["random_one"]["int8 features"] == 1  # resetting other channels leaves the outlier
-    assert rows["original"]["W8A8 wikitext2"] > 1
+        assert rows[variant]["channels_reset"] >= 4 and rows[variant]["int8_features"] == 0
+    assert rows["random_one"]["int8_features"] == 1  # resetting other channels leaves the outlier
+    assert rows["original"]["w8a8_wikitext2"] > 1
     assert record["coincidence"]["norm2"]["also_activation_outliers"] == 4
     assert record["coincidence_relative"]["norm2"]["also_activation_outliers"] == 4
     written = reports.run_builders("tables", tmp_path / "results", tmp_path / "out", only=["ro"])
@@ -56,12 +56,12 @@ def test_ro_locate_and_ro_smooth_on_a_planted_mlp(tmp_path):
     record, rows = _run(tmp_path, source, "ro_locate")
     (born,) = record["birth"]["channels"]
     assert born["channel"] == 11 and born["born_at"] == "layers.2.mlp.act.out" and born["born_label"] == "y6"
-    assert [row["site"] for row in rows if row["born here"]] == ["layers.2.mlp.act.out"]
+    assert [row["site"] for row in rows if row["born_here"]] == ["layers.2.mlp.act.out"]
     record, rows = _run(tmp_path, source, "ro_smooth", "exp.calibration.windows=2", "exp.calibration.seqlen=64")
     (used,) = record["massive_activations"]["used"]
     assert used["first_layer"] == 2 and used["channels"] == [11]
-    assert rows["birth_clip"]["edited at"] == "birth (1 sites, clip)"
-    assert rows["skip_clip"]["edited at"] == "skip (1 sites, clip)"  # layer 3, the only later one
+    assert rows["birth_clip"]["edited_at"] == "birth (1 sites, clip)"
+    assert rows["skip_clip"]["edited_at"] == "skip (1 sites, clip)"  # layer 3, the only later one
     assert rows["birth_clip"]["wikitext2"] != rows["original"]["wikitext2"]
     written = reports.run_builders("figures", tmp_path / "results", tmp_path / "out", only=["ro"])
     assert {p.name for p in written} >= {"ro_locate_planted_quick.png", "ro_smooth_planted_quick.png"}

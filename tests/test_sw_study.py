@@ -13,6 +13,7 @@ from outlierlab.reports import discover
 from outlierlab.reports.sw import table1
 from outlierlab.results import read_result, write_result
 from outlierlab.runner import execute, preflight
+from outlierlab.studies.variants import VariantTable, paper_reference
 
 pytestmark = pytest.mark.requires("data")
 
@@ -48,7 +49,7 @@ def test_sw_index_for_a_model_given_by_path(study):
     [candidate] = [c for c in record["candidates"] if c["detected"]]
     assert candidate["magnitude_rank"] == 1 and candidate["value"] == 50.0
     rows = {row["candidate"]: row for row in record["table"]["rows"]}
-    assert rows[str(SW)]["wikitext2"] > 0 and rows["all detected"]["x original"] > 0  # importance measured
+    assert rows[str(SW)]["wikitext2"] > 0 and rows["all detected"]["x_original"] > 0  # importance measured
     assert record["weights_restored"]
 
 
@@ -86,13 +87,12 @@ def test_report_builders_regenerate_from_results(study, tmp_path):
 
 def test_table1_has_the_papers_numbers_beside_ours(tmp_path):
     cfg = compose_cfg(["+exp=prune_sw"])
-    record = {"model": {"name": "m", "kind": "tiny"},
-              "config": {"exp": {"reference": OmegaConf.to_container(cfg.exp.reference)}},
-              "table": {"columns": ["variant", "wikitext2", "c4", "x original", "zero-shot mean"], "caption": "c",
-                        "rows": [{"variant": "original", "wikitext2": 30.0, "c4": 40.0, "x original": 1.0,
-                                  "zero-shot mean": 48.0},
-                                 {"variant": "prune_sw", "wikitext2": 90.0, "c4": 80.0, "x original": 3.0,
-                                  "zero-shot mean": 44.0}]}}
+    table = VariantTable(["wikitext2", "c4"], zeroshot=True, reference=paper_reference(
+        OmegaConf.to_container(cfg.exp.reference)), beside=False, paper_ratio=True)  # as prune_sw builds it
+    for variant, ppl, mean in (("original", 30.0, 0.48), ("prune_sw", 90.0, 0.44)):
+        table.add(variant, {"ppl": {"wikitext2": {"ppl": ppl}, "c4": {"ppl": ppl + 10}},
+                            "zeroshot": {"tasks": {}, "mean": mean}})
+    record = {"model": {"name": "m", "kind": "tiny"}, "table": table.render("c")}
     write_result(record, tmp_path / "prune_sw" / "m" / "quick.json")
     md, _ = table1(tmp_path, tmp_path / "out")
     text = md.read_text()

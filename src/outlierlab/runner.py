@@ -36,7 +36,7 @@ from outlierlab.models.sites import family_for
 from outlierlab.models.source import ModelSource, resolve_source
 from outlierlab.override_types import check_override_types
 from outlierlab.results import git_state, library_versions, result_path, write_result
-from outlierlab.tables import markdown
+from outlierlab.tables import Table, markdown
 
 EXP_DIR = Path(__file__).resolve().parents[2] / "conf" / "exp"
 
@@ -293,11 +293,11 @@ def execute(cfg: DictConfig) -> dict:
     path = write_result(record, plan.output)
     sweep.note_cell("done", result=path, key=cell["key"])
     print(f"\n{cfg.exp.name} on {cfg.model.name} ({record['model'].get('dtype')}, eval={cfg.eval.name})")
-    table = outcome.get("table")
-    if table:
-        print(markdown(table["columns"], table["rows"]))
-        if table.get("caption"):
-            print(table["caption"])
+    if outcome.get("table"):
+        table = Table.from_dict(outcome["table"])
+        print(markdown(table))
+        if table.caption:
+            print(table.caption)
     print(f"result: {path}")
     tracking.log_run(cfg, record)
     return record

@@ -5,15 +5,20 @@ import logging
 import numbers
 from pathlib import Path
 
+from outlierlab.tables import Table
+
 log = logging.getLogger(__name__)
 
 
 def _scalars(record: dict) -> dict:
-    """variant/metric -> number, from the record's table rows."""
-    table = record.get("table") or {}
+    """<row id>/<column key> -> number, from the record's table rows (row id: the table's index, else the row's
+    position)."""
+    if not record.get("table"):
+        return {}
+    table = Table.from_dict(record["table"])
     scalars = {}
-    for row in table.get("rows", []):
-        label = row.get(table.get("columns", ["variant"])[0])
+    for number, row in enumerate(table.rows):
+        label = table.row_id(row) or number
         for key, value in row.items():
             if isinstance(value, numbers.Number) and not isinstance(value, bool):
                 scalars[f"{label}/{key}"] = value
@@ -33,10 +38,10 @@ def log_run(cfg, record: dict) -> None:
                          # W&B's own chatter (~30 lines a run) goes to the run's logs/debug.log; we print one line.
                          settings=wandb.Settings(silent=True))
         run.summary.update(_scalars(record))
-        table = record.get("table")
-        if table:
-            run.log({"table": wandb.Table(columns=table["columns"],
-                                          data=[[row.get(c) for c in table["columns"]] for row in table["rows"]])})
+        if record.get("table"):
+            table = Table.from_dict(record["table"])
+            run.log({"table": wandb.Table(columns=[c.header for c in table.columns],
+                                          data=[[table.value(row, c) for c in table.columns] for row in table.rows])})
         run.summary.update({"wall_time_s": record["wall_time_s"], "model_source": record["model"]["source"]})
         run_dir = Path(run.dir).parent
         where = run.url if logger.mode == "online" else f"{run_dir} (upload later: wandb sync {run_dir})"

@@ -21,6 +21,7 @@ from outlierlab.finetune.methods import METHODS, merge_into, select
 from outlierlab.models.coords import SuperWeight
 from outlierlab.models.hashing import weights_sha256
 from outlierlab.results import to_jsonable
+from outlierlab.tables import Table, columns
 
 METADATA_FILE = "outlierlab.json"  # as train.modeling: model=trained reads the BOS policy from it
 
@@ -51,6 +52,14 @@ def _atlas(data: dict) -> Atlas:
                  ma_channels=data["ma_channels"], ma_layers=data["ma_layers"],
                  gamma_outliers=data["gamma_outliers"], channel_outliers=data["channel_outliers"],
                  layer_outlier_ratio=data["layer_outlier_ratio"], detection=data["detection"])
+
+
+# the table row's columns: key -> label
+ROW_LABELS = {"method": "method", "trainable": "trainable", "trainable_at_once": "trainable at once",
+              "acc_before": "acc before", "acc": "acc", "ppl_before": "PPL before", "ppl": "PPL",
+              "w8a8_before": "W8A8 before", "w8a8": "W8A8", "sw_kept": "SW kept", "ma_kept": "MA kept",
+              "ma_after": "MA after", "gamma_outliers_kept": "gamma outliers kept",
+              "channel_outliers_kept": "channel outliers kept", "train_s": "train s"}
 
 
 class Study:
@@ -156,23 +165,24 @@ class Study:
             "training": {k: v for k, v in training.items() if k != "history"},
             "history": training["history"],
             "before": before, "after": after, "survival": kept,
-            "table": {"columns": list(row), "rows": [row], "caption": caption},
+            "table": Table(columns(*((key, ROW_LABELS[key]) for key in row)), [row], index="method",
+                           caption=caption).to_dict(),
         }
 
     @staticmethod
     def row(name, claimed, selection, before, after, kept, train_seconds) -> dict:
         key = next(iter(after["ppl"]), None)
-        row = {"method": name, "trainable": sum(claimed.values()), "trainable at once": selection.trainable_at_once()}
+        row = {"method": name, "trainable": sum(claimed.values()), "trainable_at_once": selection.trainable_at_once()}
         if after["task"]:
-            row["acc before"] = 100 * before["task"]["tasks"]["boolq"]["acc"]
+            row["acc_before"] = 100 * before["task"]["tasks"]["boolq"]["acc"]
             row["acc"] = 100 * after["task"]["tasks"]["boolq"]["acc"]
         if key:
-            row["PPL before"] = before["ppl"][key]["ppl"]
-            row["PPL"] = after["ppl"][key]["ppl"]
-            row["W8A8 before"] = before["w8a8_ppl"][key]["ppl"]
-            row["W8A8"] = after["w8a8_ppl"][key]["ppl"]
-        row.update({"SW kept": f"{kept['sw_kept']}/{kept['sw_total']}", "MA kept": ("yes" if kept["ma_kept"] else "no") if kept["ma_before"] is not None else "none before",
-                    "MA after": kept["ma_after"], "gamma outliers kept": f"{kept['gamma_kept']}/{kept['gamma_total']}",
-                    "channel outliers kept": f"{kept['channel_kept']}/{kept['channel_total']}",
-                    "train s": round(train_seconds, 1)})
+            row["ppl_before"] = before["ppl"][key]["ppl"]
+            row["ppl"] = after["ppl"][key]["ppl"]
+            row["w8a8_before"] = before["w8a8_ppl"][key]["ppl"]
+            row["w8a8"] = after["w8a8_ppl"][key]["ppl"]
+        row.update({"sw_kept": f"{kept['sw_kept']}/{kept['sw_total']}", "ma_kept": ("yes" if kept["ma_kept"] else "no") if kept["ma_before"] is not None else "none before",
+                    "ma_after": kept["ma_after"], "gamma_outliers_kept": f"{kept['gamma_kept']}/{kept['gamma_total']}",
+                    "channel_outliers_kept": f"{kept['channel_kept']}/{kept['channel_total']}",
+                    "train_s": round(train_seconds, 1)})
         return row

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from outlierlab.results import read_result
+from outlierlab.tables import Table
 
 Builder = Callable[[Path, Path], list[Path]]
 
@@ -54,16 +55,10 @@ def results(results_dir: Path, exp: str, name: str = "*.json") -> list[Result]:
     return [Result(path, read_result(path)) for path in sorted((Path(results_dir) / exp).glob(f"*/{name}"))]
 
 
-def recorded(record: dict, key: str, config_path: str):
-    """What a report needs from a result: the record's own `key`, or, in records written before the recipe stored
-    it, the run's config at `config_path` ("exp.reference"). Reports render from data; the config is the fallback
-    for old results only, so committed results need not be re-run."""
-    if key in record:
-        return record[key]
-    node = record["config"]
-    for part in config_path.split("."):
-        node = (node or {}).get(part)
-    return node
+def table_of(record: dict, caption: str | None = None) -> Table:
+    """The record's stored table (outlierlab.table/1), optionally with another caption: what reports render."""
+    table = Table.from_dict(record["table"])
+    return table if caption is None else table.with_caption(caption)
 
 
 def by_model(found: list[Result]) -> dict[str, list[Result]]:

@@ -9,7 +9,19 @@ from pathlib import Path
 from outlierlab.figures import plt, save_figure
 from outlierlab.reports import register
 from outlierlab.results import read_result
-from outlierlab.tables import write_table
+from outlierlab.tables import Column, Table, write_table
+
+# the index table's columns: the row atlas_row() makes, keyed by column key
+COLUMNS = [Column("model", "model"), Column("bos", "BOS"), Column("ma_channels", "MA channels"),
+           Column("ma_first_layer", "MA first layer"), Column("ma_tokens", "MA tokens"),
+           Column("ma_magnitude", "MA magnitude"), Column("ma_x_median", "MA x median"),
+           Column("ma_share", "MA share"), Column("ma_made_by", "MA made by"), Column("sw_detected", "SW detected"),
+           Column("sw_z_score", "SW z-score"), Column("sw_spikes_in_out", "SW spikes in/out"),
+           Column("sw_ppl_x_original", "SW PPL x"), Column("sw_row_is_ma_channel", "SW row = MA channel"),
+           Column("int8_features", "int8 features"),
+           Column("int8_channels_per_layer_max", "int8 channels per layer (max)"),
+           Column("norm_gain_max", "norm gain max"), Column("sink_rate", "sink rate"),
+           Column("outlier_tokens", "outlier tokens"), Column("registry", "registry")]
 
 
 def _records(results_dir: Path) -> list[dict]:
@@ -36,26 +48,26 @@ def atlas_row(record: dict) -> dict:
     top_gain = max(gains, key=lambda g: g["max_ratio_to_median"]) if gains else None
     channel_outliers = record["channel_outliers"]
     return {
-        "model": record["model"]["name"], "BOS": record["bos"],
-        "MA channels": each(lambda c, e: str(c)), "MA first layer": each(lambda c, e: str(e["first"])),
-        "MA tokens": each(lambda c, e: "/".join(e["roles"])),
-        "MA magnitude": each(lambda c, e: f"{e['peak']:.0f}"), "MA x median": each(lambda c, e: f"{e['ratio']:.0f}"),
-        "MA share": each(lambda c, e: f"{e['share']:.2f}"),
-        "MA made by": "; ".join(f"ch {o['channel']}: {o['made_by']}" for o in record["massive_activations"]["origins"])
+        "model": record["model"]["name"], "bos": record["bos"],
+        "ma_channels": each(lambda c, e: str(c)), "ma_first_layer": each(lambda c, e: str(e["first"])),
+        "ma_tokens": each(lambda c, e: "/".join(e["roles"])),
+        "ma_magnitude": each(lambda c, e: f"{e['peak']:.0f}"), "ma_x_median": each(lambda c, e: f"{e['ratio']:.0f}"),
+        "ma_share": each(lambda c, e: f"{e['share']:.2f}"),
+        "ma_made_by": "; ".join(f"ch {o['channel']}: {o['made_by']}" for o in record["massive_activations"]["origins"])
         or "no MA",
-        "SW detected": ", ".join(c["label"] for c in detected) or "none",
-        "SW z-score": ", ".join(f"{c['weight_zscore']:.0f}" for c in detected),
-        "SW spikes in/out": ", ".join(f"{c['input_spike']:.0f}/{c['output_spike']:.0f}" for c in detected),
-        "SW PPL x": ", ".join(f"{next(iter(c['ppl_ratio'].values())):.2f}" for c in detected if c.get("ppl_ratio")),
-        "SW row = MA channel": ", ".join("yes" if c["row_is_ma_channel"] else "no" for c in detected
+        "sw_detected": ", ".join(c["label"] for c in detected) or "none",
+        "sw_z_score": ", ".join(f"{c['weight_zscore']:.0f}" for c in detected),
+        "sw_spikes_in_out": ", ".join(f"{c['input_spike']:.0f}/{c['output_spike']:.0f}" for c in detected),
+        "sw_ppl_x_original": ", ".join(f"{next(iter(c['ppl_ratio'].values())):.2f}" for c in detected if c.get("ppl_ratio")),
+        "sw_row_is_ma_channel": ", ".join("yes" if c["row_is_ma_channel"] else "no" for c in detected
                                          if c["row_is_ma_channel"] is not None),
-        "int8 features": len(channel_outliers["features"]),
-        "int8 channels per layer (max)": max(channel_outliers["count_per_layer"], default=0),
-        "norm gain max": (f"{top_gain['max_gain']:.3g} = {top_gain['max_ratio_to_median']:.0f}x median "
+        "int8_features": len(channel_outliers["features"]),
+        "int8_channels_per_layer_max": max(channel_outliers["count_per_layer"], default=0),
+        "norm_gain_max": (f"{top_gain['max_gain']:.3g} = {top_gain['max_ratio_to_median']:.0f}x median "
                           f"({top_gain['name']}, ch {top_gain['max_channel']}, gain {top_gain['parametrisation']})")
         if top_gain else "",
-        "sink rate": record["attention_sinks"]["sink_rate"],
-        "outlier tokens": _outlier_tokens(record["outlier_tokens"]),
+        "sink_rate": record["attention_sinks"]["sink_rate"],
+        "outlier_tokens": _outlier_tokens(record["outlier_tokens"]),
         "registry": _registry(record["registry"]),
     }
 
@@ -87,7 +99,7 @@ def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
     rows = [{**atlas_row(record), "windows": (f"{record['evaluations']['exp.data.corpus']['windows']} x "
                          f"{record['evaluations']['exp.data.corpus']['seqlen']}")}
             for record in records]
-    columns = list(dict.fromkeys(column for row in rows for column in row))
+    columns = [*COLUMNS, Column("windows", "windows")]
     criteria = records[0]["criteria"]
     caption = ("Outlier atlas (+exp=atlas). MA: " + criteria["massive_activation"]["provenance"]
                + "; consistent = in >= half the windows; magnitude = mean |h| at the peak layer; made by = the block's "
@@ -96,7 +108,7 @@ def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
                "weight alone zeroed / original. int8: " + criteria["channel_outliers"]["provenance"]
                + ". Outlier tokens: " + criteria["outlier_tokens"]["provenance"] + ". Norm gain: largest effective gain (parametrisation read from the module). Sink rate: "
                + criteria["attention_sinks"]["provenance"] + ".")
-    return write_table(columns, rows, out_dir / "atlas_index", caption)
+    return write_table(Table(columns, rows, index="model", caption=caption), out_dir / "atlas_index")
 
 
 PANELS = (("mean_top1", "mean top-1 |h| (solid) and median (dotted)", True),

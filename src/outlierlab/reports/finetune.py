@@ -10,9 +10,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from outlierlab.figures import plt, save_figure
-from outlierlab.reports import register
+from outlierlab.reports import register, table_of
 from outlierlab.results import read_result
-from outlierlab.tables import write_table
+from outlierlab.tables import Column, Table, write_table
 
 ORDER = ("full", "lora", "norm_only", "lisa", "owl_lisa", "outlier_guided", "outlier_protected")
 
@@ -32,28 +32,29 @@ def _groups(results_dir: Path) -> dict[str, list[dict]]:
 def tables(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
     for stem, records in _groups(results_dir).items():
-        rows = [{**record["table"]["rows"][0], "wall s": record["wall_time_s"]} for record in records]
-        columns = list(dict.fromkeys(c for row in rows for c in row))
+        stored = [table_of(record) for record in records]
+        rows = [{**table.rows[0], "wall_s": record["wall_time_s"]} for table, record in zip(stored, records)]
+        columns = list({c.key: c for table in stored for c in [*table.columns, Column("wall_s", "wall s")]}.values())
         first = records[0]
         settings, task = first["finetune"]["settings"], first["finetune"]["task"]
         caption = (f"Fine-tuning {first['model']['name']} ({first['model'].get('kind')} weights), task {task['name']}: "
                    f"{settings['steps']} steps x {settings['batch_size']} x <= {task['seqlen']} tokens, AdamW "
                    f"(warm-up {settings['warmup_steps']} + cosine), the same batches for every method; PPL = "
-                   f"WikiText-2 ({first['config']['eval']['name']}), W8A8 = {first['config']['exp']['w8a8']}. "
+                   f"WikiText-2 ({first['eval']}), W8A8 = {first['config']['exp']['w8a8']}. "
                    f"Learning rate per method: "
                    + ", ".join(f"{r['finetune']['method']['name']} {r['finetune']['method']['lr']}" for r in records)
                    + ". trainable = elements trained over the run (LISA: union of sampled blocks), at once = in one "
                      "step; SW kept = super weights still detected afterwards; MA kept = the massive activation "
                      "still massive in the same channel; outliers kept = before's outliers still found after.")
-        written += write_table(columns, rows, Path(out_dir) / f"finetune_{stem}", caption)
+        written += write_table(Table(columns, rows, index="method", caption=caption), Path(out_dir) / f"finetune_{stem}")
     return written
 
 
 def _metric(record: dict) -> tuple[str, float | None, float | None]:
-    row = record["table"]["rows"][0]
+    row = table_of(record).rows[0]
     if "acc" in row:
-        return "held-out BoolQ acc (%)", row.get("acc before"), row.get("acc")
-    return "WikiText-2 PPL", row.get("PPL before"), row.get("PPL")
+        return "held-out BoolQ acc (%)", row.get("acc_before"), row.get("acc")
+    return "WikiText-2 PPL", row.get("ppl_before"), row.get("ppl")
 
 
 def _finite(value):
@@ -84,8 +85,8 @@ def figures(results_dir: Path, out_dir: Path) -> list[Path]:
         axis.grid(alpha=0.3, which="both")
         # 2. W8A8 PPL after, vs before
         axis = axes[1]
-        axis.bar(x, [_finite(r["table"]["rows"][0]["W8A8"]) for r in records], color="tab:orange")
-        axis.axhline(_finite(records[0]["table"]["rows"][0]["W8A8 before"]), color="grey", linestyle=":",
+        axis.bar(x, [_finite(table_of(r).rows[0]["w8a8"]) for r in records], color="tab:orange")
+        axis.axhline(_finite(table_of(records[0]).rows[0]["w8a8_before"]), color="grey", linestyle=":",
                      label="before fine-tuning")
         axis.set_yscale("log")
         axis.set_xticks(list(x), names, rotation=40, ha="right", fontsize=7)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from outlierlab.figures import plt, save_figure
-from outlierlab.reports import register, results
-from outlierlab.tables import write_table
+from outlierlab.reports import register, results, table_of
+from outlierlab.tables import Column, Table, write_table
 
 EXP = "ma_stats"
 ROLE_STYLE = {"bos": "-", "first": "--", "first_delimiter": ":", "delimiter": "-.", "other": (0, (1, 3))}
@@ -35,10 +35,10 @@ def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
     written, rows = [], []
     for model, by_tag in sorted(runs.items()):
         for tag, record in sorted(by_tag.items()):
-            for row in record["table"]["rows"]:
-                rows.append({"model": model, "BOS": record["bos"], **row})
+            for row in table_of(record).rows:
+                rows.append({"model": model, "bos": record["bos"], **row})
     first = next(iter(next(iter(runs.values())).values()))
-    columns = ["model", "BOS", *first["table"]["columns"]]
+    columns = [Column("model", "model"), Column("bos", "BOS"), *table_of(first).columns]
     criterion = first["criterion"]
     caption = (f"Massive activations per (channel, token role): |h| > {criterion['min_abs']:g} and "
                f"> {criterion['median_ratio']:g}x the layer's median ({criterion['provenance']}); layer = output of "
@@ -46,7 +46,7 @@ def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
                f"massive; rel std = std/RMS across sequences (input-agnostic when <= the run's threshold), beside "
                f"the same for the layer's top-10% and median coordinates. Paper (LLaMA2-7B): channels 1415, 2533 at "
                f"the start token and the first '.' or newline from layers[1], about 1e4x the median.")
-    written += write_table(columns, rows, Path(out_dir) / "ma_locations", caption)
+    written += write_table(Table(columns, rows, caption=caption), Path(out_dir) / "ma_locations")
 
     for model, by_tag in sorted(runs.items()):
         tags = sorted(by_tag)
@@ -58,15 +58,16 @@ def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
                 stats = by_tag[tag]["layers"][layer]
                 bos = by_tag[tag]["bos"]
                 for key in ("top1", "top2", "top3", "median"):
-                    row[f"{key} (BOS {bos})"] = stats[key]
+                    row[f"{key}_bos_{bos}"] = stats[key]
             layer_rows.append(row)
-        columns = ["layer"] + [f"{key} (BOS {by_tag[tag]['bos']})" for tag in tags
-                               for key in ("top1", "top2", "top3", "median")]
+        columns = [Column("layer", "layer")] + [Column(f"{key}_bos_{by_tag[tag]['bos']}", f"{key} (BOS {by_tag[tag]['bos']})")
+                                                for tag in tags for key in ("top1", "top2", "top3", "median")]
         sizes = ", ".join(f"BOS {by_tag[t]['bos']}: {by_tag[t]['sequences']} x {by_tag[t]['seqlen']} tokens"
                           for t in tags)
         caption = (f"{model}: mean over sequences of the per-sequence top-1/2/3 and median |h| after layers[i] "
                    f"(paper MA Fig. 2); {sizes}")
-        written += write_table(columns, layer_rows, Path(out_dir) / f"ma_layers_{model}", caption)
+        written += write_table(Table(columns, layer_rows, index="layer", caption=caption),
+                               Path(out_dir) / f"ma_layers_{model}")
     return written
 
 

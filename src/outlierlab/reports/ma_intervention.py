@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from outlierlab.figures import plt, save_figure
-from outlierlab.reports import register, results
+from outlierlab.reports import register, results, table_of
 from outlierlab.tables import write_table
 
 
@@ -23,26 +23,14 @@ def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
     for path, record in results(results_dir, "ma_intervene"):
         model, tag = path.parent.name, path.stem
-        table = record["table"]
-        columns, rows = list(table["columns"]), [dict(row) for row in table["rows"]]
-        caption = table.get("caption", "")
-        reference = (record.get("config", {}).get("exp") or {}).get("reference") or {}
-        if reference and not record.get("reference"):  # not the paper's model: print its numbers beside ours
-            label = f"paper {reference['model']}"
-            keys = [c for c in columns if c in ("wikitext2", "c4")]
-            if "zero-shot mean" in columns:
-                keys.append("zero-shot mean")
-            for row in rows:
-                values = reference.get("values", {}).get(row["variant"], {})
-                for key in keys:
-                    row[f"{label} {key}"] = values.get("zeroshot_mean" if key == "zero-shot mean" else key)
-            columns += [f"{label} {key}" for key in keys]
-            caption += f"; {label}: {reference['source']} (another model, for the pattern, not the values)"
-        written += write_table(columns, rows, Path(out_dir) / f"ma_table3_{model}_{tag}", caption)
+        table = table_of(record)
+        reference = table.reference
+        if reference and not record.get("reference"):  # another model's numbers, after ours
+            table = table.with_caption(f"{table.caption}; paper {reference.model}: {reference.source} (another "
+                                       f"model, for the pattern, not the values)")
+        written += write_table(table, Path(out_dir) / f"ma_table3_{model}_{tag}")
     for path, record in results(results_dir, "ma_attention"):
-        table = record["table"]
-        written += write_table(table["columns"], table["rows"],
-                               Path(out_dir) / f"ma_attention_{path.parent.name}_{path.stem}", table.get("caption"))
+        written += write_table(table_of(record), Path(out_dir) / f"ma_attention_{path.parent.name}_{path.stem}")
     return written
 
 

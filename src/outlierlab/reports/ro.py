@@ -18,7 +18,7 @@ from matplotlib.ticker import MaxNLocator
 
 from outlierlab.figures import plt, save_figure
 from outlierlab.probes.channel_outliers import decode_channels
-from outlierlab.reports import register
+from outlierlab.reports import register, table_of
 from outlierlab.results import read_result
 from outlierlab.tables import write_table
 
@@ -34,9 +34,7 @@ def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
     for exp in EXPS:
         for model, tag, record in _records(results_dir, exp):
-            table = record["table"]
-            written += write_table(table["columns"], table["rows"], Path(out_dir) / f"{exp}_{model}_{tag}",
-                                   table.get("caption"))
+            written += write_table(table_of(record), Path(out_dir) / f"{exp}_{model}_{tag}")
     return written
 
 
@@ -168,8 +166,9 @@ def _gamma_figure(record: dict, model: str):
 
 def _smooth_figure(record: dict, model: str):
     figure, (bars, lines) = plt.subplots(1, 2, figsize=(13, 4.6))
-    rows = [row for row in record["table"]["rows"] if "note" not in row]
-    protocols = [c for c in record["table"]["columns"] if c in ("wikitext2", "c4")]
+    table = table_of(record)
+    rows = [row for row in table.rows if "note" not in row]
+    protocols = [c.key for c in table.columns if c.key in ("wikitext2", "c4") and not c.reference]
     x = np.arange(len(rows))
     for number, key in enumerate(protocols):
         values = [row.get(key) if isinstance(row.get(key), (int, float)) else np.nan for row in rows]

@@ -15,8 +15,8 @@ import math
 from pathlib import Path
 
 from outlierlab.figures import plt, save_figure
-from outlierlab.reports import recorded, register, results
-from outlierlab.tables import write_table
+from outlierlab.reports import register, results, table_of
+from outlierlab.tables import Column, Table, write_table
 
 
 def _by_stem(results_dir: Path, exp: str) -> list[tuple[str, dict]]:
@@ -32,35 +32,22 @@ def _title(record: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------- tables
 
 def table1(results_dir: Path, out_dir: Path) -> list[Path]:
-    """Paper SW Table 1 per prune_sw result, with the paper's Llama-7B numbers (as the run recorded them)."""
+    """Paper SW Table 1 per prune_sw result, with the paper's Llama-7B numbers from its table's reference block."""
     written = []
     for stem, record in _by_stem(results_dir, "prune_sw"):
-        table = record["table"]
-        reference = recorded(record, "paper_reference", "exp.reference") or {}
-        values = reference.get("values") or {}
-        columns = [c for c in table["columns"] if not c.startswith("paper ")]
-        paper_columns = {}
-        for key in ("wikitext2", "c4"):
-            if key in columns:
-                paper_columns[f"paper {key}"] = key
-        if "zero-shot mean" in columns:
-            paper_columns["paper zero-shot mean"] = "zeroshot_mean"
-        first = next((key for key in ("wikitext2", "c4") if key in columns), None)
-        paper_baseline = values.get("original", {}).get(first)
-        rows = []
-        for row in table["rows"]:
-            paper = values.get(row["variant"], {})
-            rows.append({**{c: row.get(c) for c in columns},
-                         **{name: paper.get(key) for name, key in paper_columns.items()}})
-            if paper_baseline and paper.get(first) is not None:
-                rows[-1]["paper x original"] = paper[first] / paper_baseline
-        if any("paper x original" in row for row in rows):
-            paper_columns["paper x original"] = None
-        caption = f"Paper SW Table 1 on {_title(record)}: {table.get('caption', '')}"
-        if values:
-            caption += f". Paper columns: {reference.get('source', 'paper')} (not this model)"
-        written += write_table([*columns, *paper_columns], rows, Path(out_dir) / f"sw_table1_{stem}", caption)
+        table = table_of(record)
+        caption = f"Paper SW Table 1 on {_title(record)}: {table.caption}"
+        if table.reference and table.reference.values:
+            caption += f". Paper columns: {table.reference.source} (not this model)"
+        written += write_table(table.with_caption(caption), Path(out_dir) / f"sw_table1_{stem}")
     return written
+
+
+TABLE2 = [Column("model", "model"), Column("candidate", "candidate"), Column("value", "value"), Column("rank", "rank"),
+          Column("z_score", "z-score"), Column("input_spike", "input spike"), Column("output_spike", "output spike"),
+          Column("detected", "detected"), Column("registry", "registry"), Column("ma_channel", "MA channel"),
+          Column("row_is_ma_channel", "row = MA channel"), Column("ppl_zeroed", "PPL zeroed"),
+          Column("x_original", "x original")]
 
 
 def table2(results_dir: Path, out_dir: Path) -> list[Path]:
@@ -68,37 +55,35 @@ def table2(results_dir: Path, out_dir: Path) -> list[Path]:
     records = _by_stem(results_dir, "sw_index")
     if not records:
         return []
-    columns = ["model", "candidate", "value", "rank", "z-score", "input spike", "output spike", "detected",
-               "registry", "MA channel", "row = MA channel", "PPL zeroed", "x original"]
     rows, notes = [], []
     for stem, record in records:
         activation = record["massive_activation"]
         ma = activation["channel"] if activation["massive"] else "none"
-        table = record["table"]
-        protocol = next((c for c in table["columns"] if c in record["importance"]["original"]), None)
-        copied = ["candidate", "value", "rank", "z-score", "input spike", "output spike", "detected", "registry"]
-        for index, row in enumerate(table["rows"] or [{"candidate": "none"}]):
-            match = row.get("row = MA channel")
+        table = table_of(record)
+        protocol = next((c.key for c in table.columns if c.key in record["importance"]["original"]), None)
+        copied = ["candidate", "value", "rank", "z_score", "input_spike", "output_spike", "detected", "registry"]
+        for index, row in enumerate(table.rows or [{"candidate": "none"}]):
+            match = row.get("row_is_ma_channel")
             rows.append({"model": stem if index == 0 else "", **{c: row.get(c) for c in copied},
-                         "MA channel": ma if index == 0 else None,
-                         "row = MA channel": {True: "yes", False: "no"}.get(match, match),
-                         "PPL zeroed": row.get(protocol) if protocol else None, "x original": row.get("x original")})
+                         "ma_channel": ma if index == 0 else None,
+                         "row_is_ma_channel": {True: "yes", False: "no"}.get(match, match),
+                         "ppl_zeroed": row.get(protocol) if protocol else None, "x_original": row.get("x_original")})
         notes.append(f"{stem}: {record['detection']['stop_reason']}"
-                     + (f"; PPL = {protocol} ({recorded(record, 'eval', 'eval.name')})" if protocol else ""))
+                     + (f"; PPL = {protocol} ({record['eval']})" if protocol else ""))
     caption = ("Paper SW Table 2: super-weight candidates (layer, row, col) of down_proj per model; value, magnitude "
                "rank and z-score in its matrix, down_proj input/output at the token where the output peaks on the "
                "detection prompt; detection and importance (PPL with that weight alone zeroed) are separate columns. "
                "Values of GGUF models are dequantized block-quantized values. " + " | ".join(notes))
-    return write_table(columns, rows, Path(out_dir) / "sw_table2", caption)
+    return write_table(Table(TABLE2, rows, caption=caption), Path(out_dir) / "sw_table2")
 
 
 def experiment_tables(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
     for exp in ("sw_activations", "sw_stopwords", "sw_scale"):
         for stem, record in _by_stem(results_dir, exp):
-            table = record["table"]
-            written += write_table(table["columns"], table["rows"], Path(out_dir) / f"{exp}_{stem}",
-                                   f"{_title(record)}: {table.get('caption', '')}")
+            table = table_of(record)
+            written += write_table(table.with_caption(f"{_title(record)}: {table.caption}"),
+                                   Path(out_dir) / f"{exp}_{stem}")
     return written
 
 
@@ -126,7 +111,7 @@ def fig3(stem: str, record: dict, out_dir: Path) -> list[Path]:
         axis.grid(alpha=0.3)
     used = ", ".join(record["super_weights"]["used"]) or "none"
     title = f"SW Fig. 3 - {_title(record)}; super weights {used}\nprompt: \"{record['detection']['prompt']}\""
-    reference = recorded(record, "paper_reference", "exp.reference")
+    reference = record.get("paper_reference")
     if reference:
         title += (f"; {reference['source']}: layer {reference['layer']}, input {reference['input_spike']}, "
                   f"output {reference['output_spike']}")
@@ -183,7 +168,7 @@ def fig5(stem: str, record: dict, out_dir: Path, count: int = 20) -> list[Path]:
              color=["tab:blue", "tab:red"])
     mass.set_ylabel("total probability on stopword tokens")
     mass.set_title(f"{shift['stopword_tokens']} stopword tokens", fontsize=9)
-    reference = recorded(record, "paper_reference", "exp.reference") or {}
+    reference = record.get("paper_reference") or {}
     if reference.get("ratios"):
         ours = shift.get("focus") or {}
         def measured(word: str) -> str:

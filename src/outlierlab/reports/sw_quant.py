@@ -13,8 +13,8 @@ from math import isfinite
 from pathlib import Path
 
 from outlierlab.figures import plt, save_figure
-from outlierlab.reports import by_model, register, results
-from outlierlab.tables import write_table
+from outlierlab.reports import by_model, register, results, table_of
+from outlierlab.tables import Column, Reference, Table, write_table
 
 WEIGHTS, ACTIVATIONS = "sw_quant_weights", "sw_quant_activations"
 METRIC_NAMES = {"wikitext2": "WikiText-2 PPL", "c4": "C4 PPL", "zeroshot_mean": "zero-shot mean (%)"}
@@ -29,7 +29,7 @@ def _merge_weight_runs(records: list[tuple[Path, dict]]) -> dict:
         gguf = gguf or record["model"].get("kind") == "gguf"
         original = {**original, **record["original"]["scores"]}
         reference = reference or record.get("reference")
-        caption = record["table"]["caption"]
+        caption = table_of(record).caption
         for run in record["runs"]:
             runs[(run["bits"], run["block"], run["method"])] = run
             for values, value in ((bits, run["bits"]), (blocks, run["block"]), (methods, run["method"])):
@@ -56,15 +56,18 @@ def _nominal_size(block: str) -> float:
     return float("inf")
 
 
-def _paper_columns(reference: dict | None) -> list[tuple[str, str, str, dict]]:
-    """[(column, model, method, {block: value})] of the paper's Fig. 7 numbers."""
+def _paper(reference: dict | None) -> tuple[Reference | None, list[Column]]:
+    """The paper's Fig. 7 numbers as a reference block (rows "INT<bits>/<block>") and their columns."""
     if not reference:
-        return []
-    columns = []
+        return None, []
+    values, columns = {}, []
     for model, methods in reference.get("models", {}).items():
-        for method, values in methods.items():
-            columns.append((f"paper {model} {method} (zs)", model, method, dict(zip(reference["blocks"], values))))
-    return columns
+        for method, scores in methods.items():
+            key = f"{model}_{method}_zeroshot_mean"
+            columns.append(Column(key, f"paper {model} {method} (zs)", reference=True))
+            for block, value in zip(reference["blocks"], scores):
+                values.setdefault(f"INT{reference['bits']}/{block}", {})[key] = value
+    return Reference(source=reference["source"], values=values), columns
 
 
 def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
@@ -73,34 +76,35 @@ def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
         merged = _merge_weight_runs(records)
         metrics = list(merged["original"])
         methods = merged["methods"]
-        paper = _paper_columns(merged["reference"])
+        reference, paper = _paper(merged["reference"])
         rows = [{"bits": "float", "block": "-",
-                 **{f"{m} {k}": merged["original"][k] for m in methods for k in metrics}}]
+                 **{f"{m}_{k}": merged["original"][k] for m in methods for k in metrics}}]
         for bits in merged["bits"]:
             for block in merged["blocks"]:
                 row = {"bits": f"INT{bits}", "block": block}
                 for method in methods:
                     run = merged["runs"].get((bits, block, method))
                     if run:
-                        row.update({f"{method} {k}": run["scores"].get(k) for k in metrics})
-                        row[f"{method} rel. error"] = run["summary"]["mean_relative_error"]
-                        row[f"{method} clipped"] = run["summary"]["clipped"]
-                if merged["reference"] and bits == merged["reference"].get("bits"):
-                    row.update({column: values.get(block) for column, _, _, values in paper})
+                        row.update({f"{method}_{k}": run["scores"].get(k) for k in metrics})
+                        row[f"{method}_rel_error"] = run["summary"]["mean_relative_error"]
+                        row[f"{method}_clipped"] = run["summary"]["clipped"]
                 rows.append(row)
-        columns = ["bits", "block", *[f"{m} {k}" for k in metrics for m in methods],
-                   *[f"{m} rel. error" for m in methods], *[f"{m} clipped" for m in methods if m != "rtn"],
-                   *[column for column, *_ in paper]]
+        columns = [Column("bits", "bits"), Column("block", "block"),
+                   *[Column(f"{m}_{k}", f"{m} {k}") for k in metrics for m in methods],
+                   *[Column(f"{m}_rel_error", f"{m} rel. error") for m in methods],
+                   *[Column(f"{m}_clipped", f"{m} clipped") for m in methods if m != "rtn"],
+                   *paper]
         caption = (f"{model}: {merged['caption']}. Files: {', '.join(merged['files'])}."
                    + (f" Paper columns: {merged['reference']['source']} (a different metric from our PPL; their "
                       f"blocks are of 4096-wide matrices)." if paper else ""))
-        written += write_table(columns, rows, out_dir / f"{WEIGHTS}_{model}", caption=caption)
+        written += write_table(Table(columns, rows, index=["bits", "block"], reference=reference, caption=caption),
+                               out_dir / f"{WEIGHTS}_{model}")
     for model, records in by_model(results(results_dir, ACTIVATIONS)).items():
         for path, record in records:
             suffix = "" if path.stem == "quick" else f"_{path.stem}"
-            table = record["table"]
-            written += write_table(table["columns"], table["rows"], out_dir / f"{ACTIVATIONS}_{model}{suffix}",
-                                   caption=f"{model} ({path.name}): {table.get('caption', '')}")
+            table = table_of(record)
+            written += write_table(table.with_caption(f"{model} ({path.name}): {table.caption}"),
+                                   out_dir / f"{ACTIVATIONS}_{model}{suffix}")
     return written
 
 

@@ -8,28 +8,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from outlierlab.reports import register
+from outlierlab.reports import register, table_of
 from outlierlab.results import read_result
-from outlierlab.tables import write_table
+from outlierlab.tables import Column, Table, write_table
 
 NOT_EXPERIMENTS = ("tables", "figures", "sweeps")
+
+
+def _key(column: Column) -> str:
+    """A cell's column in the combined table: the paper's numbers keep their own key beside ours."""
+    return f"reference_{column.key}" if column.reference else column.key
 
 
 def tables(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
     for exp_dir in sorted(p for p in Path(results_dir).iterdir() if p.is_dir() and p.name not in NOT_EXPERIMENTS):
-        columns, rows, cells = ["model", "run_tag"], [], 0
+        columns, rows, cells = {"model": Column("model", "model"), "run_tag": Column("run_tag", "run_tag")}, [], 0
         for path in sorted(exp_dir.glob("*/*.json")):
-            table = read_result(path).get("table")
-            if not table:
+            record = read_result(path)
+            if not record.get("table"):
                 continue
+            table = table_of(record)
             cells += 1
-            columns += [c for c in table["columns"] if c not in columns]
-            rows += [{"model": path.parent.name, "run_tag": path.stem, **row} for row in table["rows"]]
+            for column in table.columns:
+                columns.setdefault(_key(column), Column(_key(column), column.label, column.unit, column.fmt))
+            rows += [{"model": path.parent.name, "run_tag": path.stem,
+                      **{_key(column): table.value(row, column) for column in table.columns}} for row in table.rows]
         if cells:
             caption = (f"{exp_dir.name}: every cell of results/{exp_dir.name}/<model>/<run_tag>.json ({cells} results), "
                        f"one block of rows per cell")
-            written += write_table(columns, rows, Path(out_dir) / f"sweep_{exp_dir.name}", caption)
+            written += write_table(Table(list(columns.values()), rows, caption=caption),
+                                   Path(out_dir) / f"sweep_{exp_dir.name}")
     return written
 
 

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from outlierlab.figures import plt, save_figure
-from outlierlab.reports import register, results
+from outlierlab.reports import register, results, table_of
 from outlierlab.tables import write_table
 
 
@@ -23,9 +23,7 @@ def _tables(results_dir: Path) -> list[tuple[str, dict]]:
 def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
     for size, record in _tables(results_dir):
-        table = record["table"]
-        written += write_table(table["columns"], table["rows"], out_dir / f"variants_table_{size}",
-                               caption=table.get("caption"))
+        written += write_table(table_of(record), out_dir / f"variants_table_{size}")
     return written
 
 

@@ -1,9 +1,9 @@
-"""The variant table of every edit-and-evaluate study (prune_sw, ma_intervene, sw_quant_activations, sw_scale,
-sw_quant_weights): one row per variant (interventions applied to the original model, then undone) with its PPL per
-protocol, zero-shot accuracy x100, the ratio to the original, the paper's numbers beside ours and a note for a
-variant that could not run.
+"""The variant table of every edit-and-evaluate study (prune_sw, ma_intervene, sw_quant_activations, ...): one row
+per variant (interventions applied to the original model, then undone) with its PPL per protocol, zero-shot accuracy
+x100, the ratio to the original, a note for a variant that could not run, and the paper's numbers from the table's
+reference block beside ours.
 
-    table = VariantTable(protocols, zeroshot=suite is not None, paper=paper_values)
+    table = VariantTable(protocols, zeroshot=suite is not None, reference=paper_reference(cfg.reference))
     details = table.evaluate(ctx, exp.variants, context, skip={NoSuperWeights: "skipped: no super weight"})
     return {..., "variants": details, "table": table.render(caption)}
 """
@@ -11,23 +11,50 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from outlierlab.tables import ratio_to_baseline
+from outlierlab.tables import Column, Reference, Table, ratio_to_baseline
+from outlierlab.tables.schema import row_id
 
-PAPER_ZEROSHOT = "zeroshot_mean"  # the key of the zero-shot mean in a paper's reference values
+ZERO_SHOT = Column("zero_shot_mean", "zero-shot mean")
+RATIO = Column("x_original", "x original")
+NOTE = Column("note", "note")
 
 
 def percent(value: float | None) -> float | None:
     return None if value is None else 100 * value
 
 
+def paper_reference(block: dict | None, values: dict | None = None, model: str | None = None) -> Reference | None:
+    """A config's paper block ({"source", "model", "values": {variant: {protocol | "zeroshot_mean": value}}}) as a
+    Reference keyed like our columns (zeroshot_mean -> zero_shot_mean). `values`/`model` override the block's."""
+    if not block:
+        return None
+    values = block.get("values") or {} if values is None else values
+    return Reference(source=block.get("source", "paper"), model=model or block.get("model"),
+                     values={row: {("zero_shot_mean" if key == "zeroshot_mean" else key): value
+                                   for key, value in scores.items()} for row, scores in values.items()})
+
+
+def add_reference_ratio(reference: Reference | None, rows: list[dict], key: str, index: list[str] = ("variant",),
+                        baseline: str = "original") -> bool:
+    """Reference x_original = the paper's value of `key` / the paper's baseline, for our rows; True if any."""
+    base = reference.value(baseline, key) if reference else None
+    added = False
+    for row in rows:
+        paper = reference.values.get(row_id(row, list(index))) if base else None
+        if paper and paper.get(key) is not None:
+            paper["x_original"] = paper[key] / base
+            added = True
+    return added
+
+
 def scores(evaluated: dict, protocols: list[str], tasks: bool = False) -> dict:
-    """{protocol: PPL, (task: acc x100,) "zero-shot mean": mean acc x100} of one evaluation ({"ppl", "zeroshot"})."""
+    """{protocol: PPL, (task: acc x100,) zero_shot_mean: mean acc x100} of one evaluation ({"ppl", "zeroshot"})."""
     row = {key: evaluated["ppl"][key]["ppl"] for key in protocols}
     zeroshot = evaluated.get("zeroshot")
     if zeroshot:
         if tasks:
             row.update({task: percent(result["acc"]) for task, result in zeroshot["tasks"].items()})
-        row["zero-shot mean"] = percent(zeroshot["mean"])
+        row[ZERO_SHOT.key] = percent(zeroshot["mean"])
     return row
 
 
@@ -36,29 +63,26 @@ class VariantTable:
     protocols: list[str]  # PPL protocols, in column order; the first is the one "x original" divides
     zeroshot: bool = False  # the eval suite has zero-shot tasks
     tasks: list[str] | None = None  # also a column per zero-shot task
-    paper: dict | None = None  # the paper's {variant: {protocol | "zeroshot_mean": value}} (its model is this one)
+    reference: Reference | None = None  # the paper's numbers by variant (paper_reference)
+    beside: bool = True  # the paper's columns next to ours (its model is this one), else after all of ours
+    paper: str = "paper"  # how the paper's columns are labelled ("paper wikitext2")
     paper_zeroshot: bool = True  # the paper reports a zero-shot mean
+    paper_ratio: bool = False  # also the paper's own ratio to its original
     rows: list[dict] = field(default_factory=list)
 
     def add(self, variant: str, evaluated: dict, **extra) -> dict:
-        row = {"variant": variant, **scores(evaluated, self.protocols, tasks=self.tasks is not None)}
-        if self.paper is not None:
-            paper = self.paper.get(variant, {})
-            row.update({f"paper {key}": paper.get(key) for key in self.protocols})
-            if evaluated.get("zeroshot") and self.paper_zeroshot:
-                row["paper zero-shot mean"] = paper.get(PAPER_ZEROSHOT)
-        row.update(extra)
+        row = {"variant": variant, **scores(evaluated, self.protocols, tasks=self.tasks is not None), **extra}
         self.rows.append(row)
         return row
 
     def skip(self, variant: str, note: str) -> None:
-        self.rows.append({"variant": variant, "note": note})
+        self.rows.append({"variant": variant, NOTE.key: note})
 
     def evaluate(self, ctx, variants, context, skip: dict[type, str] | None = None, observe=None,
                  extra=None) -> dict[str, dict]:
         """ctx.evaluate every variant ({name: [intervention names]}) and add its row; an exception of a type in `skip`
-        makes a skipped row with its note. `extra(evaluated)` gives more columns for a row. Returns the
-        evaluations by variant (the result's `variants`)."""
+        makes a skipped row with its note. `extra(evaluated)` gives more values ({column key: value}) for a row.
+        Returns the evaluations by variant (the result's `variants`)."""
         skip = skip or {}
         details = {}
         for variant, names in variants.items():
@@ -70,21 +94,32 @@ class VariantTable:
             self.add(variant, details[variant], **(extra(details[variant]) if extra else {}))
         return details
 
-    def columns(self, extra: list[str] = (), optional: list[str] = (), paper_last: bool = False) -> list[str]:
-        """variant, protocols, x original (when there is an original row), paper protocols, (tasks,) zero-shot,
-        `extra` columns, `optional` columns that some row has a value in, note (when a row has one).
-        `paper_last`: the paper's PPL columns after the extra ones."""
-        has_ratio = any("x original" in row for row in self.rows)
-        paper = [f"paper {key}" for key in self.protocols] if self.paper is not None else []
-        columns = ["variant", *self.protocols, *(["x original"] if has_ratio else []), *([] if paper_last else paper)]
-        if self.zeroshot:
-            columns += [*(self.tasks or []), "zero-shot mean"]
-            columns += ["paper zero-shot mean"] if self.paper is not None and self.paper_zeroshot else []
-        columns += [*extra, *(key for key in optional if any(row.get(key) is not None for row in self.rows))]
-        columns += paper if paper_last else []
-        return columns + (["note"] if any("note" in row for row in self.rows) else [])
+    def columns(self, extra: list[Column] = (), optional: list[Column] = (), paper_ratio: bool = False) -> list[Column]:
+        """variant, protocols, x original (when there is an original row), (tasks,) zero-shot, `extra` columns,
+        `optional` columns that some row has a value in, note (when a row has one); the paper's protocols and
+        zero-shot mean beside ours (`beside`) or after them all (with its x original when `paper_ratio`)."""
+        has_ratio = any(RATIO.key in row for row in self.rows)
+        label = self.paper
+        paper = [Column(key, f"{label} {key}", reference=True) for key in self.protocols] if self.reference else []
+        zeroshot = [*(Column(task, task) for task in self.tasks or []), ZERO_SHOT] if self.zeroshot else []
+        paper_zeroshot = ([Column(ZERO_SHOT.key, f"{label} {ZERO_SHOT.label}", reference=True)]
+                          if self.zeroshot and self.reference and self.paper_zeroshot else [])
+        ours_after = [*extra, *(c for c in optional if any(row.get(c.key) is not None for row in self.rows)),
+                      *([NOTE] if any(NOTE.key in row for row in self.rows) else [])]
+        head = [Column("variant", "variant"), *(Column(key, key) for key in self.protocols),
+                *([RATIO] if has_ratio else [])]
+        if self.beside:
+            return [*head, *paper, *zeroshot, *paper_zeroshot, *ours_after]
+        ratio = [Column(RATIO.key, f"{label} {RATIO.label}", reference=True)] if paper_ratio else []
+        return [*head, *zeroshot, *ours_after, *paper, *paper_zeroshot, *ratio]
 
-    def render(self, caption: str, extra: list[str] = (), optional: list[str] = (), paper_last: bool = False) -> dict:
-        """The result's `table`: {"columns", "rows", "caption"}, with "x original" for every row with PPL."""
+    def table(self, caption: str, extra: list[Column] = (), optional: list[Column] = ()) -> Table:
+        """The Table, with x_original for every row with PPL (and the paper's, when `paper_ratio`)."""
         ratio_to_baseline(self.rows, self.protocols[0])
-        return {"columns": self.columns(extra, optional, paper_last), "rows": self.rows, "caption": caption}
+        paper_ratio = self.paper_ratio and add_reference_ratio(self.reference, self.rows, self.protocols[0])
+        return Table(self.columns(extra, optional, paper_ratio), self.rows, index="variant", reference=self.reference,
+                     caption=caption)
+
+    def render(self, caption: str, extra: list[Column] = (), optional: list[Column] = ()) -> dict:
+        """The result's `table` (Table.to_dict())."""
+        return self.table(caption, extra, optional).to_dict()

@@ -1,0 +1,22 @@
+"""Typed tables: `schema` (Column, Reference, Table: what a result stores under "table") and `render` (markdown and
+LaTeX from a Table, the one place a table becomes text). The variant table of edit-and-evaluate studies is built by
+outlierlab.studies.variants.VariantTable."""
+from outlierlab.tables.render import (
+           format_cell,
+           format_number,
+           latex,
+           markdown,
+           write_table,
+)
+from outlierlab.tables.schema import (
+           SCHEMA,
+           Column,
+           Reference,
+           Table,
+           check_key,
+           columns,
+           ratio_to_baseline,
+)
+
+__all__ = ["SCHEMA", "Column", "Reference", "Table", "check_key", "columns", "format_cell", "format_number", "latex",
+           "markdown", "ratio_to_baseline", "write_table"]
