@@ -1,6 +1,6 @@
 """One-shot migration of stored result tables to the typed schema (outlierlab.table/1):
 
-    python scripts/migrate_tables.py [--results results] [--check]
+    python scripts/migrate_tables.py [--results results]
 
 Old records stored `table` = {"columns": [display labels], "rows": [{label: value}], "caption"}, with the paper's
 numbers as "paper ..." columns in some recipes and taken from the run's config by the reports in others. The new

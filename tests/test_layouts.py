@@ -1,6 +1,5 @@
 """Block layouts the site table tells apart from the config (never the model name), and layouts it refuses in one
 line when the model loads: Falcon's three blocks, OPT's pre-/post-LN and flattened MLP, mixture-of-experts MLPs."""
-import json
 import subprocess
 import sys
 
@@ -132,10 +131,7 @@ def test_mixture_of_experts_model_stops_before_any_weights_load(tmp_path):
                                   num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, vocab_size=300)
     config.save_pretrained(tmp_path / "mixtral")
     byte_tokenizer().save_pretrained(tmp_path / "mixtral")
-    done = subprocess.run([sys.executable, "run.py", "+exp=prune_sw", "model=path",
-                           f"model.source={tmp_path / 'mixtral'}", "logger=none",
-                           f"paths.results_dir={tmp_path / 'results'}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = _run("model=path", f"model.source={tmp_path / 'mixtral'}", tmp_path=tmp_path)
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
     assert "architecture 'mixtral' has no site table" in lines[-1]
@@ -143,9 +139,36 @@ def test_mixture_of_experts_model_stops_before_any_weights_load(tmp_path):
 
 
 def test_attention_observability_is_recorded_at_load(tmp_path):
-    llama = _load(["model=tiny_llama"], tmp_path)
-    assert llama.info["attention_observable"] is True
-    assert json.loads(json.dumps(llama.info))["attention_observable"] is True
+    """Llama's attention goes through transformers' AttentionInterface; Falcon's modeling file has no eager function
+    to dispatch to, so observing it stops in one line instead of observing nothing."""
+    from outlierlab.models.attention import AttentionNotObservable
+    assert _load(["model=tiny_llama"], tmp_path).info["attention_observable"] is True
+    falcon = _load(LAYOUTS["falcon-7b"][0], tmp_path)
+    assert falcon.info["attention_observable"] is False
+    with pytest.raises(AttentionNotObservable, match="cannot be observed"), falcon.sites.hook(
+            "layers.0.attn.probs", lambda probs: None):
+        pass
+
+
+def _run(*overrides, tmp_path):
+    return subprocess.run([sys.executable, "run.py", "+exp=prune_sw", "logger=none",
+                           f"paths.results_dir={tmp_path / 'results'}", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(("overrides", "says"), [
+    # Falcon's new block with one sequential pair of norms is no layout the table has: no ln_attn in its blocks.
+    ((*FALCON, "+model.tiny.new_decoder_architecture=true", "+model.tiny.parallel_attn=false"),
+     "layers.0 has no ln_attn (the falcon-parallel-2ln table's norm1)"),
+    # A protocol key becomes a table column key: a label-like key is refused before anything runs.
+    (("model=tiny_llama", "+eval/ppl@eval.ppl.WT2=wikitext2"), "eval.ppl.WT2: 'WT2'"),
+], ids=["layout", "table-key"])
+def test_preflight_stops_in_one_line_before_weights_load(overrides, says, tmp_path):
+    done = _run(*overrides, tmp_path=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    assert says in lines[-1] and len([line for line in lines if "Traceback" in line]) == 0, done.stderr
+    assert not (tmp_path / "results").exists()
 
 
 @pytest.mark.parametrize("model_type", [t for t in supported_model_types() if t != "outlierlab_llama"])
@@ -157,3 +180,26 @@ def test_every_supported_model_type_validates_on_its_default_config(model_type):
     with torch.device("meta"):
         sites = Sites(AutoModelForCausalLM.from_config(config))
     assert sites.num_layers == 2 and sites.has("layers.1.mlp.down_proj") and sites.has("layers.1.mlp.act.out")
+
+
+@pytest.mark.parametrize("model", ["tiny_opt", "tiny_llama"])
+def test_hook_interventions_treat_each_sequence_of_a_batch_on_its_own(model, tmp_path):
+    """Activation quantization (one range per sequence) and restore-SA (the peak of each sequence) give a batch of
+    two sequences exactly what each gives alone, on OPT's flattened MLP as on every other family."""
+    from outlierlab.interventions.quant import QuantizeActivations
+    from outlierlab.interventions.super_weight import RestoreSuperActivation, ScaleSuperWeights
+    from outlierlab.models.coords import SuperWeight
+    loaded = _load([f"model={model}"], tmp_path)
+    ids = torch.stack([torch.tensor(loaded.encode("abcdefgh")), torch.tensor(loaded.encode("zyxwvuts"))])
+    edits = {"quantize": ([QuantizeActivations(bits=4, holdout=1)], {}),
+             "restore_sa": ([ScaleSuperWeights(0.0), RestoreSuperActivation()],
+                            {"super_weights": [SuperWeight(1, 3, 5)]})}
+    for name, (interventions, context) in edits.items():
+        with EditSession(loaded, context) as session, torch.no_grad():
+            session.apply(interventions)
+            batched = loaded.model(ids).logits
+            alone = torch.cat([loaded.model(ids[i:i + 1]).logits for i in range(2)])
+        with torch.no_grad():
+            plain = loaded.model(ids).logits
+        assert torch.allclose(batched, alone, atol=1e-5), name
+        assert not torch.allclose(batched, plain, atol=1e-4), f"{name} changed nothing"

@@ -9,6 +9,7 @@ import pytest
 from outlierlab.results import read_result
 from outlierlab.studies.variants import VariantTable, paper_reference
 from outlierlab.tables import SCHEMA, Column, Reference, Table, latex, markdown
+from outlierlab.tables.render import cells
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,3 +153,10 @@ def test_a_composite_index_names_rows_for_the_reference_block():
     assert Table.from_dict(table.to_dict()) == table and table.to_dict()["index"] == ["bits", "block"]
     with pytest.raises(ValueError, match="index"):
         Table([Column("bits", "bits")], [{"bits": "INT4"}], index=["bits", "block"])
+
+
+def test_a_repeated_column_key_is_refused_and_an_integer_spec_shows_floats_too():
+    with pytest.raises(ValueError, match="repeat a key"):
+        Table([Column("variant", "variant"), Column("c4", "c4"), Column("c4", "C4 again")], [])
+    table = Table([Column("steps", "steps", fmt="d")], [{"steps": 12}, {"steps": 12.5}])
+    assert [line[0] for line in cells(table)] == ["12", "12.500"]

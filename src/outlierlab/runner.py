@@ -37,6 +37,7 @@ from outlierlab.models.source import ModelSource, resolve_source
 from outlierlab.override_types import check_override_types
 from outlierlab.results import git_state, library_versions, result_path, write_result
 from outlierlab.tables import Table, markdown
+from outlierlab.tables.schema import check_key
 
 EXP_DIR = Path(__file__).resolve().parents[2] / "conf" / "exp"
 
@@ -125,6 +126,17 @@ def _registry_super_weights(model, source: ModelSource | None) -> list[SuperWeig
     return super_weights
 
 
+def _check_table_keys(cfg: DictConfig) -> None:
+    """PPL protocol keys and zero-shot task names become column keys of the result's table (tables/schema.py)."""
+    names = [(f"eval.ppl.{key}", key) for key in cfg.eval.get("ppl") or {}]
+    names += [("eval.zeroshot.tasks", task) for task in (cfg.eval.get("zeroshot") or {}).get("tasks") or []]
+    for where, name in names:
+        try:
+            check_key(str(name))
+        except ValueError as error:
+            raise ConfigError(f"{where}: {name!r}: {error}") from None
+
+
 def preflight(cfg: DictConfig) -> Plan:
     if "exp" not in cfg or cfg.exp is None:
         raise ConfigError(f"no experiment selected: append +exp=NAME (available: {_available(EXP_DIR)})")
@@ -141,6 +153,7 @@ def preflight(cfg: DictConfig) -> Plan:
         check_protocol(key, protocol, data_dir)
     if cfg.eval.get("zeroshot"):
         check_tasks(cfg.eval.zeroshot.tasks, data_dir)
+    _check_table_keys(cfg)
     recipe = _import("exp.recipe", cfg.exp.recipe)
     check = _import("exp.check", cfg.exp.check) if cfg.exp.get("check") else None
     interventions = _instantiate_interventions(cfg)

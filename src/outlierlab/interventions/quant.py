@@ -113,13 +113,12 @@ class QuantizeActivations(Intervention):
         stats: dict[str, dict] = {}
         for name, module in linear_modules(session.sites, self.match):
             stats[name] = {"calls": 0, "sum_sq_error": 0.0, "sum_sq": 0.0, "max_abs_error": 0.0, "max_abs_input": 0.0}
-            session.add_hook(module.register_forward_pre_hook(self._hook(stats[name])))
+            session.add_hook(session.sites.register_linear(name, "in", self._hook(stats[name])))
         session.log.append({"edit": "quantize_activations", "bits": self.bits, "granularity": self.granularity,
                             "zero_point": self.zero_point, "holdout": self.holdout, "inputs": stats})
 
     def _hook(self, record: dict):
-        def hook(_module, args):
-            x = args[0]
+        def hook(x: torch.Tensor):  # [batch, positions, channels] on every family (Sites.register_linear)
             if self.granularity == "tensor" and x.dim() > 2 and x.shape[0] > 1:
                 # one range per sequence, as with batch 1: a batched evaluation gives the same numbers
                 quantized = torch.cat([fake_quantize_activation(part, self.bits, self.granularity, self.zero_point,
@@ -132,7 +131,7 @@ class QuantizeActivations(Intervention):
             record["sum_sq"] += float(x.detach().float().pow(2).sum())
             record["max_abs_error"] = max(record["max_abs_error"], float(diff.abs().max()))
             record["max_abs_input"] = max(record["max_abs_input"], float(x.detach().abs().max()))
-            return (quantized, *args[1:])
+            return quantized
         return hook
 
 

@@ -123,14 +123,21 @@ class RestoreSuperActivation(Intervention):
             view = session.sites.down_proj(layer)
             deltas = [(w.row, w.col, session.original(view.param, view.index(w.row, w.col)) -
                        view.param.data[view.index(w.row, w.col)]) for w in weights]
-            module = session.sites.module(f"layers.{layer}.mlp.down_proj")
-            session.add_hook(module.register_forward_hook(self._restore(deltas)))
+            inputs: list[torch.Tensor] = []  # down_proj's input of this forward, held until its output hook
+            session.hook(f"layers.{layer}.mlp.down_proj.in", self._hold(inputs))
+            session.hook(f"layers.{layer}.mlp.down_proj.out", self._restore(deltas, inputs))
         session.log.append({"edit": "restore_super_activation", "layers": sorted(by_layer)})
 
     @staticmethod
-    def _restore(deltas):
-        def hook(_module, args, output):
-            x = args[0]
+    def _hold(inputs: list[torch.Tensor]):
+        def hold(x: torch.Tensor):
+            inputs[:] = [x]
+        return hold
+
+    @staticmethod
+    def _restore(deltas, inputs: list[torch.Tensor]):
+        def hook(output: torch.Tensor):  # [batch, positions, channels] on every family (Sites hook points)
+            x = inputs.pop()
             output = output.clone()
             for row in sorted({r for r, _, _ in deltas}):
                 original = output[..., row].clone()

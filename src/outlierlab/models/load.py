@@ -17,8 +17,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from outlierlab.errors import SourceError
-from outlierlab.models.sites import Sites
+from outlierlab.errors import SourceError, UnsupportedArchitecture
+from outlierlab.models.sites import Sites, family_for
 from outlierlab.models.source import ModelSource, file_sha256, resolve_source
 
 log = logging.getLogger(__name__)
@@ -147,22 +147,31 @@ def model_config(model_cfg, source: ModelSource):
 
 
 def check_layout(model_cfg, source: ModelSource) -> None:
-    """The site table's checks (models/sites.py: a family for this config, every module it names in every block)
+    """The site table's checks (models/sites.py: a family for this config, every module it requires in every block)
     on the model built on the meta device from its config alone, so an unsupported layout stops before any weights
-    load. A config that cannot be read here (an unreachable hub) is left to the load, which checks again, as it does
+    load. A config that cannot be fetched here (an unreachable hub) is left to the load, which checks again, as it does
     for GGUF files: transformers maps them onto its own standard classes, and reading a GGUF's config parses all its
     metadata (seconds for Gemma's 262k-token vocabulary)."""
     if source.kind == "gguf":
         return
     try:
         config = model_config(model_cfg, source)
-    except (OSError, ValueError):
+    except OSError:
         return
+    except ValueError as error:
+        raise SourceError(f"model.source={model_cfg.source}: its config cannot be read "
+                          f"({str(error).splitlines()[0][:200]})") from None
     key = config.to_json_string()
     if key in _LAYOUTS_CHECKED:  # preflight runs once per sweep cell; the same config needs checking once
         return
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.get("trust_remote_code", False))
+    family_for(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config,
+                                                     trust_remote_code=model_cfg.get("trust_remote_code", False))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UnsupportedArchitecture(f"this {config.model_type} model cannot be built as a causal language model "
+                                      f"({str(error).splitlines()[0][:200]})") from None
     Sites(model)
     _LAYOUTS_CHECKED.add(key)
 

@@ -76,7 +76,8 @@ class Family:
     # multiplies by 1 + w; 0.0 for a plain gamma). Every norm of a family follows its convention.
     norm_gain_offset: float = 0.0
     # Config attributes that pick this entry among those of the same model type: {attribute: allowed values}
-    # (Falcon's three block layouts, OPT's pre-/post-LN). Read from the model's config, never from its name.
+    # (Falcon's three block layouts, OPT's pre-/post-LN). Read from the model's config, never from its name. The
+    # first entry (in table order) whose conditions hold is the model's, as in a routing table.
     when: tuple[tuple[str, tuple], ...] = ()
     # Attention and MLP both read the block input (Falcon's parallel blocks): there is no residual after attention.
     parallel_blocks: bool = False
@@ -89,25 +90,28 @@ class Family:
     smooth_groups: tuple[tuple[str, tuple[str, ...]], ...] | None = None
 
     def matches(self, config) -> bool:
+        """The config's type is one of this entry's and every `when` condition holds (an absent attribute reads
+        as None)."""
         return config.model_type in self.model_types and all(
             getattr(config, attribute, None) in allowed for attribute, allowed in self.when)
 
     def required_roles(self) -> list[str]:
         """Block roles every block of a model of this family must have: the ones the table names, except the
         optional other linears (gate/up/o_proj), which are checked when addressed."""
-        return [role for role in ("attn", "norm1", "norm2", "norm_attn_out", "norm_mlp_out", "mlp.down_proj")
-                if self.path(role) is not None]
+        return [role for role in ROLES if role not in OPTIONAL_ROLES and self.path(role) is not None]
 
     def path(self, role: str) -> str | None:
         """The module path inside a block for a role (`norm1`, `mlp.down_proj`, ...)."""
-        return {"attn": self.attn, "norm1": self.norm1, "norm2": self.norm2, "norm_attn_out": self.norm_attn_out,
-                "norm_mlp_out": self.norm_mlp_out, "mlp.down_proj": self.down_proj, "mlp.gate_proj": self.gate_proj,
-                "mlp.up_proj": self.up_proj, "attn.o_proj": self.o_proj}[role]
+        return getattr(self, _ROLE_FIELDS[role])
 
 
-# Block roles: the sites `layers.{i}.<role>` that a Family entry maps to module paths.
-ROLES = ("attn", "norm1", "norm2", "norm_attn_out", "norm_mlp_out", "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj",
-         "attn.o_proj")
+# Block roles: the sites `layers.{i}.<role>` -> the Family field holding their module path.
+_ROLE_FIELDS = {"attn": "attn", "norm1": "norm1", "norm2": "norm2", "norm_attn_out": "norm_attn_out",
+                "norm_mlp_out": "norm_mlp_out", "mlp.down_proj": "down_proj", "mlp.gate_proj": "gate_proj",
+                "mlp.up_proj": "up_proj", "attn.o_proj": "o_proj"}
+ROLES = tuple(_ROLE_FIELDS)
+# Linears a model of a family may lack (Phi-3's fused gate_up_proj): checked when a site addresses them.
+OPTIONAL_ROLES = ("mlp.gate_proj", "mlp.up_proj", "attn.o_proj")
 
 
 _LLAMA_PATHS = dict(layers="model.layers", attn="self_attn", norm1="input_layernorm", norm2="post_attention_layernorm",
@@ -115,6 +119,9 @@ _LLAMA_PATHS = dict(layers="model.layers", attn="self_attn", norm1="input_layern
                     gate_proj="mlp.gate_proj", up_proj="mlp.up_proj", o_proj="self_attn.o_proj")
 _LLAMA_SMOOTH = (("norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj")),
                  ("norm2", ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj")))
+_OPT_PATHS = dict(layers="model.decoder.layers", attn="self_attn", down_proj="fc2", embed="model.decoder.embed_tokens",
+                  up_proj="fc1", o_proj="self_attn.out_proj", flat_mlp=True)
+_FALCON_NORM_PER_SUBLAYER_SMOOTH = (("norm1", ("self_attention.query_key_value",)), ("norm2", ("mlp.dense_h_to_4h",)))
 _FALCON_PATHS = dict(layers="transformer.h", attn="self_attention", down_proj="mlp.dense_4h_to_h",
                      embed="transformer.word_embeddings", final_norm="transformer.ln_f", up_proj="mlp.dense_h_to_4h",
                      o_proj="self_attention.dense")
@@ -153,18 +160,15 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         # OPT-125m, 1.3b, ... normalize before each sublayer (do_layer_norm_before).
         name="opt", model_types=("opt",), when=(("do_layer_norm_before", (True,)),),
-        layers="model.decoder.layers", attn="self_attn", norm1="self_attn_layer_norm", norm2="final_layer_norm",
-        down_proj="fc2", embed="model.decoder.embed_tokens", final_norm="model.decoder.final_layer_norm",
-        up_proj="fc1", o_proj="self_attn.out_proj", flat_mlp=True,
+        norm1="self_attn_layer_norm", norm2="final_layer_norm", final_norm="model.decoder.final_layer_norm",
+        **_OPT_PATHS,
         smooth_groups=(("norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), ("norm2", ("fc1",))),
     ),
     Family(
         # OPT-350m normalizes after each residual add (post-LN): its norms are not sublayer inputs, so there is no
         # norm1/norm2 to address, and no final norm.
         name="opt-post-ln", model_types=("opt",), when=(("do_layer_norm_before", (False,)),),
-        layers="model.decoder.layers", attn="self_attn", norm1=None, norm2=None,
-        down_proj="fc2", embed="model.decoder.embed_tokens", final_norm=None,
-        up_proj="fc1", o_proj="self_attn.out_proj", flat_mlp=True,
+        norm1=None, norm2=None, final_norm=None, **_OPT_PATHS,
     ),
     Family(
         # Falcon-40B/180B (new_decoder_architecture, two norms in parallel): ln_attn feeds attention, ln_mlp the MLP,
@@ -172,7 +176,7 @@ FAMILIES: tuple[Family, ...] = (
         name="falcon-parallel-2ln", model_types=("falcon",),
         when=(("new_decoder_architecture", (True,)), ("num_ln_in_parallel_attn", (None, 2))),
         norm1="ln_attn", norm2="ln_mlp", parallel_blocks=True, **_FALCON_PATHS,
-        smooth_groups=(("norm1", ("self_attention.query_key_value",)), ("norm2", ("mlp.dense_h_to_4h",))),
+        smooth_groups=_FALCON_NORM_PER_SUBLAYER_SMOOTH,
     ),
     Family(
         # Falcon-7B (parallel_attn): one input_layernorm feeds attention and the MLP; there is no MLP input norm.
@@ -184,7 +188,7 @@ FAMILIES: tuple[Family, ...] = (
         # Falcon-RW (sequential blocks, as Llama's).
         name="falcon", model_types=("falcon",), when=(("parallel_attn", (False,)),),
         norm1="input_layernorm", norm2="post_attention_layernorm", **_FALCON_PATHS,
-        smooth_groups=(("norm1", ("self_attention.query_key_value",)), ("norm2", ("mlp.dense_h_to_4h",))),
+        smooth_groups=_FALCON_NORM_PER_SUBLAYER_SMOOTH,
     ),
 )
 
@@ -205,7 +209,8 @@ def supported_model_types() -> list[str]:
 
 
 def family_for(config) -> Family:
-    """The Family entry for a transformers config (or a bare model type: its first entry)."""
+    """The Family entry for a transformers config: the first of its model type whose `when` holds (or, for a bare
+    model type, its first entry)."""
     model_type = config if isinstance(config, str) else config.model_type
     entries = [family for family in FAMILIES if model_type in family.model_types]
     if not entries:
@@ -454,21 +459,18 @@ class Sites:
         module, point, role = self._hook_target(site)
         if self.family.flat_mlp and role in _FLAT_MLP_ROLES:
             return self._register_unflattened(int(_LAYER_SITE.match(site).group(1)), module, point, fn)
-        if point == "in":
-            def pre_hook(_module, args):
-                replaced = fn(args[0])
-                return None if replaced is None else (replaced, *args[1:])
-            return module.register_forward_pre_hook(pre_hook)
+        return _attach(module, point, fn)
 
-        def post_hook(_module, _args, output):
-            tensor = first_tensor(output)
-            replaced = fn(tensor)
-            if replaced is None:
-                return None
-            if isinstance(output, tuple):
-                return (replaced, *output[1:])
-            return replaced
-        return module.register_forward_hook(post_hook)
+    def register_linear(self, name: str, point: str, fn):
+        """`register` for a linear of `block_linears` by its weight name (`layers.{i}.<path>.weight`) at its "in" or
+        "out": fn gets [batch, positions, channels] on every family (OPT's flattened MLP included)."""
+        match = _LAYER_SITE.match(name.removesuffix(".weight"))
+        layer, path = int(match.group(1)), match.group(2)
+        module = self.layers[layer].get_submodule(path)
+        flattened = {self.family.path(role) for role in _FLAT_MLP_ROLES} if self.family.flat_mlp else set()
+        if path in flattened:
+            return self._register_unflattened(layer, module, point, fn)
+        return _attach(module, point, fn)
 
     def _register_unflattened(self, layer: int, module: nn.Module, point: str, fn):
         """A hook on a flattened MLP module (OPT) that hands fn [batch, positions, channels], the shape of the block
@@ -490,6 +492,22 @@ class Sites:
         else:
             handles.append(module.register_forward_hook(lambda _module, _args, output: unflattened(output)))
         return _Handles(handles)
+
+
+def _attach(module: nn.Module, point: str, fn):
+    """fn(tensor) at a module's first input ("in") or output ("out"); a returned tensor replaces it."""
+    if point == "in":
+        def pre_hook(_module, args):
+            replaced = fn(args[0])
+            return None if replaced is None else (replaced, *args[1:])
+        return module.register_forward_pre_hook(pre_hook)
+
+    def post_hook(_module, _args, output):
+        replaced = fn(first_tensor(output))
+        if replaced is None:
+            return None
+        return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
+    return module.register_forward_hook(post_hook)
 
 
 # The block roles inside OPT's flattened MLP path (Family.flat_mlp).

@@ -32,6 +32,7 @@ def tables(results_dir: Path, out_dir: Path) -> list[Path]:
             cells += 1
             for column in table.columns:
                 columns.setdefault(_key(column), Column(_key(column), column.label, column.unit, column.fmt))
+            # A cell table with its own model column (atlas, variants_table) names each row's model: it wins.
             rows += [{"model": path.parent.name, "run_tag": path.stem,
                       **{_key(column): table.value(row, column) for column in table.columns}} for row in table.rows]
         if cells:

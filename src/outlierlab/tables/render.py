@@ -27,7 +27,10 @@ def format_cell(value, column: Column) -> str:
         return format_number(value)
     if isinstance(value, float) and not math.isfinite(value):
         return format_number(value)
-    return format(value, column.fmt)
+    try:
+        return format(value, column.fmt)
+    except ValueError:  # an integer spec ("d") for a float value: shown as any number is
+        return format_number(value)
 
 
 def cells(table: Table) -> list[list[str]]:

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 SCHEMA = "outlierlab.table/1"
-KEY = re.compile(r"[a-z0-9][a-z0-9_]*")
+KEY = re.compile(r"[a-z0-9][a-z0-9_-]*")  # lm-eval task names may hold a "-"; no space, capital or symbol
 
 
 def row_id(row: dict, index: list[str]) -> str | None:
@@ -29,7 +29,8 @@ def row_id(row: dict, index: list[str]) -> str | None:
 
 
 def check_key(key: str) -> str:
-    """A data key: lower-case letters, digits and underscores (so a display label like "peak |MA|" is refused)."""
+    """A data key: lower-case letters, digits, underscores and hyphens (so a display label like "peak |MA|" is
+    refused)."""
     if not isinstance(key, str) or not KEY.fullmatch(key):
         raise ValueError(f"table key {key!r} is not snake_case: keys are data, labels are for display")
     return key
@@ -96,7 +97,10 @@ class Table:
 
     def __post_init__(self):
         self.index = [self.index] if isinstance(self.index, str) else list(self.index or [])
-        keys = {column.key for column in self.columns if not column.reference}
+        ours = [column.key for column in self.columns if not column.reference]
+        keys = set(ours)
+        if len(keys) < len(ours):
+            raise ValueError(f"table columns repeat a key: {sorted(k for k in keys if ours.count(k) > 1)}")
         for row in self.rows:
             for key in row:
                 check_key(key)
