@@ -120,3 +120,15 @@ def test_channel_lists_are_stored_as_ranges(channels):
     from outlierlab.probes.channel_outliers import decode_channels, encode_channels
     assert decode_channels(encode_channels(channels)) == channels
     assert encode_channels([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
+def test_coincidence_counts_the_channels_of_the_rule_it_is_asked_for():
+    """Gain outliers {3, 9} at layer 0's norm2; the absolute rule flags channel 3 there, the relative rule 3 and 9."""
+    from outlierlab.probes.channel_outliers import coincidence, encode_channels
+    gammas = {"norm2": {"per_layer": {0: {"gain": [3, 9]}}}}
+    summary = {"layers.0.norm2.out": {"absolute": {"channels": encode_channels([3])},
+                                      "relative": {"channels": encode_channels([3, 9, 20])}}}
+    assert coincidence(gammas, summary)["norm2"] == {"gain_outliers": 2, "also_activation_outliers": 1,
+                                                     "activation_outliers": 1, "with_outlier_gain": 1}
+    assert coincidence(gammas, summary, "relative")["norm2"] == {"gain_outliers": 2, "also_activation_outliers": 2,
+                                                                 "activation_outliers": 3, "with_outlier_gain": 2}
