@@ -134,6 +134,19 @@ def test_lora_trains_its_adapters_and_merges_into_the_block_linears(tmp_path):
     assert changed == {n for n in before if n.startswith("model.layers.") and n.endswith("proj.weight")}
 
 
+def test_lora_initialisation_follows_the_seed(tmp_path):
+    """peft draws lora_A at random: the same seed gives the same adapters whatever ran before, another seed others."""
+    cfg = _cfg("lora")
+    drawn = []
+    for seed in (0, 0, 1):
+        loaded = load_model(cfg.model, tmp_path)
+        torch.rand(seed + 7)  # whatever used the global RNG before
+        selection = select(cfg.finetune.method, loaded, None, cfg.finetune.lora, seed, cfg.finetune.steps)
+        drawn.append({n: p.detach().clone() for n, p in selection.params.items() if "lora_A" in n})
+    assert drawn[0] and all(torch.equal(drawn[0][n], drawn[1][n]) for n in drawn[0])
+    assert not all(torch.equal(drawn[0][n], drawn[2][n]) for n in drawn[0])
+
+
 @pytest.mark.parametrize("base", ["full", "lora"])
 def test_outlier_protected_leaves_protected_weights_bit_identical(base, tmp_path):
     cfg = _cfg("outlier_protected", f"finetune.method.base={base}", "finetune.weight_decay=0.1",

@@ -172,7 +172,9 @@ def select(method_cfg, loaded, atlas: Atlas | None, lora_cfg, seed: int, steps: 
         from peft import LoraConfig, get_peft_model
         config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                             target_modules=lora_targets(sites), bias="none")
-        peft_model = get_peft_model(model, config)
+        with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global RNG: pin it to the run's seed
+            torch.manual_seed(seed)
+            peft_model = get_peft_model(model, config)
         params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
         return Selection("lora", peft_model, params, peft=True,
                          notes={"rank": lora_cfg.r, "alpha": lora_cfg.alpha, "targets": len(config.target_modules)})
