@@ -79,7 +79,7 @@ def test_method_trains_exactly_what_it_claims(method, tmp_path):
         assert sum(claimed.values()) == expected[method]
     if method == "norm_only":
         assert all("norm" in name for name in claimed)
-    if method in ("lisa", "owl_lisa"):
+    if method in ("lisa", "owl_lisa", "owlore"):
         layers = {layer for period in selection.schedule for layer in period}
         assert all(len(period) == 2 for period in selection.schedule)
         assert {int(n.split(".")[2]) for n in claimed if n.startswith("model.layers.")} == layers
@@ -92,7 +92,30 @@ def test_method_trains_exactly_what_it_claims(method, tmp_path):
         assert "model.layers.2.input_layernorm.weight" in claimed
     if method == "outlier_protected":
         assert f"model.layers.{PLANTED.layer}.mlp.down_proj.weight" in selection.keep
+    if method == "owlore":  # GaLore projects exactly the block linears' weights
+        names = set(selection.galore["names"])  # every block's (LISA holds them all), of which the sampled train
+        assert names == {n for n in selection.params if n.startswith("model.layers.") and n.endswith("proj.weight")}
+        assert names & set(claimed) == {n for n in claimed if n.startswith("model.layers.") and n.endswith("proj.weight")}
 
+
+def test_owlore_moves_each_block_matrix_in_a_rank_r_subspace(tmp_path):
+    """4 steps in one LISA period and one GaLore projection, no weight decay: every trained block matrix moved by
+    an update of rank <= r; the embeddings (plain AdamW) by one of higher rank."""
+    cfg = _cfg("owlore", "finetune.method.lr=0.01")
+    loaded, batches, atlas = _setup(cfg, tmp_path)
+    selection = select(cfg.finetune.method, loaded, atlas, cfg.finetune.lora, 0, cfg.finetune.steps)
+    before = _snapshot(loaded.model)
+    finetune(selection, batches, cfg.finetune, tmp_path / "ck", resume=False)
+    after = _snapshot(loaded.model)
+    rank = cfg.finetune.method.galore.rank
+
+    def rank_of(name):
+        return int(torch.linalg.matrix_rank((after[name] - before[name]).double(), rtol=1e-4))
+    projected = [n for n in selection.galore["names"] if not torch.equal(before[n], after[n])]
+    assert len(projected) == 2 * 7  # 2 sampled blocks x q, k, v, o, gate, up, down
+    for name in projected:
+        assert 0 < rank_of(name) <= rank < min(before[name].shape), name
+    assert rank_of("model.embed_tokens.weight") > rank
 
 def test_lora_trains_its_adapters_and_merges_into_the_block_linears(tmp_path):
     cfg = _cfg("lora")
@@ -109,6 +132,19 @@ def test_lora_trains_its_adapters_and_merges_into_the_block_linears(tmp_path):
     assert set(after) == set(before)  # unwrapped again
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed == {n for n in before if n.startswith("model.layers.") and n.endswith("proj.weight")}
+
+
+def test_lora_initialisation_follows_the_seed(tmp_path):
+    """peft draws lora_A at random: the same seed gives the same adapters whatever ran before, another seed others."""
+    cfg = _cfg("lora")
+    drawn = []
+    for seed in (0, 0, 1):
+        loaded = load_model(cfg.model, tmp_path)
+        torch.rand(seed + 7)  # whatever used the global RNG before
+        selection = select(cfg.finetune.method, loaded, None, cfg.finetune.lora, seed, cfg.finetune.steps)
+        drawn.append({n: p.detach().clone() for n, p in selection.params.items() if "lora_A" in n})
+    assert drawn[0] and all(torch.equal(drawn[0][n], drawn[1][n]) for n in drawn[0])
+    assert not all(torch.equal(drawn[0][n], drawn[2][n]) for n in drawn[0])
 
 
 @pytest.mark.parametrize("base", ["full", "lora"])
@@ -131,8 +167,10 @@ def test_outlier_protected_leaves_protected_weights_bit_identical(base, tmp_path
     assert not torch.equal(view.param.detach(), down_before)  # ... while the rest of that matrix trained
 
 
-def test_a_resumed_run_continues_the_same_loss_curve(tmp_path):
-    cfg = _cfg("lisa", "finetune.steps=6", "finetune.method.period=2", "finetune.checkpoint_every=3")
+@pytest.mark.parametrize("method", ["lisa", "owlore"])
+def test_a_resumed_run_continues_the_same_loss_curve(method, tmp_path):
+    cfg = _cfg(method, "finetune.steps=6", "finetune.method.period=2", "finetune.checkpoint_every=3",
+               *(["finetune.method.galore.update_gap=2"] if method == "owlore" else []))
     curves, weights = [], []
     for stop in (None, 3):
         loaded, batches, atlas = _setup(cfg, tmp_path)
@@ -204,3 +242,35 @@ def test_finetune_run_writes_a_result_and_a_loadable_checkpoint(tmp_path):
     assert "| lora " in tables[0].read_text()
     figures = run_builders("figures", tmp_path / "results", tmp_path / "figures", ["finetune"])
     assert {p.suffix for p in figures} == {".png", ".pdf"}
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12)])
+def test_galore_update_lies_in_the_rank_r_subspace_of_its_projection(shape):
+    """GaLore (arXiv 2403.03507): the smaller side of each 2-D gradient projected on its top-r singular vectors;
+    every update within one update_gap lies in that r-dimensional subspace; the next refresh takes a new one; Adam's
+    moments have the projected shape; a group without rank is plain AdamW (1-D and 2-D)."""
+    from outlierlab.finetune.galore import GaLoreAdamW
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(shape, generator=generator))
+    plain = torch.nn.Parameter(torch.randn(shape, generator=generator))
+    reference = torch.nn.Parameter(plain.detach().clone())
+    rank, gap = 3, 4
+    optimizer = GaLoreAdamW([{"params": [weight], "rank": rank, "update_gap": gap}, {"params": [plain]}], lr=0.1)
+    adamw = torch.optim.AdamW([reference], lr=0.1, weight_decay=0.0)
+    start = weight.detach().clone()
+    for step in range(gap):
+        grad = torch.randn(shape, generator=generator)
+        weight.grad, plain.grad, reference.grad = grad.clone(), grad.clone(), grad.clone()
+        optimizer.step()
+        adamw.step()
+    state = optimizer.state[weight]
+    basis, left = state["basis"], state["left"]
+    assert left == (shape[0] <= shape[1])
+    assert state["exp_avg"].shape == ((rank, shape[1]) if left else (shape[0], rank))
+    delta = (weight.detach() - start).double()
+    inside = basis.double() @ basis.double().t() @ delta if left else delta @ basis.double().t() @ basis.double()
+    assert torch.allclose(inside, delta, atol=1e-5) and int(torch.linalg.matrix_rank(delta, rtol=1e-6)) == rank
+    assert torch.allclose(plain, reference, atol=1e-6)  # the unprojected group is AdamW
+    weight.grad = torch.randn(shape, generator=generator)
+    optimizer.step()  # step 4 = update_gap: a fresh basis from this gradient
+    assert not torch.allclose(optimizer.state[weight]["basis"].abs(), basis.abs(), atol=1e-3)

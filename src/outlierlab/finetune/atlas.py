@@ -4,12 +4,16 @@ unchanged by every function here).
     super weights       probes/super_weight.py detect_super_weights (paper SW Sec. 3.1; conf/probe/sw_detection.yaml)
     massive activation  probes/super_weight.py massive_activation (paper MA: |h| > 100 and > 1000x the median;
                         conf/probe/massive_activation.yaml) + the model YAML's massive_activations for this BOS policy
-    gamma outliers      every norm gain vector: channels with |gamma - mean| >= z std (BERT Busters, arXiv
-                        2105.06990: "> 3 sigma"; paper RO: channel outliers come from the norm gains)
+    gamma outliers      every norm gain vector: channels > 3 sigma from its mean (BERT Busters, arXiv 2105.06990;
+                        conf/probe/norm_gain_outliers; paper RO: channel outliers come from the norm gains)
     channel outliers    LLM.int8 (arXiv 2208.07339) outlier features at the inputs of the block linears that read
                         the hidden state: |x| >= 6 at >= 6% of positions in >= 25% of layers
+                        (conf/probe/channel_outliers_int8)
     layer outlier ratio OWL (arXiv 2310.05175; OwLore arXiv 2405.18380 samples layers by it): per block, the share
                         of weights with |W_ij| * ||X_j||_2 > M x the block's mean of that score
+
+The criteria are probes/detectors.py's (one definition each, shared with the atlas and RO studies); this module
+only says where they look.
 
 Norm modules and block linears are found from the sites table's layer list and module types (a module whose class
 name ends in "Norm"; nn.Linear / transformers' Conv1D), never from model names.
@@ -24,6 +28,7 @@ from tqdm.auto import tqdm
 
 from outlierlab.models import massive
 from outlierlab.models.coords import SuperWeight
+from outlierlab.probes import detectors
 from outlierlab.probes.super_weight import massive_activation, super_weights_for_study
 
 
@@ -46,15 +51,12 @@ def block_linears(sites) -> dict[str, tuple[int, nn.Module, bool]]:
     return found
 
 
-def gamma_outliers(model: nn.Module, zscore: float) -> dict[str, list[int]]:
-    """Per norm module: the channels whose gain is >= `zscore` standard deviations from that gain vector's mean."""
+def gamma_outliers(model: nn.Module, sigma: float = detectors.SIGMA) -> dict[str, list[int]]:
+    """Per norm module: the channels whose gain is more than `sigma` (sample) standard deviations from that gain
+    vector's mean (detectors.sigma_outliers; the weight w stands for the gain: z-scores are the same for 1 + w)."""
     found = {}
     for name, module in norm_modules(model).items():
-        gamma = module.weight.detach().float()
-        std = float(gamma.std())
-        if std == 0:
-            continue
-        channels = ((gamma - gamma.mean()).abs() >= zscore * std).nonzero().flatten().tolist()
+        channels = detectors.sigma_outliers(module.weight, sigma, ddof=1)
         if channels:
             found[name] = channels
     return found
@@ -86,7 +88,7 @@ class LinearInputStats:
         def fold(_module, args):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             self.sum_sq[name] = self.sum_sq.get(name, 0) + (x * x).sum(0)
-            self.hits[name] = self.hits.get(name, 0) + (x.abs() >= self.threshold).sum(0)
+            self.hits[name] = self.hits.get(name, 0) + detectors.count_exceeding(x, self.threshold)
             self.positions[name] = self.positions.get(name, 0) + x.shape[0]
         return fold
 
@@ -109,13 +111,9 @@ def channel_outliers(stats: LinearInputStats, hidden_size: int, min_position_sha
         hits = stats.hits.get(name)
         if hits is None or hits.numel() != hidden_size:
             continue
-        share = hits.float() / stats.positions[name]
-        per_layer.setdefault(layer, set()).update((share >= min_position_share).nonzero().flatten().tolist())
-    counts: dict[int, int] = {}
-    for channels in per_layer.values():
-        for channel in channels:
-            counts[channel] = counts.get(channel, 0) + 1
-    return sorted(c for c, n in counts.items() if n >= min_layer_share * num_layers)
+        wide = detectors.wide(hits, stats.positions[name], min_position_share)
+        per_layer.setdefault(layer, set()).update(wide.nonzero().flatten().tolist())
+    return list(detectors.int8_features(per_layer, num_layers, min_layer_share))
 
 
 def layer_outlier_ratios(stats: LinearInputStats, num_layers: int, multiple: float) -> list[float]:
@@ -125,13 +123,8 @@ def layer_outlier_ratios(stats: LinearInputStats, num_layers: int, multiple: flo
     for name, (layer, module, transposed) in stats.linears.items():
         weight = module.weight.detach().float()
         weight = weight.t() if transposed else weight  # [out, in]
-        norms = stats.sum_sq[name].sqrt()
-        scores[layer].append((weight.abs() * norms[None, :]).flatten())
-    ratios = []
-    for layer in range(num_layers):
-        flat = torch.cat(scores[layer])
-        ratios.append(float((flat > multiple * flat.mean()).float().mean()))
-    return ratios
+        scores[layer].append(detectors.owl_scores(weight, stats.sum_sq[name]))
+    return [detectors.owl_outlier_ratio(torch.cat(scores[layer]), multiple) for layer in range(num_layers)]
 
 
 @dataclass
@@ -181,7 +174,7 @@ def measure(loaded, settings, windows: torch.Tensor, registry: list[SuperWeight]
     return Atlas(
         super_weights=list(chosen), super_weight_values=super_weight_values(loaded, chosen),
         ma={k: v for k, v in ma.items() if k != "per_layer"}, ma_channels=channels, ma_layers=ma_layers,
-        gamma_outliers=gamma_outliers(loaded.model, settings.gamma_zscore),
+        gamma_outliers=gamma_outliers(loaded.model, settings.gamma.sigmas),
         channel_outliers=channel_outliers(stats, hidden, settings.channel.min_position_share,
                                           settings.channel.min_layer_share),
         layer_outlier_ratio=layer_outlier_ratios(stats, loaded.sites.num_layers, settings.owl_multiple),

@@ -46,16 +46,31 @@ def _load(directory: Path, selection) -> dict:
     return torch.load(directory / STATE_FILE, weights_only=False)
 
 
+def make_optimizer(selection, settings) -> torch.optim.Optimizer:
+    """AdamW (weight decay on the matrices only); with selection.galore (OwLore), the GaLore-projected AdamW of
+    finetune/galore.py, whose projected group is selection.galore["names"] and whose other groups are plain AdamW."""
+    params = selection.params
+    galore = selection.galore
+    projected = set(galore["names"]) if galore else set()
+    decay = [p for n, p in params.items() if p.dim() >= 2 and n not in projected]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": settings.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if not galore:
+        return torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps)
+    from outlierlab.finetune.galore import GaLoreAdamW
+    groups.append({"params": [params[n] for n in galore["names"]], "weight_decay": settings.weight_decay,
+                   "rank": int(galore["rank"]), "update_gap": int(galore["update_gap"]),
+                   "scale": float(galore["scale"])})
+    return GaLoreAdamW(groups, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps)
+
+
 def finetune(selection, batch, settings, checkpoint: Path, resume: bool = True, stop_at: int | None = None,
              desc: str = "finetune") -> dict:
     """Train the selection for settings.steps steps; `batch(step)` -> (ids, attention_mask, loss_mask)."""
     checkpoint = Path(checkpoint)
     params = selection.params
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps)
+    optimizer = make_optimizer(selection, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(settings.warmup_steps, settings.steps, settings.min_lr_ratio))
     step, history, resumed_from = 0, [], None

@@ -11,7 +11,10 @@ against what changed. Parameters are found through the sites table (blocks, down
     norm_only          every norm gain (and bias): PEFT transferability, arXiv 2302.00378
     lisa               LISA, arXiv 2403.17919: `layers` blocks sampled uniformly every `period` steps; the embeddings
                        and the LM head always train
-    owl_lisa           OwLore, arXiv 2405.18380: as lisa, blocks sampled in proportion to OWL's layer outlier ratio
+    owl_lisa           OwLore's sampling, arXiv 2405.18380: as lisa, blocks sampled in proportion to OWL's layer
+                       outlier ratio (full-rank updates)
+    owlore             OwLore, arXiv 2405.18380: owl_lisa's sampling + GaLore's low-rank gradient projection (rank
+                       finetune.method.galore.rank, finetune/galore.py) for the sampled blocks' linear weights
     outlier_guided     what the atlas found: norm-gain channels (gamma outliers + MA channels), the MA-writing rows of
                        every down_proj, the super weights' down_proj columns, then whole tensors of the MA layers up
                        to the trainable budget (LoRA's count)
@@ -28,7 +31,8 @@ from torch import nn
 
 from outlierlab.finetune.atlas import Atlas, block_linears, norm_modules
 
-METHODS = ("full", "lora", "norm_only", "lisa", "owl_lisa", "outlier_guided", "outlier_protected")
+METHODS = ("full", "lora", "norm_only", "lisa", "owl_lisa", "owlore", "outlier_guided", "outlier_protected")
+SAMPLED = ("lisa", "owl_lisa", "owlore")  # LISA's layer schedule
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Selection:
     notes: dict = field(default_factory=dict)
     peft: bool = False
     restore_after_merge: dict = field(default_factory=dict)  # name -> (parameter, mask): outlier_protected on LoRA
+    galore: dict | None = None  # OwLore: {"names": projected 2-D tensors, "rank", "update_gap", "scale"}
     _saved: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _hooks: list = field(default_factory=list, repr=False)
 
@@ -167,7 +172,9 @@ def select(method_cfg, loaded, atlas: Atlas | None, lora_cfg, seed: int, steps: 
         from peft import LoraConfig, get_peft_model
         config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                             target_modules=lora_targets(sites), bias="none")
-        peft_model = get_peft_model(model, config)
+        with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global RNG: pin it to the run's seed
+            torch.manual_seed(seed)
+            peft_model = get_peft_model(model, config)
         params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
         return Selection("lora", peft_model, params, peft=True,
                          notes={"rank": lora_cfg.r, "alpha": lora_cfg.alpha, "targets": len(config.target_modules)})
@@ -177,8 +184,13 @@ def select(method_cfg, loaded, atlas: Atlas | None, lora_cfg, seed: int, steps: 
     if kind == "norm_only":
         names = {_name_of(model, p) for module in norm_modules(model).values() for p in module.parameters()}
         return _static("norm_only", model, {n: named[n] for n in names})
-    if kind in ("lisa", "owl_lisa"):
-        return _lisa(kind, method_cfg, model, sites, atlas, named, seed, steps)
+    if kind in SAMPLED:
+        selection = _lisa(kind, method_cfg, model, sites, atlas, named, seed, steps)
+        if kind == "owlore":
+            selection.galore = _galore(method_cfg.galore, model, sites, selection)
+            selection.notes["galore"] = {k: v for k, v in selection.galore.items() if k != "names"}
+            selection.notes["galore"]["projected_tensors"] = len(selection.galore["names"])
+        return selection
     if kind == "outlier_guided":
         return _guided(method_cfg, model, sites, atlas, named, lora_budget(sites, lora_cfg.r))
     raise ValueError(f"finetune.method.kind={kind} is not one of: {', '.join(METHODS)}")
@@ -202,7 +214,7 @@ def _lisa(kind, cfg, model, sites, atlas, named, seed: int, steps: int) -> Selec
         if head is not None:
             always.append(_name_of(model, head.weight))
     always = sorted(set(always))
-    if kind == "owl_lisa":
+    if kind in ("owl_lisa", "owlore"):
         ratios = torch.tensor(atlas.layer_outlier_ratio, dtype=torch.float64)
         if float(ratios.sum()) <= 0:
             raise ValueError("owl_lisa: every layer's outlier ratio is 0 (raise nothing: lower exp.atlas.owl_multiple)")
@@ -219,6 +231,16 @@ def _lisa(kind, cfg, model, sites, atlas, named, seed: int, steps: int) -> Selec
     return Selection(kind, model, params, schedule=schedule, period=int(cfg.period), always=always,
                      layer_of=layer_of, notes={"probabilities": probabilities.tolist(), "schedule": schedule,
                                                "layers_per_period": count, "period": int(cfg.period)})
+
+
+def _galore(cfg, model, sites, selection: Selection) -> dict:
+    """OwLore's projected tensors: the weight of every block linear (GaLore projects the attention and MLP
+    matrices; norms, embeddings and the LM head take plain Adam)."""
+    names = [_name_of(model, module.weight) for _layer, module, _t in block_linears(sites).values()]
+    names = [n for n in names if n in selection.params and selection.params[n].dim() == 2]
+    if int(cfg.rank) < 1 or int(cfg.update_gap) < 1:
+        raise ValueError(f"finetune.method.galore.rank={cfg.rank} and .update_gap={cfg.update_gap} must be >= 1")
+    return {"names": names, "rank": int(cfg.rank), "update_gap": int(cfg.update_gap), "scale": float(cfg.scale)}
 
 
 def _guided(cfg, model, sites, atlas, named, budget: int | None) -> Selection:

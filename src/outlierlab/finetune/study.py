@@ -17,7 +17,7 @@ from outlierlab.evals.zeroshot import evaluate_zeroshot
 from outlierlab.finetune import tasks
 from outlierlab.finetune.atlas import Atlas, measure, super_weight_values, survival
 from outlierlab.finetune.loop import finetune
-from outlierlab.finetune.methods import METHODS, merge_into, select
+from outlierlab.finetune.methods import METHODS, SAMPLED, merge_into, select
 from outlierlab.models.coords import SuperWeight
 from outlierlab.models.hashing import weights_sha256
 from outlierlab.results import to_jsonable
@@ -41,8 +41,11 @@ def check(cfg, data_dir: str | None) -> None:
             raise ValueError(f"finetune.{key}={value} must be a positive integer")
     if not isinstance(cfg.finetune.task.seqlen, int) or cfg.finetune.task.seqlen < 2:
         raise ValueError(f"finetune.task.seqlen={cfg.finetune.task.seqlen} must be an integer >= 2")
-    if method.kind in ("lisa", "owl_lisa") and (method.layers < 1 or method.period < 1):
+    if method.kind in SAMPLED and (method.layers < 1 or method.period < 1):
         raise ValueError(f"finetune.method.layers={method.layers} and .period={method.period} must be >= 1")
+    if method.kind == "owlore" and (method.galore.rank < 1 or method.galore.update_gap < 1):
+        raise ValueError(f"finetune.method.galore.rank={method.galore.rank} and .update_gap="
+                         f"{method.galore.update_gap} must be >= 1")
     tasks.check(cfg.finetune.task, data_dir)
 
 

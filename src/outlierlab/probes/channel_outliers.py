@@ -14,7 +14,9 @@
 Two criteria for an activation outlier at one position: LLM.int8's absolute |x| >= 6 (calibrated on models whose
 normalised hidden states are O(1)) and a relative one, |x| >= 9 x the median |x| of that token's channels (ours:
 for Gaussian channels the median |x| is 0.674 sigma, so 9 x median ~ 6 sigma), which does not depend on the
-model's scale. Both use LLM.int8's share rules (>= 6% of positions at a layer, >= 25% of layers).
+model's scale. Both use LLM.int8's share rules (>= 6% of positions at a layer, >= 25% of layers). The rules are
+probes/detectors.py's (one definition each, shared with the atlas and fine-tuning studies); this module says where
+the RO study looks.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from outlierlab.probes import detectors
 from outlierlab.probes.stats import Probe
 
 
@@ -37,9 +40,9 @@ def forward_windows(loaded, ids: torch.Tensor, batch_size: int = 1, desc: str = 
 class OutlierCriterion:
     # LLM.int8 (Dettmers et al. 2022, Sec. 4): "magnitude of at least 6.0", "in at least 25% of transformer
     # layers" and "at least 6% of the sequence dimensions".
-    min_abs: float = 6.0
-    position_share: float = 0.06
-    layer_share: float = 0.25
+    min_abs: float = detectors.INT8.threshold
+    position_share: float = detectors.INT8.min_position_share
+    layer_share: float = detectors.INT8.min_layer_share
     # Relative criterion (ours, see the module docstring): |x| >= median_ratio x the token's median |x|.
     median_ratio: float = 9.0
 
@@ -47,7 +50,7 @@ class OutlierCriterion:
 @dataclass(frozen=True)
 class GammaCriterion:
     # BERT Busters (Kovaleva et al. 2021): > 3 sigma from the mean of the layer's weights, in >= half the layers.
-    sigma: float = 3.0
+    sigma: float = detectors.SIGMA
     layer_share: float = 0.5
 
 
@@ -95,9 +98,9 @@ class ChannelStats(Probe):
     def _callback(self, point: str):
         def fold(x: torch.Tensor):
             magnitude = x.detach().abs().float().reshape(-1, x.shape[-1])  # [positions, channels]
-            median = magnitude.median(dim=-1, keepdim=True).values
-            counts = ((magnitude >= self.criterion.min_abs).sum(0), (magnitude >= self.criterion.median_ratio * median)
-                      .sum(0), magnitude.amax(0), magnitude.double().sum(0))
+            counts = (detectors.count_exceeding(magnitude, self.criterion.min_abs),
+                      detectors.count_relative(magnitude, self.criterion.median_ratio),
+                      magnitude.amax(0), magnitude.double().sum(0))
             if self.absolute[point] is None:
                 self.absolute[point], self.relative[point], self.max_abs[point], self.sum_abs[point] = (
                     c.cpu() for c in counts)
@@ -116,6 +119,11 @@ class ChannelStats(Probe):
             raise ValueError(f"no activations seen at {point} (run a forward inside the probe)")
         return counts.double() / self.positions[point]
 
+    def wide(self, point: str, which: str = "absolute") -> list[int]:
+        """The channels meeting the criterion at >= position_share of the positions (detectors.wide)."""
+        counts = self.absolute[point] if which == "absolute" else self.relative[point]
+        return detectors.wide(counts, self.positions[point], self.criterion.position_share).nonzero().flatten().tolist()
+
     def summary(self) -> dict:
         """Per point: per-layer outlier channels (share of positions >= position_share) under both criteria, as a
         range string (`decode_channels`), the TOP of them by share with their share and max |x|; the point's max and
@@ -129,7 +137,7 @@ class ChannelStats(Probe):
                    "mean_abs": float(self.sum_abs[point].sum() / (self.positions[point] * self.absolute[point].numel()))}
             for which in ("absolute", "relative"):
                 share = self.share(point, which)
-                channels = (share >= self.criterion.position_share).nonzero().flatten().tolist()
+                channels = self.wide(point, which)
                 top = sorted(channels, key=lambda c: -float(share[c]))[:TOP]
                 row[which] = {"count": len(channels), "channels": encode_channels(channels),
                               "top": [[c, round(float(share[c]), 4), float(self.max_abs[point][c])] for c in top]}
@@ -182,27 +190,17 @@ def channel_outliers(summary: dict, criterion: OutlierCriterion = OutlierCriteri
             pooled.setdefault(layer, set()).update(decode_channels(row[which]["channels"]))
     result = {}
     for name, layers in [*sorted(by_kind.items()), ("hidden", pooled)]:
-        total = num_layers or len(layers)
-        counts: dict[int, int] = {}
-        for channels in layers.values():
-            for channel in channels:
-                counts[channel] = counts.get(channel, 0) + 1
-        features = sorted(c for c, n in counts.items() if n >= criterion.layer_share * total)
-        result[name] = {"features": features, "layers_per_feature": {c: counts[c] for c in features},
+        found = detectors.int8_features(layers, num_layers or len(layers), criterion.layer_share)
+        result[name] = {"features": list(found), "layers_per_feature": found,
                         "per_layer": {layer: len(channels) for layer, channels in sorted(layers.items())}}
     return result
 
 
-TAILS = ("both", "high")
+TAILS = detectors.TAILS
 
 
 def _deviations(values: torch.Tensor, sigma: float, tail: str = "both") -> list[int]:
-    values = values.double()
-    std = values.std(unbiased=False)
-    if std == 0:
-        return []
-    deviation = values - values.mean() if tail == "high" else (values - values.mean()).abs()
-    return (deviation > sigma * std).nonzero().flatten().tolist()
+    return detectors.sigma_outliers(values, sigma, tail, ddof=0)  # RO: the population std
 
 
 def norm_outlier_channels(sites, norm: str, sigma: float = 3.0, tail: str = "both") -> dict:

@@ -16,6 +16,8 @@
                      2105.06990) > 3 sigma outlier channels.
 
 All probes fold each batch into counters of fixed size (layers x channels at most); nothing keeps activations.
+The LLM.int8 and BERT Busters rules are probes/detectors.py's (one definition each, shared with the RO and
+fine-tuning studies); this module says where the atlas looks.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from outlierlab.probes import detectors
 from outlierlab.probes.stats import Probe
 
 
@@ -78,17 +81,13 @@ class OutlierTokens(Probe):
                 for layer in range(self.sites.num_layers)]
 
 
-@dataclass(frozen=True)
-class ChannelCriterion:
-    threshold: float = 6.0           # LLM.int8: magnitude >= 6
-    min_layer_share: float = 0.25    # ... in >= 25% of the layers
-    min_position_share: float = 0.06  # ... at >= 6% of the positions
+ChannelCriterion = detectors.Int8Criterion  # LLM.int8: |x| >= 6, in >= 25% of the layers, at >= 6% of positions
 
 
 class ChannelOutliers(Probe):
     """Per (layer, channel): how many positions reach |x| >= threshold at the norm outputs feeding the linears."""
 
-    def __init__(self, sites, criterion: ChannelCriterion = ChannelCriterion()):
+    def __init__(self, sites, criterion: ChannelCriterion = detectors.INT8):
         super().__init__(sites)
         self.criterion = criterion
         self.points = [name for name in ("norm1", "norm2") if getattr(sites.family, name) is not None]
@@ -107,7 +106,7 @@ class ChannelOutliers(Probe):
             if key not in self.counts:
                 self.counts[key] = torch.zeros(self.sites.num_layers, rows.shape[1], dtype=torch.long)
                 self.positions[key] = 0
-            self.counts[key][layer] += (rows.abs() >= self.criterion.threshold).sum(dim=0).cpu()
+            self.counts[key][layer] += detectors.count_exceeding(rows, self.criterion.threshold).cpu()
             if layer == 0:
                 self.positions[key] += rows.shape[0]
         return fold
@@ -119,14 +118,11 @@ class ChannelOutliers(Probe):
         per_layer = [set() for _ in range(layers)]
         by_point = {}
         for point, counts in self.counts.items():
-            share = counts.double() / max(self.positions[point], 1)
-            wide = share >= self.criterion.min_position_share
+            wide = detectors.wide(counts, self.positions[point], self.criterion.min_position_share)
             by_point[point] = [torch.nonzero(wide[layer]).flatten().tolist() for layer in range(layers)]
             for layer in range(layers):
                 per_layer[layer].update(by_point[point][layer])
-        channels = sorted({c for layer_set in per_layer for c in layer_set})
-        features = [c for c in channels
-                    if sum(c in layer_set for layer_set in per_layer) >= self.criterion.min_layer_share * layers]
+        features = list(detectors.int8_features(dict(enumerate(per_layer)), layers, self.criterion.min_layer_share))
         return {"criterion": vars(self.criterion) if hasattr(self.criterion, "__dict__") else self.criterion,
                 "sites": self.points, "positions": self.positions,
                 "count_per_layer": [len(layer_set) for layer_set in per_layer],
@@ -227,7 +223,7 @@ def norm_gains(loaded, sigmas: float = 3.0, top: int = 3) -> list[dict]:
         magnitude = gain.abs()
         median = float(magnitude.median()) or 1e-12
         order = magnitude.argsort(descending=True)[:top].tolist()
-        outliers = torch.nonzero((gain - gain.mean()).abs() > sigmas * gain.std()).flatten().tolist()
+        outliers = detectors.sigma_outliers(gain, sigmas, ddof=1)
         rows.append({"name": name, "layer": layer, "kind": name.rpartition(".")[2],
                      "parametrisation": _parametrisation(gain, module.weight.detach().float().cpu()),
                      "median_gain": median, "max_gain": float(gain[order[0]]), "max_channel": order[0],
