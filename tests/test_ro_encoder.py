@@ -11,8 +11,13 @@ from transformers.activations import ACT2FN
 from outlierlab.interventions.base import EditSession
 from outlierlab.interventions.norm_gamma import ResetNormGamma
 from outlierlab.models.load import load_model
-from outlierlab.probes.channel_outliers import ChannelStats, channel_outliers, channel_points, coincidence, \
-    gamma_outliers
+from outlierlab.probes.channel_outliers import (
+    ChannelStats,
+    channel_outliers,
+    channel_points,
+    coincidence,
+    gamma_outliers,
+)
 from outlierlab.runner import execute
 
 SENTENCE = "The quick brown fox jumps over the lazy dog, again and again."
@@ -48,7 +53,7 @@ def test_bert_sites_resolve_hook_and_hold_their_tensors(tiny_bert):
         for handle in handles:
             handle.remove()
     assert len(seen) == len(points) + len(extra)
-    close = dict(rtol=1e-5, atol=1e-5)
+    close = {"rtol": 1e-5, "atol": 1e-5}
     module, act = sites.module, ACT2FN[tiny_bert.model.config.hidden_act]
     with torch.no_grad():
         assert torch.equal(seen["layers.1.attn.out"], seen["layers.1.attn.o_proj.in"])

@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from outlierlab.errors import SourceError
+from outlierlab.errors import SourceError, UnsupportedArchitecture
 from outlierlab.models.sites import Sites, family_for
 from outlierlab.models.source import ModelSource, file_sha256, resolve_source
 
@@ -90,7 +90,7 @@ def auto_class(config):
     with no site table is left to the CausalLM path, whose Sites check names the supported types)."""
     try:
         return AutoModel if family_for(config).encoder else AutoModelForCausalLM
-    except Exception:
+    except UnsupportedArchitecture:
         return AutoModelForCausalLM
 
 
