@@ -241,8 +241,10 @@ def _encoder_figure(record: dict, model: str):
             bars.errorbar(x + offset, heights, yerr=[[h - min(s) for h, s in zip(heights, per_seed)],
                                                      [max(s) - h for h, s in zip(heights, per_seed)]],
                           fmt="none", color="black", capsize=3, linewidth=0.8)
-    bars.set_xticks(x, [{"one": "gain 1, beta 0", "mean": "gain, beta = mean", "zero": "gain 0, beta 0"}.get(v, v)
-                        for v in values], fontsize=8)
+    labels = ({"one": "gain 1, beta 0", "mean": "gain, beta = mean", "zero": "gain 0, beta 0"}
+              if record.get("reset_bias", True) else
+              {"one": "gain 1 (beta kept)", "mean": "gain = mean (beta kept)", "zero": "gain 0 (beta kept)"})
+    bars.set_xticks(x, [labels.get(v, v) for v in values], fontsize=8)
     bars.set_yscale("log")
     bars.set_ylabel("1 - cosine to the unedited embedding (mean over sentences)")
     sentences = record["sentences"]
