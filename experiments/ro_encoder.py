@@ -26,6 +26,7 @@ import torch
 from outlierlab.errors import ConfigError
 from outlierlab.evals.data import check_corpus, load_corpus
 from outlierlab.interventions.norm_gamma import ResetNormGamma
+from outlierlab.models.load import is_encoder
 from outlierlab.probes.channel_outliers import (
     ChannelStats,
     channel_outliers,
@@ -47,7 +48,7 @@ def criteria(cfg):
 def check(cfg, plan) -> None:
     criteria(cfg)
     exp = cfg.exp
-    if plan.source is not None and not _is_encoder(cfg, plan):
+    if plan.source is not None and is_encoder(cfg.model, plan.source) is False:
         raise ConfigError(f"+exp=ro_encoder needs an encoder (the site table's bert family); model "
                           f"'{cfg.model.name}' is a decoder: use +exp=ro_gamma")
     s = exp.sentences
@@ -67,15 +68,6 @@ def check(cfg, plan) -> None:
     seeds = list(exp.control_seeds)
     if not seeds or not all(isinstance(v, int) and not isinstance(v, bool) for v in seeds):
         raise ConfigError(f"exp.control_seeds={seeds} must be a non-empty list of integers")
-
-
-def _is_encoder(cfg, plan) -> bool:
-    from outlierlab.models.load import model_config
-    from outlierlab.models.sites import family_for
-    try:
-        return family_for(model_config(cfg.model, plan.source)).encoder
-    except (OSError, ValueError):
-        return True  # unreadable here: the load says why
 
 
 def sample_sentences(spec, data_dir) -> tuple[list[str], dict]:

@@ -150,12 +150,13 @@ def test_ro_encoder_end_to_end_on_a_planted_tiny_bert(tmp_path):
 
 @pytest.mark.requires("data")
 @pytest.mark.parametrize("args,message", [
-    (["model=tiny_bert", "exp.values=[two]"], "exp.values=['two']"),
-    (["model=tiny_bert", "exp.sentences.count=0"], "exp.sentences.count=0"),
-    (["model=tiny_llama"], "needs an encoder"),
+    (["+exp=ro_encoder", "model=tiny_bert", "exp.values=[two]"], "exp.values=['two']"),
+    (["+exp=ro_encoder", "model=tiny_bert", "exp.sentences.count=0"], "exp.sentences.count=0"),
+    (["+exp=ro_encoder", "model=tiny_llama"], "needs an encoder"),
+    (["+exp=ma_stats", "model=tiny_bert"], "is an encoder (no LM head)"),  # a decoder study's eval suite: PPL
 ])
 def test_bad_ro_encoder_input_is_one_line_and_exit_2(args, message, tmp_path):
-    done = run_cli(["+exp=ro_encoder", *args, "logger=none"], tmp_path, PYTHONWARNINGS="ignore::UserWarning")
+    done = run_cli([*args, "logger=none"], tmp_path, PYTHONWARNINGS="ignore::UserWarning")
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "results").exists()

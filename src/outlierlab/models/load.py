@@ -193,6 +193,17 @@ def check_layout(model_cfg, source: ModelSource) -> None:
 _LAYOUTS_CHECKED: set[str] = set()
 
 
+def is_encoder(model_cfg, source: ModelSource) -> bool | None:
+    """Whether the model is of an encoder family (no LM head), from its config alone; None if that cannot be read
+    here (an unreachable hub; a GGUF is always a decoder)."""
+    if source.kind == "gguf":
+        return False
+    try:
+        return family_for(model_config(model_cfg, source)).encoder
+    except (OSError, ValueError, UnsupportedArchitecture):
+        return None
+
+
 def model_shape(model_cfg, source: ModelSource) -> tuple[int, int, int]:
     """(layers, hidden size, MLP intermediate size) from the config alone, without loading weights."""
     config = model_config(model_cfg, source)
