@@ -169,3 +169,20 @@ def test_minilm_outlier_dimensions(tmp_path):
     found = gamma_outliers(loaded.sites, tail="both")
     assert found["norm_after_attn"]["consistent"] == [99, 223]
     assert found["norm_after_mlp"]["consistent"] == [127, 223]
+
+
+def test_pkg_source_resolves_a_model_directory_shipped_in_a_package(tmp_path, monkeypatch):
+    from outlierlab.models.source import SourceError, resolve_source
+    package = tmp_path / "outlierlab_fake_models"
+    (package / "model").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('never imported: find_spec only')\n")
+    (package / "model" / "config.json").write_text("{}")
+    (package / "empty").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = compose_cfg(["model=minilm_l6"]).model
+    cfg.source = "pkg://outlierlab_fake_models/model"
+    source = resolve_source(cfg)
+    assert source.kind == "local" and source.location == str(package / "model")
+    cfg.source = "pkg://outlierlab_fake_models/empty"
+    with pytest.raises(SourceError, match="directory without config.json"):
+        resolve_source(cfg)
