@@ -9,8 +9,6 @@
 """
 from __future__ import annotations
 
-from omegaconf import OmegaConf
-
 from outlierlab.errors import ConfigError
 from outlierlab.probes.channel_outliers import (
     ChannelStats,
@@ -19,6 +17,7 @@ from outlierlab.probes.channel_outliers import (
     channel_outliers,
     channel_points,
     coincidence,
+    criteria_from_config,
     forward_windows,
     gamma_outliers,
 )
@@ -26,17 +25,7 @@ from outlierlab.tables import Column, Table, columns, ratio_to_baseline
 
 
 def criteria(cfg) -> tuple[OutlierCriterion, GammaCriterion]:
-    try:
-        outlier = OutlierCriterion(**OmegaConf.to_container(cfg.exp.criterion))
-        gamma = GammaCriterion(**OmegaConf.to_container(cfg.exp.gamma_criterion))
-    except TypeError as error:
-        raise ConfigError(f"exp.criterion / exp.gamma_criterion: {error}") from None
-    for key in ("position_share", "layer_share"):
-        if not 0 < getattr(outlier, key) <= 1:
-            raise ConfigError(f"exp.criterion.{key}={getattr(outlier, key)} must be in (0, 1]")
-    if not 0 < gamma.layer_share <= 1:
-        raise ConfigError(f"exp.gamma_criterion.layer_share={gamma.layer_share} must be in (0, 1]")
-    return outlier, gamma
+    return criteria_from_config(cfg.exp)
 
 
 def check(cfg, plan) -> None:

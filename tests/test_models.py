@@ -107,7 +107,7 @@ def test_unknown_sites_and_architectures_fail_clearly(tiny_llama):
     with pytest.raises(KeyError, match="unknown site"):
         tiny_llama.sites.module("layers.0.mlp.gate")
     with pytest.raises(UnsupportedArchitecture, match="supported model types: .*llama"):
-        family_for("bert")
+        family_for("t5")
 
 
 def test_sources_resolve_without_loading(tmp_path):

@@ -29,6 +29,7 @@ from outlierlab.models.load import (
     DTYPES,
     LoadedModel,
     check_layout,
+    is_encoder,
     load_model,
     model_shape,
 )
@@ -165,6 +166,9 @@ def preflight(cfg: DictConfig) -> Plan:
     source = resolve_source(model, cfg.paths.cache_dir) if cfg.exp.get("load_model", True) else None
     if source is not None:
         check_layout(model, source)
+        if (cfg.eval.get("ppl") or cfg.eval.get("zeroshot")) and is_encoder(model, source):
+            raise ConfigError(f"model '{model.name}' is an encoder (no LM head): eval={cfg.eval.name} scores "
+                              f"perplexity / zero-shot; use eval=embedding (e.g. +exp=ro_encoder)")
     super_weights = _registry_super_weights(model, source)
     output = result_path(cfg.paths.results_dir, cfg.exp.name, model.name, cfg.run_tag)
     plan = Plan(source, interventions, super_weights, data_dir, output, recipe)

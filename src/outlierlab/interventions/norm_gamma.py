@@ -8,15 +8,16 @@ family's convention (models/sites.py `norm_gain_offset`): Llama-style norms mult
               (BERT Busters' 3 sigma, per layer: probes/channel_outliers.py); "consistent": BERT Busters' outlier
               dimensions of that norm role (outliers in >= half of the layers), reset in every layer; or an explicit
               list of channels, reset in every chosen norm
-    value     "one" (gain 1) or "mean" (the mean gain of the norm's other channels)
+    value     "one" (gain 1), "mean" (the mean gain of the norm's other channels) or "zero" (gain 0: BERT Busters'
+              "disabling" of an outlier dimension, with bias=true its beta too)
     tail      "high" (default: gains above the mean, the ones that make large activations) or "both" (BERT
               Busters' |gain - mean| > sigma std)
     control   "random": as many channels per norm as the rule above picks, drawn at random (seeded) from the
               channels it does not pick: does resetting *any* channels do the same?
     norms     norm roles (norm1, norm2, norm_attn_out, norm_mlp_out, final_norm) or "all"
     layers    "all" or a list of block indices (final_norm is not in a block and ignores it)
-    bias      also reset the bias of those channels (LayerNorm's beta: to 0 with "one", to the others' mean with
-              "mean"); RMSNorm has none
+    bias      also reset the bias of those channels (LayerNorm's beta: to 0 with "one" and "zero", to the others'
+              mean with "mean"); RMSNorm has none
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ CHANNEL_RULES = ("detected", "consistent")
 
 
 class ResetNormGamma(Intervention):
-    VALUES = ("one", "mean")
+    VALUES = ("one", "mean", "zero")
     CONTROLS = (None, "random")
 
     def __init__(self, channels="detected", value: str = "one", control: str | None = None, norms="all",
@@ -77,7 +78,7 @@ class ResetNormGamma(Intervention):
             if layer >= sites.num_layers:
                 raise ValueError(f"layers: {layer} is outside the model's {sites.num_layers} layers")
             found += [n for n in sites.norms(layer) if self.norms == "all" or kind(n) in self.norms]
-        if self.norms == "all" or "final_norm" in self.norms:
+        if (self.norms == "all" or "final_norm" in self.norms) and sites.has("final_norm"):
             if getattr(sites.module("final_norm"), "weight", None) is not None:
                 found.append("final_norm")
         return found
@@ -113,14 +114,14 @@ class ResetNormGamma(Intervention):
             gain = sites.norm_gain(norm)
             keep = torch.ones_like(gain, dtype=torch.bool)
             keep[index] = False
-            target = 1.0 if self.value == "one" else float(gain[keep].mean())
+            target = {"one": 1.0, "zero": 0.0}.get(self.value) if self.value != "mean" else float(gain[keep].mean())
             before = gain[index].tolist()
             session.set(module.weight, (index,), torch.full((len(chosen),), target - offset,
                                                             dtype=module.weight.dtype, device=module.weight.device))
             entry = {"channels": chosen, "gain_before": [round(v, 4) for v in before], "gain_after": round(target, 6)}
             if self.bias and getattr(module, "bias", None) is not None:
                 beta = module.bias.detach().float()
-                value = 0.0 if self.value == "one" else float(beta[keep.to(beta.device)].mean())
+                value = float(beta[keep.to(beta.device)].mean()) if self.value == "mean" else 0.0
                 session.set(module.bias, (index,), torch.full((len(chosen),), value, dtype=module.bias.dtype,
                                                               device=module.bias.device))
                 entry["bias_after"] = value

