@@ -24,7 +24,7 @@ from outlierlab.train.data import (
     with_sink,
 )
 from outlierlab.train.loop import train
-from outlierlab.train.modeling import build_model
+from outlierlab.train.modeling import build_model, resume_training
 
 
 def check(cfg, plan) -> None:
@@ -71,7 +71,7 @@ def run(ctx) -> dict:
                 "data": streams.meta}
     settings = OmegaConf.create({**OmegaConf.to_container(size), "seed": cfg.exp.seed, "l1_gamma": variant.l1_gamma})
     outcome = train(model, streams, tokenizer, settings, cfg.train.output_dir, metadata, val, prefix,
-                    resume=cfg.exp.resume)
+                    resume=resume_training(cfg.train.output_dir, cfg.exp.resume, cfg.get("overwrite", False)))
 
     history = outcome["history"]
     evaluations = [entry for entry in history if "val_loss" in entry]

@@ -209,6 +209,25 @@ def test_resuming_continues_the_same_loss_curve(streams, tmp_path):
     assert straight["history"][-1]["val_loss"] == pytest.approx(resumed["history"][-1]["val_loss"], abs=1e-5)
 
 
+def test_overwrite_trains_a_finished_run_again_and_a_requeued_one_resumes(streams, tmp_path):
+    """overwrite=true on a finished run starts again at step 0 (resuming its last checkpoint would train nothing);
+    an interrupted run, with or without overwrite, continues from its checkpoint."""
+    from outlierlab.train.modeling import resume_training
+    variant = variant_cfg("vanilla")
+    val = streams.val[: 4 * SEQLEN].view(4, SEQLEN)
+    output = tmp_path / "run"
+    train(model_for(variant, streams.tokenizer), streams, streams.tokenizer, settings(4), output, {}, val, None)
+    assert resume_training(output, resume=True, overwrite=False) is True  # a finished run, no overwrite: resumed
+    again = train(model_for(variant, streams.tokenizer), streams, streams.tokenizer, settings(4), output, {}, val,
+                  None, resume=resume_training(output, resume=True, overwrite=True), stop_at=2)
+    assert again["resumed_from"] is None and again["steps"] == 2
+    # the requeued job of that overwrite run finds no finished marker and continues its own checkpoint
+    assert resume_training(output, resume=True, overwrite=True) is True
+    rest = train(model_for(variant, streams.tokenizer), streams, streams.tokenizer, settings(4), output, {}, val,
+                 None, resume=True)
+    assert rest["resumed_from"] == 2 and len(rest["history"]) == 4
+
+
 @pytest.mark.parametrize("name,model_type", [("vanilla", "llama"), ("gated", "outlierlab_llama")])
 def test_trained_checkpoint_loads_with_model_source(name, model_type, streams, tmp_path):
     variant = variant_cfg(name)

@@ -22,6 +22,7 @@ from outlierlab.models.coords import SuperWeight
 from outlierlab.models.hashing import weights_sha256
 from outlierlab.results import to_jsonable
 from outlierlab.tables import Table, columns
+from outlierlab.train.modeling import resume_training
 
 METADATA_FILE = "outlierlab.json"  # as train.modeling: model=trained reads the BOS policy from it
 
@@ -133,7 +134,8 @@ class Study:
         claimed = selection.claimed()
         output = Path(cfg.exp.output_dir)
         started = time.time()
-        training = finetune(selection, self.batches, cfg.finetune, output / "checkpoint", resume=cfg.exp.resume,
+        resume = resume_training(output, cfg.exp.resume, cfg.get("overwrite", False))
+        training = finetune(selection, self.batches, cfg.finetune, output / "checkpoint", resume=resume,
                             desc=f"finetune {method.name} on {task.name}")
         train_seconds = time.time() - started
         if selection.peft:

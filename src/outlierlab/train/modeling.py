@@ -81,6 +81,18 @@ def exportable(model: OutlierLlamaForCausalLM) -> torch.nn.Module:
     return plain.to(next(model.parameters()).dtype)
 
 
+def resume_training(output_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Whether a training run continues from its checkpoint. A run is finished once its final model (with
+    METADATA_FILE) is saved; `overwrite=true` on a finished run trains again from step 0 (resuming would "rerun" by
+    loading the last step and training nothing). The finished marker is removed first, so a requeued job of that
+    new run resumes its own checkpoint."""
+    marker = Path(output_dir) / METADATA_FILE
+    if overwrite and marker.is_file():
+        marker.unlink()
+        return False
+    return resume
+
+
 def save_pretrained(model: OutlierLlamaForCausalLM, tokenizer, directory: Path, metadata: dict) -> Path:
     """HF-format directory: config.json + model.safetensors + tokenizer files + outlierlab.json."""
     directory = Path(directory)
