@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
@@ -77,15 +79,24 @@ def _one_pass(ctx, windows, bos: str) -> tuple:
     residual = ResidualStats(loaded.sites, k=1, exceedance=criterion.exceedance())
     tokens = OutlierTokens(loaded.sites, _criterion(TokenCriterion, exp.outlier_tokens))
     channels = ChannelOutliers(loaded.sites, _criterion(ChannelCriterion, exp.channel_outliers))
-    sinks = SinkRate(loaded.sites, _criterion(SinkCriterion, exp.attention_sinks))
-    with torch.no_grad(), residual, tokens, channels, sinks:
+    # A model whose attention cannot be observed (Falcon) still gets the rest of its atlas; the sinks say why not.
+    sinks = SinkRate(loaded.sites, _criterion(SinkCriterion, exp.attention_sinks)) \
+        if loaded.sites.attention_observable else None
+    with torch.no_grad(), residual, tokens, channels, sinks or contextlib.nullcontext():
         for batch in tqdm(windows.ids.split(exp.data.corpus.batch_size), desc="atlas: one pass"):
             residual.observe(batch, position_roles(batch, is_delimiter, bos))
             tokens.observe(batch)
             loaded.model(batch.to(loaded.device))
     found = find_massive_activations(residual.summary(), residual.sequences, criterion,
                                      lambda token: loaded.tokenizer.decode([token]))
-    return residual, found, tokens.summary(), channels.summary(), sinks.summary()
+    return residual, found, tokens.summary(), channels.summary(), sinks.summary() if sinks else _no_sinks(loaded)
+
+
+def _no_sinks(loaded) -> dict:
+    return {"observable": False, "reason": f"{loaded.info['model_type']} attention does not go through transformers' "
+            "AttentionInterface, so its attention probabilities cannot be observed",
+            "sink_rate": None, "sink_heads": None, "heads": None,
+            "per_layer": [{"layer": layer, "share": None} for layer in range(loaded.sites.num_layers)]}
 
 
 def _origin(ctx, location: dict, first_window: torch.Tensor, gains: list[dict], detected: dict) -> dict:

@@ -162,3 +162,20 @@ def test_atlas_end_to_end_on_a_tiny_model_with_a_planted_super_weight(tmp_path):
     assert sorted(p.name for p in written) == ["atlas_index.md", "atlas_index.tex", "atlas_overview.pdf",
                                                "atlas_overview.png"]
     assert "(1, 7, 33)" in (tmp_path / "tables" / "atlas_index.md").read_text()
+
+
+def test_atlas_on_a_model_whose_attention_cannot_be_observed_says_so_and_measures_the_rest(tmp_path):
+    """Falcon's attention has no eager function to observe: its atlas records why there is no sink rate, and the
+    table and figure are still built."""
+    falcon = ["model=tiny_llama", "model.tiny.model_type=falcon", "+model.tiny.alibi=false", "+model.tiny.bias=true",
+              "+model.tiny.ffn_hidden_size=128", "+model.tiny.parallel_attn=true"]
+    cfg = compose_cfg(["+exp=atlas", *falcon, "logger=none", f"paths.results_dir={tmp_path}/results", *SMALL_EVAL,
+                       "exp.data.corpus.windows=2", "exp.data.corpus.seqlen=32"])
+    record = execute(cfg)
+    sinks = record["attention_sinks"]
+    assert sinks["observable"] is False and sinks["sink_rate"] is None and "cannot be observed" in sinks["reason"]
+    assert record["per_layer"]["int8_channels"] and record["weights_restored"]
+    from outlierlab.reports import run_builders
+    written = run_builders("tables", tmp_path / "results", tmp_path / "tables", ["atlas"])
+    written += run_builders("figures", tmp_path / "results", tmp_path / "figures", ["atlas"])
+    assert {p.name for p in written} >= {"atlas_index.md", "atlas_overview.png"}
