@@ -26,7 +26,7 @@ import torch
 from outlierlab.errors import ConfigError
 from outlierlab.evals.data import check_corpus, load_corpus
 from outlierlab.interventions.norm_gamma import ResetNormGamma
-from outlierlab.models.load import is_encoder
+from outlierlab.models.load import check_layout
 from outlierlab.probes.channel_outliers import (
     ChannelStats,
     channel_outliers,
@@ -48,7 +48,9 @@ def criteria(cfg):
 def check(cfg, plan) -> None:
     criteria(cfg)
     exp = cfg.exp
-    if plan.source is not None and is_encoder(cfg.model, plan.source) is False:
+    # the runner's preflight has checked the layout already: check_layout returns its Family from the cache
+    family = check_layout(cfg.model, plan.source) if plan.source is not None else None
+    if plan.source is not None and (plan.source.kind == "gguf" or (family is not None and not family.encoder)):
         raise ConfigError(f"+exp=ro_encoder needs an encoder (the site table's bert family); model "
                           f"'{cfg.model.name}' is a decoder: use +exp=ro_gamma")
     s = exp.sentences

@@ -29,7 +29,6 @@ from outlierlab.models.load import (
     DTYPES,
     LoadedModel,
     check_layout,
-    is_encoder,
     load_model,
     model_shape,
 )
@@ -165,8 +164,8 @@ def preflight(cfg: DictConfig) -> Plan:
     # exp.load_model: false; the runner then loads nothing and ctx.loaded is None.
     source = resolve_source(model, cfg.paths.cache_dir) if cfg.exp.get("load_model", True) else None
     if source is not None:
-        check_layout(model, source)
-        if (cfg.eval.get("ppl") or cfg.eval.get("zeroshot")) and is_encoder(model, source):
+        family = check_layout(model, source)
+        if (cfg.eval.get("ppl") or cfg.eval.get("zeroshot")) and family is not None and family.encoder:
             raise ConfigError(f"model '{model.name}' is an encoder (no LM head): eval={cfg.eval.name} scores "
                               f"perplexity / zero-shot; use eval=embedding (e.g. +exp=ro_encoder)")
     super_weights = _registry_super_weights(model, source)

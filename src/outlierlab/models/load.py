@@ -169,25 +169,26 @@ def model_config(model_cfg, source: ModelSource):
     return config
 
 
-def check_layout(model_cfg, source: ModelSource) -> None:
+def check_layout(model_cfg, source: ModelSource):
     """The site table's checks (models/sites.py: a family for this config, every module it requires in every block)
     on the model built on the meta device from its config alone, so an unsupported layout stops before any weights
     load. A config that cannot be fetched here (an unreachable hub) is left to the load, which checks again, as it does
     for GGUF files: transformers maps them onto its own standard classes, and reading a GGUF's config parses all its
-    metadata (seconds for Gemma's 262k-token vocabulary)."""
+    metadata (seconds for Gemma's 262k-token vocabulary). Returns the model's Family, or None where it was not
+    checked here (a GGUF is always a decoder)."""
     if source.kind == "gguf":
-        return
+        return None
     try:
         config = model_config(model_cfg, source)
     except OSError:
-        return
+        return None
     except ValueError as error:
         raise SourceError(f"model.source={model_cfg.source}: its config cannot be read "
                           f"({str(error).splitlines()[0][:200]})") from None
     key = config.to_json_string()
     if key in _LAYOUTS_CHECKED:  # preflight runs once per sweep cell; the same config needs checking once
-        return
-    family_for(config)
+        return _LAYOUTS_CHECKED[key]
+    family = family_for(config)
     try:
         with torch.device("meta"):
             model = auto_class(config).from_config(config,
@@ -196,21 +197,11 @@ def check_layout(model_cfg, source: ModelSource) -> None:
         raise UnsupportedArchitecture(f"this {config.model_type} model cannot be built from its config "
                                       f"({str(error).splitlines()[0][:200]})") from None
     Sites(model)
-    _LAYOUTS_CHECKED.add(key)
+    _LAYOUTS_CHECKED[key] = family
+    return family
 
 
-_LAYOUTS_CHECKED: set[str] = set()
-
-
-def is_encoder(model_cfg, source: ModelSource) -> bool | None:
-    """Whether the model is of an encoder family (no LM head), from its config alone; None if that cannot be read
-    here (an unreachable hub; a GGUF is always a decoder)."""
-    if source.kind == "gguf":
-        return False
-    try:
-        return family_for(model_config(model_cfg, source)).encoder
-    except (OSError, ValueError, UnsupportedArchitecture):
-        return None
+_LAYOUTS_CHECKED: dict = {}  # config JSON -> Family
 
 
 def model_shape(model_cfg, source: ModelSource) -> tuple[int, int, int]:
