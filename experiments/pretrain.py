@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from outlierlab.errors import ConfigError
 from outlierlab.tables import Table, columns
-from outlierlab.train.attention import ATTENTION_VARIANTS
+from outlierlab.models.variant_attention import ATTENTION_VARIANTS
 from outlierlab.train.data import (
     SINK,
     check_data,

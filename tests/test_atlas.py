@@ -20,7 +20,7 @@ from outlierlab.probes.outliers import (
     norm_modules,
 )
 from outlierlab.runner import execute
-from outlierlab.train.attention import ATTENTION_VARIANTS
+from outlierlab.models.variant_attention import ATTENTION_VARIANTS
 from outlierlab.train.modeling import build_model
 
 ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -18,7 +18,7 @@ from outlierlab.interventions.fake_quant import W8A8, quantize_rtn
 from outlierlab.models.load import byte_tokenizer, load_model
 from outlierlab.probes.moments import SiteMoments
 from outlierlab.runner import execute, preflight
-from outlierlab.train.attention import clipped_softmax
+from outlierlab.models.variant_attention import clipped_softmax
 from outlierlab.train.data import TokenStreams
 from outlierlab.train.loop import train
 from outlierlab.train.modeling import OutlierLlamaForCausalLM, build_model

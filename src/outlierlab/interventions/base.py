@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from outlierlab.models.edit import WeightEdits
+
 
 class Intervention(ABC):
     """One edit. Subclasses validate their arguments in __init__ (before any weights load)."""
@@ -51,74 +53,16 @@ class StudyContext:
         return cls(**(context or {}))
 
 
-class EditSession:
-    """Holds what the interventions changed so it can be undone; `context` (a StudyContext, or a dict of its
-    fields) is what the interventions read about the model."""
+class EditSession(WeightEdits):
+    """The edits of a study's interventions (WeightEdits: undone bit-exactly on exit); `context` (a StudyContext, or
+    a dict of its fields) is what the interventions read about the model."""
 
     def __init__(self, loaded, context: StudyContext | dict | None = None):
-        self.loaded = loaded
-        self.sites = loaded.sites
+        super().__init__(loaded)
         self.context = StudyContext.of(context)
-        self._saved: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
-        self._originals: dict[tuple[int, tuple], torch.Tensor] = {}
-        self._handles = []
-        self._batch_dependent: list = []  # hooks whose result for one sequence depends on the others in its batch
         self.log: list[dict] = []
-
-    def set(self, param: torch.Tensor, index: tuple, values) -> None:
-        """param.data[index] = values, remembering the original elements."""
-        with torch.no_grad():
-            # One copy, kept on the CPU: a whole-matrix edit (quantization) must not double the accelerator's memory.
-            saved = param.data[index].to("cpu", copy=True)
-            self._saved.append((param, index, saved))
-            self._originals.setdefault((id(param), self._index_key(index)), saved)
-            param.data[index] = values
-
-    def original(self, param: torch.Tensor, index: tuple) -> torch.Tensor:
-        """The value at `index` before this session touched it."""
-        saved = self._originals.get((id(param), self._index_key(index)))
-        return param.data[index].clone() if saved is None else saved.to(param.device, copy=True)
-
-    @staticmethod
-    def _index_key(index: tuple) -> tuple:
-        return tuple(tuple(i.tolist()) if isinstance(i, torch.Tensor) else i for i in index)
-
-    def hook(self, site: str, fn, batch_invariant: bool = True) -> None:
-        """fn at a site (Sites hook point) until the session ends."""
-        self.add_hook(self.sites.register(site, fn), batch_invariant)
-
-    def add_hook(self, handle, batch_invariant: bool = True) -> None:
-        """Keep a hook until undo. `batch_invariant=False` for a hook whose output for one sequence depends on the
-        other sequences of its batch (e.g. one quantization range over the whole batch tensor): evaluations then
-        run one sequence at a time while it is on (see `batch_invariant`)."""
-        self._handles.append(handle)
-        if not batch_invariant:
-            self._batch_dependent.append(handle)
-
-    @property
-    def batch_invariant(self) -> bool:
-        """True when every live hook treats each sequence of a batch on its own, so batching changes nothing."""
-        return not self._batch_dependent
 
     def apply(self, interventions) -> "EditSession":
         for intervention in interventions:
             intervention.apply(self)
         return self
-
-    def undo(self) -> None:
-        for handle in reversed(self._handles):
-            handle.remove()
-        self._handles.clear()
-        self._batch_dependent.clear()
-        with torch.no_grad():
-            for param, index, saved in reversed(self._saved):
-                param.data[index] = saved
-        self._saved.clear()
-        self._originals.clear()
-
-    def __enter__(self) -> "EditSession":
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self.undo()
-        return False

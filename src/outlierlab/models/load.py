@@ -150,7 +150,7 @@ def _device(model_cfg) -> str:
 def register_local_model_types() -> None:
     """The model types outlierlab defines itself (train/modeling.py: outlierlab_llama), registered with transformers'
     Auto classes explicitly before a config is read, not as a side effect of importing this module."""
-    from outlierlab.train.modeling import register_with_transformers
+    from outlierlab.models.outlier_llama import register_with_transformers
     register_with_transformers()
 
 

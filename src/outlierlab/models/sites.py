@@ -36,7 +36,8 @@ gives both anchors; `Sites.paper_label`):
     layers.{i}.norm_after_mlp.out  post-LN residual after the MLP (BERT; equals the block output)
     layers.{i}.out                 block output
 
-Adding a family is one `Family` entry; nothing else in the code looks at model names. An entry is chosen by the
+Adding a family is one `Family` entry in `models/families.py` (the data); this module resolves sites through it,
+`models/hooks.py` attaches the functions. Nothing else in the code looks at model names. An entry is chosen by the
 config's model_type and, where a type has several block layouts, by config attributes (`Family.when`); when a model
 loads, `Sites` checks every module its entry names in every block, so a layout the table does not describe fails in
 one line instead of giving wrong numbers.
@@ -53,170 +54,16 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from outlierlab.errors import UnsupportedArchitecture  # noqa: F401 (re-exported)
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    model_types: tuple[str, ...]
-    layers: str  # attribute path from the CausalLM to the list of decoder blocks
-    attn: str
-    norm1: str | None  # None: the family has no such pre-norm (OLMo-2 normalizes sublayer outputs instead)
-    norm2: str | None
-    down_proj: str
-    embed: str
-    final_norm: str | None  # None: the family has no norm before the LM head (OPT post-LN)
-    # GPT-2's Conv1D stores weights as [in, out] (its MLP's c_fc and c_proj); every other family uses [out, in].
-    down_proj_transposed: bool = False
-    # The other linears of a block (None: the family has none; a model of the family without it, e.g. Phi-3's fused
-    # gate_up_proj, is told so when the site is resolved).
-    gate_proj: str | None = None
-    # The MLP's input projection whose output channels are down_proj's input channels (up_proj in gated MLPs,
-    # the first linear elsewhere): where a super weight's input spike is made.
-    up_proj: str | None = None
-    o_proj: str | None = None
-    # Norms of the sublayer outputs (sandwich norms): applied to the attention / MLP output before the residual add.
-    norm_attn_out: str | None = None
-    norm_mlp_out: str | None = None
-    # Post-LN norms of the residual sum, applied after the add: LN(x + attn(x)), LN(h + mlp(h)) (BERT). Not input
-    # norms (nothing else normalises a sublayer's input) and not sandwich norms (those act before the add).
-    norm_after_attn: str | None = None
-    norm_after_mlp: str | None = None
-    # An encoder (BERT): loaded with AutoModel, no LM head; `layers`/`embed` are paths from that base model.
-    encoder: bool = False
-    # How a norm's stored weight w becomes its gain: gain = norm_gain_offset + w (1.0 for Gemma's RMSNorm, which
-    # multiplies by 1 + w; 0.0 for a plain gamma). Every norm of a family follows its convention.
-    norm_gain_offset: float = 0.0
-    # Config attributes that pick this entry among those of the same model type: {attribute: allowed values}
-    # (Falcon's three block layouts, OPT's pre-/post-LN). Read from the model's config, never from its name. The
-    # first entry (in table order) whose conditions hold is the model's, as in a routing table.
-    when: tuple[tuple[str, tuple], ...] = ()
-    # Attention and MLP both read the block input (Falcon's parallel blocks): there is no residual after attention.
-    parallel_blocks: bool = False
-    # OPT flattens the MLP path (norm2, fc1, fc2) to [batch * positions, channels]; hooks there still receive
-    # [batch, positions, channels], like every other family's.
-    flat_mlp: bool = False
-    # SmoothQuant's norm -> linears table (arXiv 2211.10438, as its smooth.py does for Llama and OPT): the linears
-    # inside a block that read each norm's output. A fused projection (Phi-3's qkv_proj / gate_up_proj) is listed
-    # beside the split ones; the ones a model has are used. None: no table (smoothing refuses the family).
-    smooth_groups: tuple[tuple[str, tuple[str, ...]], ...] | None = None
-
-    def matches(self, config) -> bool:
-        """The config's type is one of this entry's and every `when` condition holds (an absent attribute reads
-        as None)."""
-        return config.model_type in self.model_types and all(
-            getattr(config, attribute, None) in allowed for attribute, allowed in self.when)
-
-    def required_roles(self) -> list[str]:
-        """Block roles every block of a model of this family must have: the ones the table names, except the
-        optional other linears (gate/up/o_proj), which are checked when addressed."""
-        return [role for role in ROLES if role not in OPTIONAL_ROLES and self.path(role) is not None]
-
-    def path(self, role: str) -> str | None:
-        """The module path inside a block for a role (`norm1`, `mlp.down_proj`, ...)."""
-        return getattr(self, _ROLE_FIELDS[role])
-
-
-# Block roles: the sites `layers.{i}.<role>` -> the Family field holding their module path.
-_ROLE_FIELDS = {"attn": "attn", "norm1": "norm1", "norm2": "norm2", "norm_attn_out": "norm_attn_out",
-                "norm_mlp_out": "norm_mlp_out", "norm_after_attn": "norm_after_attn",
-                "norm_after_mlp": "norm_after_mlp", "mlp.down_proj": "down_proj", "mlp.gate_proj": "gate_proj",
-                "mlp.up_proj": "up_proj", "attn.o_proj": "o_proj"}
-ROLES = tuple(_ROLE_FIELDS)
-# Linears a model of a family may lack (Phi-3's fused gate_up_proj): checked when a site addresses them.
-OPTIONAL_ROLES = ("mlp.gate_proj", "mlp.up_proj", "attn.o_proj")
-
-
-_LLAMA_PATHS = dict(layers="model.layers", attn="self_attn", norm1="input_layernorm", norm2="post_attention_layernorm",
-                    down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm",
-                    gate_proj="mlp.gate_proj", up_proj="mlp.up_proj", o_proj="self_attn.o_proj")
-_LLAMA_SMOOTH = (("norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj")),
-                 ("norm2", ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj")))
-_OPT_PATHS = dict(layers="model.decoder.layers", attn="self_attn", down_proj="fc2", embed="model.decoder.embed_tokens",
-                  up_proj="fc1", o_proj="self_attn.out_proj", flat_mlp=True)
-_FALCON_NORM_PER_SUBLAYER_SMOOTH = (("norm1", ("self_attention.query_key_value",)), ("norm2", ("mlp.dense_h_to_4h",)))
-_FALCON_PATHS = dict(layers="transformer.h", attn="self_attention", down_proj="mlp.dense_4h_to_h",
-                     embed="transformer.word_embeddings", final_norm="transformer.ln_f", up_proj="mlp.dense_h_to_4h",
-                     o_proj="self_attention.dense")
-
-FAMILIES: tuple[Family, ...] = (
-    Family(
-        # Phi-3's fused gate_up_proj has no split gate/up sites (told when addressed). Mixture-of-experts models
-        # (Mixtral: no single down_proj) are not here: they are refused with the list of supported types.
-        name="llama-like",
-        model_types=("llama", "mistral", "qwen2", "qwen3", "olmo", "phi3", "smollm3", "granite", "outlierlab_llama"),
-        **_LLAMA_PATHS, smooth_groups=_LLAMA_SMOOTH,
-    ),
-    # Gemma (1) has Llama's module paths, but its RMSNorm multiplies by 1 + w (a stored w = 0 is a gain of 1).
-    Family(name="gemma", model_types=("gemma",), norm_gain_offset=1.0, **_LLAMA_PATHS, smooth_groups=_LLAMA_SMOOTH),
-    Family(
-        # Gemma-2/3 norm both sides of each sublayer: post_attention_layernorm normalizes the attention *output*;
-        # the MLP's input norm is pre_feedforward_layernorm. Gains are 1 + w, as in Gemma.
-        name="gemma2-like", model_types=("gemma2", "gemma3_text"),
-        **{**_LLAMA_PATHS, "norm2": "pre_feedforward_layernorm"},
-        norm_attn_out="post_attention_layernorm", norm_mlp_out="post_feedforward_layernorm", norm_gain_offset=1.0,
-        smooth_groups=_LLAMA_SMOOTH,
-    ),
-    Family(
-        # OLMo-2 is post-norm: post_attention_layernorm / post_feedforward_layernorm normalize the sublayer outputs,
-        # so it has no norm1/norm2 (input norms) to address.
-        name="olmo2", model_types=("olmo2",),
-        **{**_LLAMA_PATHS, "norm1": None, "norm2": None},
-        norm_attn_out="post_attention_layernorm", norm_mlp_out="post_feedforward_layernorm",
-    ),
-    Family(
-        name="gpt2", model_types=("gpt2",),
-        layers="transformer.h", attn="attn", norm1="ln_1", norm2="ln_2",
-        down_proj="mlp.c_proj", embed="transformer.wte", final_norm="transformer.ln_f", down_proj_transposed=True,
-        up_proj="mlp.c_fc", o_proj="attn.c_proj", smooth_groups=(("norm1", ("attn.c_attn",)), ("norm2", ("mlp.c_fc",))),
-    ),
-    Family(
-        # OPT-125m, 1.3b, ... normalize before each sublayer (do_layer_norm_before).
-        name="opt", model_types=("opt",), when=(("do_layer_norm_before", (True,)),),
-        norm1="self_attn_layer_norm", norm2="final_layer_norm", final_norm="model.decoder.final_layer_norm",
-        **_OPT_PATHS,
-        smooth_groups=(("norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), ("norm2", ("fc1",))),
-    ),
-    Family(
-        # OPT-350m normalizes after each residual add (post-LN): its norms are not sublayer inputs, so there is no
-        # norm1/norm2 to address, and no final norm.
-        name="opt-post-ln", model_types=("opt",), when=(("do_layer_norm_before", (False,)),),
-        norm1=None, norm2=None, final_norm=None, **_OPT_PATHS,
-    ),
-    Family(
-        # Falcon-40B/180B (new_decoder_architecture, two norms in parallel): ln_attn feeds attention, ln_mlp the MLP,
-        # both from the block input.
-        name="falcon-parallel-2ln", model_types=("falcon",),
-        when=(("new_decoder_architecture", (True,)), ("num_ln_in_parallel_attn", (None, 2))),
-        norm1="ln_attn", norm2="ln_mlp", parallel_blocks=True, **_FALCON_PATHS,
-        smooth_groups=_FALCON_NORM_PER_SUBLAYER_SMOOTH,
-    ),
-    Family(
-        # Falcon-7B (parallel_attn): one input_layernorm feeds attention and the MLP; there is no MLP input norm.
-        name="falcon-parallel", model_types=("falcon",), when=(("parallel_attn", (True,)),),
-        norm1="input_layernorm", norm2=None, parallel_blocks=True, **_FALCON_PATHS,
-        smooth_groups=(("norm1", ("self_attention.query_key_value", "mlp.dense_h_to_4h")),),
-    ),
-    Family(
-        # Falcon-RW (sequential blocks, as Llama's).
-        name="falcon", model_types=("falcon",), when=(("parallel_attn", (False,)),),
-        norm1="input_layernorm", norm2="post_attention_layernorm", **_FALCON_PATHS,
-        smooth_groups=_FALCON_NORM_PER_SUBLAYER_SMOOTH,
-    ),
-    Family(
-        # BERT-style encoders (BertModel, loaded without a head; all-MiniLM-L6-v2): post-LN, each LayerNorm comes
-        # after a residual add, so there are no norm1/norm2 and no final norm. attn is the self-attention module
-        # that calls the attention function (its output is the heads' context before attention.output.dense).
-        name="bert", model_types=("bert",), encoder=True,
-        layers="encoder.layer", attn="attention.self", norm1=None, norm2=None,
-        norm_after_attn="attention.output.LayerNorm", norm_after_mlp="output.LayerNorm",
-        down_proj="output.dense", embed="embeddings.word_embeddings", final_norm=None,
-        up_proj="intermediate.dense", o_proj="attention.output.dense",
-    ),
+from outlierlab.models.families import (  # noqa: F401 (FAMILIES, Family, supported_model_types re-exported)
+    FAMILIES,
+    NORM_ROLES,
+    ROLES,
+    Family,
+    family_for,
+    supported_model_types,
 )
+from outlierlab.models.hooks import Handles, attach, first_tensor
 
-# Norm roles of a block, in forward order (the ones a family has: `Sites.norms`).
-NORM_ROLES = ("norm1", "norm_attn_out", "norm_after_attn", "norm2", "norm_mlp_out", "norm_after_mlp")
 # Hook points inside a block that are another module's input or output: name -> (module role, point).
 BLOCK_ALIASES = {"attn.in": ("norm1", "out"), "mid": ("norm2", "in"), "mlp.in": ("norm2", "out"),
                  "mlp.act.out": ("mlp.down_proj", "in"), "mlp.out": ("mlp.down_proj", "out")}
@@ -225,29 +72,6 @@ BLOCK_POINTS = ("attn.in", "attn.out", "norm_attn_out.out", "norm_after_attn.out
                 "mlp.up_proj.out", "mlp.act.out", "mlp.out", "norm_mlp_out.out", "norm_after_mlp.out", "out")
 # The points paper RO numbers y1, y2, ... (our reading; see the module docstring).
 _PAPER_POINTS = ("attn.in", "attn.out", "mlp.in", "mlp.gate_proj.out", "mlp.up_proj.out", "mlp.act.out")
-
-
-def supported_model_types() -> list[str]:
-    return sorted({t for family in FAMILIES for t in family.model_types})
-
-
-def family_for(config) -> Family:
-    """The Family entry for a transformers config: the first of its model type whose `when` holds (or, for a bare
-    model type, its first entry)."""
-    model_type = config if isinstance(config, str) else config.model_type
-    entries = [family for family in FAMILIES if model_type in family.model_types]
-    if not entries:
-        raise UnsupportedArchitecture(f"architecture '{model_type}' has no site table; supported model types: "
-                                      f"{', '.join(supported_model_types())}")
-    if isinstance(config, str):
-        return entries[0]
-    for family in entries:
-        if family.matches(config):
-            return family
-    described = "; ".join(f"{family.name}: " + ", ".join(f"{key} in {list(allowed)}" for key, allowed in family.when)
-                          for family in entries)
-    raise UnsupportedArchitecture(f"this {model_type} config matches no {model_type} layout of the site table "
-                                  f"({described})")
 
 
 def _getattr_path(root: nn.Module, path: str):
@@ -266,11 +90,6 @@ def _has_path(root: nn.Module, path: str) -> bool:
 
 # The module types a "linear layer" is: GPT-2's Conv1D is a linear layer stored as [in, out].
 LINEAR_TYPES = (nn.Linear, Conv1D)
-
-
-def first_tensor(output):
-    """Decoder blocks return a tensor in new transformers and a tuple in older/other ones."""
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 _LAYER_SITE = re.compile(r"^layers\.(\d+)(?:\.(.+))?$")
@@ -482,7 +301,7 @@ class Sites:
         module, point, role = self._hook_target(site)
         if self.family.flat_mlp and role in _FLAT_MLP_ROLES:
             return self._register_unflattened(int(_LAYER_SITE.match(site).group(1)), module, point, fn)
-        return _attach(module, point, fn)
+        return attach(module, point, fn)
 
     def register_linear(self, name: str, point: str, fn):
         """`register` for a linear of `block_linears` by its weight name (`layers.{i}.<path>.weight`) at its "in" or
@@ -493,7 +312,7 @@ class Sites:
         flattened = {self.family.path(role) for role in _FLAT_MLP_ROLES} if self.family.flat_mlp else set()
         if path in flattened:
             return self._register_unflattened(layer, module, point, fn)
-        return _attach(module, point, fn)
+        return attach(module, point, fn)
 
     def _register_unflattened(self, layer: int, module: nn.Module, point: str, fn):
         """A hook on a flattened MLP module (OPT) that hands fn [batch, positions, channels], the shape of the block
@@ -514,35 +333,9 @@ class Sites:
                 lambda _module, args: None if (r := unflattened(args[0])) is None else (r, *args[1:])))
         else:
             handles.append(module.register_forward_hook(lambda _module, _args, output: unflattened(output)))
-        return _Handles(handles)
+        return Handles(handles)
 
-
-def _attach(module: nn.Module, point: str, fn):
-    """fn(tensor) at a module's first input ("in") or output ("out"); a returned tensor replaces it."""
-    if point == "in":
-        def pre_hook(_module, args):
-            replaced = fn(args[0])
-            return None if replaced is None else (replaced, *args[1:])
-        return module.register_forward_pre_hook(pre_hook)
-
-    def post_hook(_module, _args, output):
-        replaced = fn(first_tensor(output))
-        if replaced is None:
-            return None
-        return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
-    return module.register_forward_hook(post_hook)
 
 
 # The block roles inside OPT's flattened MLP path (Family.flat_mlp).
 _FLAT_MLP_ROLES = ("norm2", "mlp.up_proj", "mlp.down_proj")
-
-
-class _Handles:
-    """Several hook handles removed as one."""
-
-    def __init__(self, handles):
-        self.handles = handles
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()

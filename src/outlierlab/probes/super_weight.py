@@ -18,7 +18,7 @@ import statistics
 import torch
 from tqdm.auto import tqdm
 
-from outlierlab.interventions.base import EditSession
+from outlierlab.models.edit import WeightEdits
 from outlierlab.models.coords import SuperWeight
 from outlierlab.probes.stats import DownProjStats, ResidualStats
 
@@ -128,7 +128,7 @@ def detect_super_weights(loaded, prompt: str = DEFAULT_PROMPT, spike_layer_ratio
     iterations = []
     stop_reason = f"reached max_iterations={max_iterations}"
     # Detection edits the model (each super weight found is zeroed so the next can show); the session undoes it.
-    with EditSession(loaded) as session:
+    with WeightEdits(loaded) as session:
         for iteration in tqdm(range(max_iterations), desc="detect super weights", leave=False):
             profile = spike_profile(loaded, ids)
             spikes, ratios = _spiking(profile, spike_min_abs, spike_layer_ratio, spike_ratio)
