@@ -46,6 +46,7 @@ WORKDIR = ROOT / ".gpu_check"
 # attention are computed explicitly, not by SDPA).
 PRIORITY = ("vanilla", "kv_bias", "gated_elementwise", "ssnorm", "softpick", "sigmoid")
 ALWAYS = 2
+PREPARED = "prepared.json"
 # What the device image lacks (KINDS.md), carried as wheels at the lock's versions.
 CARRIED = ("hydra-core", "omegaconf", "antlr4-python3-runtime", "nnsight", "pydantic", "pydantic-core",
            "annotated-types", "typing-inspection", "zstandard", "greenlet", "websocket-client")
@@ -73,6 +74,7 @@ class Mode:
     smoke: bool
     workdir: Path
     results: Path  # results/gpu_check/<device label>
+    scratch: Path  # checkpoints and caches (git-ignored outputs/gpu_check/<device label>)
     size: str
     size_overrides: tuple[str, ...]
     bench: tuple[str, ...]
@@ -103,7 +105,7 @@ def make_mode(args) -> Mode:
     label = device_label(args.smoke)
     default_results = ROOT / ("outputs/gpu_check_smoke" if args.smoke else "results/gpu_check")
     results = Path(args.results or default_results) / label
-    return Mode(smoke=args.smoke, workdir=Path(args.workdir), results=results,
+    return Mode(smoke=args.smoke, workdir=Path(args.workdir), results=results, scratch=Path(args.scratch) / label,
                 size="tiny" if args.smoke else "gpu_check", size_overrides=SMOKE_SIZE if args.smoke else (),
                 bench=BENCH_SMOKE if args.smoke else BENCH_CUDA,
                 variants=tuple(args.variants.split(",")) if args.variants else PRIORITY)
@@ -117,10 +119,10 @@ def compose(overrides):
 
 
 def base_overrides(mode: Mode) -> list[str]:
-    scratch = ROOT / "outputs" / "gpu_check" / mode.results.name
     return [f"train/size={mode.size}", *mode.size_overrides, f"train.size.data.shard={mode.shard}",
-            f"paths.results_dir={mode.results}", f"paths.checkpoints_dir={scratch / 'checkpoints'}",
-            f"paths.cache_dir={scratch / 'cache'}", f"model.device={mode.device}", "logger=none"]
+            f"paths.results_dir={mode.results}", f"paths.checkpoints_dir={mode.scratch / 'checkpoints'}",
+            f"paths.cache_dir={mode.scratch / 'cache'}", f"model.device={mode.device}", "logger=none",
+            "~eval.ppl"]  # pretraining and the variants table evaluate no corpus: none needs to be there
 
 
 # ---------------------------------------------------------------------------------------------------- --prepare
@@ -168,12 +170,19 @@ def folder_mib(path: Path) -> float:
 
 
 def run_prepare(mode: Mode, data_dir: str | None) -> None:
+    """The shard (and, for the device, the wheels), and prepared.json: what was prepared from which commit (the
+    device's copy of the tree has no git history to ask)."""
+    import datetime
+    from outlierlab.results import git_state
     shard = prepare_shard(mode, data_dir)
     print(f"token shard: {mode.shard} ({shard['tokens']['train']:,} train / {shard['tokens']['val']:,} val tokens, "
           f"{shard['shard_bytes'] / 2 ** 20:.1f} MiB)")
-    if not mode.smoke:
-        wheels = prepare_wheels(mode.workdir)
+    wheels = [] if mode.smoke else prepare_wheels(mode.workdir)
+    if wheels:
         print(f"wheels: {mode.workdir / 'wheels'} ({len(wheels)}: {', '.join(wheels)})")
+    prepared = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "git": git_state(ROOT), "shard": shard, "wheels": wheels}
+    (mode.workdir / PREPARED).write_text(json.dumps(prepared, indent=1) + "\n")
     print(f"{mode.workdir}: {folder_mib(mode.workdir):.1f} MiB to carry (the working tree and carried paths travel "
           f"together, 64 MiB at most)")
 
@@ -200,10 +209,21 @@ def run_bench(mode: Mode, deadline: float) -> dict:
             "memory": record.get("memory")}
 
 
+def pretrain_overrides(mode: Mode, variant: str) -> list[str]:
+    return ["+exp=pretrain", *base_overrides(mode), f"train/variant={variant}"]
+
+
+def preflight_all(mode: Mode) -> None:
+    """Every variant's configuration checked before anything runs: a bad one stops the check in seconds."""
+    from outlierlab.runner import preflight
+    for variant in mode.variants:
+        preflight(compose(pretrain_overrides(mode, variant)))
+
+
 def train_one(mode: Mode, variant: str) -> dict:
     """+exp=pretrain for one variant through the runner; on CUDA a failure is retried once without torch.compile."""
     from outlierlab.runner import execute
-    overrides = ["+exp=pretrain", *base_overrides(mode), f"train/variant={variant}"]
+    overrides = pretrain_overrides(mode, variant)
     started = time.time()
     try:
         record = execute(compose(overrides))
@@ -265,7 +285,9 @@ def environment() -> dict:
 def summary_markdown(summary: dict) -> str:
     lines = [f"# GPU check on {summary['device']} ({summary['created']})", "",
              f"{summary['wall_s']:.0f} s of a {summary['budget_s']} s budget; torch {summary['environment']['torch']}, "
-             f"transformers {summary['environment'].get('transformers')}; commit {summary['git_commit']}.", "",
+             f"transformers {summary['environment'].get('transformers')}; commit {summary['git_commit']} (shard and "
+             f"wheels prepared at {((summary['prepared'] or {}).get('git') or {}).get('commit', 'unknown')})."
+             , "",
              "## Pretraining contrast (train/size=" + summary["size"] + ")", "",
              "| variant | s | tokens/s | val loss | max abs(h) | top1/median | peak | massive | note |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -303,11 +325,17 @@ def archive(folder: Path, path: Path) -> None:
                 else folder.name)
 
 
+def prepared(mode: Mode) -> dict | None:
+    path = mode.workdir / PREPARED
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def run_check(mode: Mode, budget_s: float) -> dict:
     import datetime
     from outlierlab.results import git_state
     started = time.time()
     deadline = started + budget_s
+    preflight_all(mode)
     mode.results.mkdir(parents=True, exist_ok=True)
     bench = run_bench(mode, deadline - mode.table_reserve_s - 60)
     training = train_variants(mode, deadline)
@@ -315,7 +343,8 @@ def run_check(mode: Mode, budget_s: float) -> dict:
     table = variants_table(mode, trained) if trained else {}
     summary = {"device": mode.results.name, "size": mode.size, "smoke": mode.smoke, "budget_s": budget_s,
                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "git_commit": (git_state(ROOT).get("commit") or "unknown")[:10], "environment": environment(),
+               "git_commit": (git_state(ROOT).get("commit") or "unknown")[:10], "prepared": prepared(mode),
+               "environment": environment(),
                "bench_args": list(mode.bench), "bench": bench, "training": training, "table": table,
                "wall_s": round(time.time() - started, 1)}
     (mode.results / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
@@ -331,6 +360,7 @@ def parse_args(argv=None):
     parser.add_argument("--workdir", default=str(WORKDIR), help="shard and wheels (git-ignored; carried to the GPU)")
     parser.add_argument("--data-dir", default=None, help="--prepare: the corpus folder (default paths.data_dir)")
     parser.add_argument("--results", default=None, help="default results/gpu_check (smoke: outputs/gpu_check_smoke)")
+    parser.add_argument("--scratch", default=str(ROOT / "outputs" / "gpu_check"), help="checkpoints and caches")
     parser.add_argument("--variants", default=None, help=f"comma list in priority order (default {','.join(PRIORITY)})")
     parser.add_argument("--budget-s", type=float, default=500.0, help="seconds for the whole run (device limit 600)")
     parser.add_argument("--archive", default=None, help="also pack the results folder into this .tar.gz")
@@ -353,7 +383,12 @@ def main(argv=None) -> dict | None:
         print(f"error: no token shard in {mode.shard}: run `python -m outlierlab.gpu_check --prepare"
               f"{' --smoke' if mode.smoke else ''}` where ../shared/data is", file=sys.stderr)
         sys.exit(2)
-    summary = run_check(mode, args.budget_s)
+    from outlierlab.errors import USER_ERRORS
+    try:
+        summary = run_check(mode, args.budget_s)
+    except USER_ERRORS as error:  # a configuration or data error: one line, exit 2 (as run.py)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     if args.archive:
         archive(mode.results, Path(args.archive))
         print(f"archive: {args.archive}")
