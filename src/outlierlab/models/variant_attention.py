@@ -204,6 +204,9 @@ class OutlierAttention(nn.Module):
         key = repeat_kv(key, self.num_key_value_groups)
         value = repeat_kv(value, self.num_key_value_groups)
         mask = explicit_mask(attention_mask, length, key.shape[2], hidden_states.device)
+        # no padding and no earlier keys (training): the mask is plain causal, and SDPA's is_causal=True takes its
+        # flash kernel, which accepts no explicit mask
+        plain_causal = attention_mask is None and key.shape[2] == length and not self.spec.extra_key
 
         if self.spec.extra_key:
             # k' carries no rotary position: every query sees the same extra key, wherever it stands.
@@ -214,7 +217,8 @@ class OutlierAttention(nn.Module):
             visible = torch.ones(*mask.shape[:-1], 1, dtype=torch.bool, device=mask.device)
             mask = torch.cat([visible, mask], dim=-1)
 
-        if observation.observed(self):
+        # torch.compile traces training, where nothing observes: the registry lookup would only break its graph
+        if not torch.compiler.is_compiling() and observation.observed(self):
             logits = torch.matmul(query, key.transpose(-1, -2)).float() * self.scaling
             probs = masked_weights(self.weights, logits, mask)
             output = torch.matmul(probs.to(value.dtype), value)
@@ -224,6 +228,8 @@ class OutlierAttention(nn.Module):
                                 order(probs) if order else probs)
         elif self.spec.weights is not None:
             output = explicit_attention(query, key, value, mask, self.scaling, self.weights)
+        elif plain_causal:
+            output = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=self.scaling)
         else:
             output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scaling)
 
