@@ -283,11 +283,11 @@ def environment() -> dict:
 
 
 def summary_markdown(summary: dict) -> str:
+    prepared_at = ((summary["prepared"] or {}).get("git") or {}).get("commit") or "unknown"
     lines = [f"# GPU check on {summary['device']} ({summary['created']})", "",
              f"{summary['wall_s']:.0f} s of a {summary['budget_s']} s budget; torch {summary['environment']['torch']}, "
              f"transformers {summary['environment'].get('transformers')}; commit {summary['git_commit']} (shard and "
-             f"wheels prepared at {((summary['prepared'] or {}).get('git') or {}).get('commit', 'unknown')})."
-             , "",
+             f"wheels prepared at {prepared_at[:10]}).", "",
              "## Pretraining contrast (train/size=" + summary["size"] + ")", "",
              "| variant | s | tokens/s | val loss | max abs(h) | top1/median | peak | massive | note |",
              "|---|---|---|---|---|---|---|---|---|"]

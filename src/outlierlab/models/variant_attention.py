@@ -187,6 +187,28 @@ class OutlierAttention(nn.Module):
         logits = self.gate_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         return torch.sigmoid(logits)
 
+    def with_extra_key(self, key, value, mask):
+        """Paper MA's k'/v' as key/value column 0, visible to every query. k' carries no rotary position: every
+        query sees the same extra key, wherever it stands."""
+        batch = key.shape[0]
+        extra_key = self.k_bias.to(key.dtype)[None, :, None, :].expand(batch, -1, 1, -1)
+        extra_value = self.v_bias.to(value.dtype)[None, :, None, :].expand(batch, -1, 1, -1)
+        visible = torch.ones(*mask.shape[:-1], 1, dtype=torch.bool, device=mask.device)
+        return (torch.cat([extra_key, key], dim=2), torch.cat([extra_value, value], dim=2),
+                torch.cat([visible, mask], dim=-1))
+
+    def observed_attention(self, query, key, value, mask) -> torch.Tensor:
+        """The attention computed explicitly, its logits / values / weights delivered to the observers (k' moved to
+        the last key column)."""
+        logits = torch.matmul(query, key.transpose(-1, -2)).float() * self.scaling
+        probs = masked_weights(self.weights, logits, mask)
+        output = torch.matmul(probs.to(value.dtype), value)
+        if self.spec.extra_key:
+            last = lambda t, dim: torch.cat([t.narrow(dim, 1, t.shape[dim] - 1), t.narrow(dim, 0, 1)], dim=dim)  # noqa: E731
+            logits, value, probs = last(logits, -1), last(value, 2), last(probs, -1)
+        observation.deliver(self, logits, value, probs)
+        return output
+
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, past_key_values=None,
                 **kwargs):
         # transformers >= 5.24 passes the KV cache as `cache` (`past_key_values` is deprecated until 5.40): take
@@ -209,23 +231,11 @@ class OutlierAttention(nn.Module):
         plain_causal = attention_mask is None and key.shape[2] == length and not self.spec.extra_key
 
         if self.spec.extra_key:
-            # k' carries no rotary position: every query sees the same extra key, wherever it stands.
-            extra_key = self.k_bias.to(key.dtype)[None, :, None, :].expand(batch, -1, 1, -1)
-            extra_value = self.v_bias.to(value.dtype)[None, :, None, :].expand(batch, -1, 1, -1)
-            key = torch.cat([extra_key, key], dim=2)
-            value = torch.cat([extra_value, value], dim=2)
-            visible = torch.ones(*mask.shape[:-1], 1, dtype=torch.bool, device=mask.device)
-            mask = torch.cat([visible, mask], dim=-1)
+            key, value, mask = self.with_extra_key(key, value, mask)
 
         # torch.compile traces training, where nothing observes: the registry lookup would only break its graph
         if not torch.compiler.is_compiling() and observation.observed(self):
-            logits = torch.matmul(query, key.transpose(-1, -2)).float() * self.scaling
-            probs = masked_weights(self.weights, logits, mask)
-            output = torch.matmul(probs.to(value.dtype), value)
-            order = (lambda t: torch.cat([t[..., 1:], t[..., :1]], dim=-1)) if self.spec.extra_key else None
-            observation.deliver(self, order(logits) if order else logits,
-                                torch.cat([value[:, :, 1:], value[:, :, :1]], dim=2) if order else value,
-                                order(probs) if order else probs)
+            output = self.observed_attention(query, key, value, mask)
         elif self.spec.weights is not None:
             output = explicit_attention(query, key, value, mask, self.scaling, self.weights)
         elif plain_causal:
