@@ -353,11 +353,13 @@ def markdown(record: dict) -> str:
                      f"{row['ratio_to_plain']:.3f} | {row['ratio_p25']:.3f}-{row['ratio_p75']:.3f} | "
                      f"{row['tokens_per_s']:.0f} | {mfu} |")
     if record.get("unavailable"):
-        lines += ["", "Left out (package missing): " + "; ".join(f"{k} ({v})" for k, v in record["unavailable"].items())]
+        left_out = "; ".join(f"{name} ({why})" for name, why in record["unavailable"].items())
+        lines += ["", f"Left out (package missing): {left_out}"]
     if record.get("ppl_eval"):
         ppl = record["ppl_eval"]
         mfu = f"{ppl['mfu']:.1%}" if ppl["mfu"] is not None else "-"
-        lines += ["", f"PPL evaluation (evals/ppl.py, {ppl['windows']} x {ppl['seqlen']} tokens, batch {ppl['batch']}): "
+        lines += ["", f"PPL evaluation (evals/ppl.py, {ppl['windows']} x {ppl['seqlen']} tokens, "
+                      f"batch {ppl['batch']}): "
                       f"{ppl['tokens_per_s']:.0f} tokens/s, MFU {mfu}, {ppl['seconds']:.2f} s."]
     if record.get("memory"):
         lines += ["", "Peak memory of ours_all (every probe), fresh process per row:", "",

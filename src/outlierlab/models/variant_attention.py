@@ -4,10 +4,12 @@ Variants (config `attention_variant`; s = q k^T / sqrt(d) with masked entries at
     vanilla            softmax(s) v through torch's SDPA; matches transformers' Llama attention.
     kv_bias            paper MA (Sun et al. 2024, Sec. "explicit attention bias"): one learnable key k' and value v'
                        per head, visible to every query, appended as an extra key column with no position:
-                       softmax(q [K; k']^T / sqrt(d)) [V; v'].  Still SDPA: the extra column is one more True in the mask.
+                       softmax(q [K; k']^T / sqrt(d)) [V; v']. Still SDPA: the extra column is one more True in the
+                       mask.
     clipped_softmax    paper QT (Bondarenko et al. 2023, Eq. 4.1): P = clip((zeta - gamma) * softmax(s) + gamma, 0, 1).
-    gated              paper QT (Sec. 4.2, "conditional per token" gate of their code): each head's output is multiplied
-                       by sigmoid(G_h(x_h)), G_h a linear map from that head's slice of the attention input to one logit.
+    gated              paper QT (Sec. 4.2, "conditional per token" gate of their code): each head's output is
+                       multiplied by sigmoid(G_h(x_h)), G_h a linear map from that head's slice of the attention input
+                       to one logit.
     gated_elementwise  Qiu et al. 2025, "Gated Attention for LLMs" (arXiv 2505.06708), position G1, the variant
                        Qwen3-Next uses: Y' = Y * sigmoid(X W_theta), X the attention input (after the pre-norm),
                        W_theta: hidden -> heads x head_dim, so every head and channel of the SDPA output Y has its own
@@ -96,6 +98,11 @@ VARIANTS: dict[str, Variant] = {
     "sigmoid": Variant(weights=lambda c: partial(sigmoid_weights, bias=sigmoid_bias(c)), sums_to_one=False),
 }
 ATTENTION_VARIANTS = tuple(VARIANTS)
+
+
+def key_last(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """Key column 0 (k') moved to the end along `dim`."""
+    return torch.cat([tensor.narrow(dim, 1, tensor.shape[dim] - 1), tensor.narrow(dim, 0, 1)], dim=dim)
 
 
 def explicit_mask(attention_mask: torch.Tensor | None, queries: int, keys: int, device) -> torch.Tensor:
@@ -204,8 +211,7 @@ class OutlierAttention(nn.Module):
         probs = masked_weights(self.weights, logits, mask)
         output = torch.matmul(probs.to(value.dtype), value)
         if self.spec.extra_key:
-            last = lambda t, dim: torch.cat([t.narrow(dim, 1, t.shape[dim] - 1), t.narrow(dim, 0, 1)], dim=dim)  # noqa: E731
-            logits, value, probs = last(logits, -1), last(value, 2), last(probs, -1)
+            logits, value, probs = key_last(logits, -1), key_last(value, 2), key_last(probs, -1)
         observation.deliver(self, logits, value, probs)
         return output
 
