@@ -22,7 +22,7 @@ from outlierlab.runner import execute, preflight
 from outlierlab.models.outlier_llama import VARIANT_FIELDS, SSNorm
 from outlierlab.models.variant_attention import ATTENTION_VARIANTS, clipped_softmax, softpick
 from outlierlab.train.data import TokenStreams
-from outlierlab.train.loop import train
+from outlierlab.train.loop import next_token_loss, train
 from outlierlab.train.modeling import OutlierLlamaForCausalLM, build_model
 
 VARIANTS = sorted(p.stem for p in (CONF / "train" / "variant").glob("*.yaml"))
@@ -209,6 +209,23 @@ def test_every_variant_keeps_the_kv_cache_and_padding_right(name):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         assert torch.allclose(model(padded, attention_mask=mask, position_ids=positions).logits[:, 5:], full,
                               atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[] if name == "softpick" else pytest.mark.slow)
+                                  for name in [*ATTENTION_VARIANTS, "ssnorm"]])
+def test_torch_compile_traces_every_variant_whole(name):
+    """What the GPU run compiles (train.size.compile=auto): dynamo traces a training step of every variant without a
+    graph break, and the compiled loss equals the eager one (backend aot_eager: the tracing, no C++ compiler needed)."""
+    from torch._dynamo.utils import counters
+    attention = {"attention_variant": name} if name != "ssnorm" else {"attention_variant": "vanilla", "norm": name}
+    model = model_for(OmegaConf.create({"attention": attention}), byte_tokenizer())
+    ids = torch.randint(3, 250, (2, SEQLEN), generator=torch.Generator().manual_seed(6))
+    torch._dynamo.reset()
+    counters.clear()
+    loss = next_token_loss(torch.compile(model, backend="aot_eager")(ids, use_cache=False).logits, ids)
+    loss.backward()
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert torch.allclose(loss, next_token_loss(model(ids, use_cache=False).logits, ids), atol=1e-5)
 
 
 def test_softpick_is_its_definition_on_a_hand_example():
