@@ -2,9 +2,10 @@
 attention-variant study, loadable like any Hugging Face directory).
 
 `OutlierLlamaForCausalLM` swaps every decoder block's `self_attn` for `OutlierAttention`
-(models/variant_attention.py) and, with `norm: ssnorm`, every RMSNorm for `SSNorm`. Its config type `outlierlab_llama` is registered with AutoConfig and
-AutoModelForCausalLM by `register_with_transformers()` (models/load.py calls it before reading a config), so a saved
-variant model loads with `model.source=<checkpoint dir>`. Building, training and saving are in train/.
+(models/variant_attention.py) and, with `norm: ssnorm`, every RMSNorm for `SSNorm`. Its config type
+`outlierlab_llama` is registered with AutoConfig and AutoModelForCausalLM by `register_with_transformers()`
+(models/load.py calls it before reading a config), so a saved variant model loads with
+`model.source=<checkpoint dir>`. Building, training and saving are in train/.
 """
 from __future__ import annotations
 

@@ -167,7 +167,7 @@ class OutlierAttention(nn.Module):
         if self.spec.gate == "elementwise":
             # a Linear: initialised by the model's _init_weights like q_proj (normal, std initializer_range), bias 0
             self.gate_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
-        self.weights = self.spec.weights(config) if self.spec.weights else softmax
+        self.weighting = self.spec.weights(config) if self.spec.weights else softmax
 
     def reset_variant_parameters(self, std: float) -> None:
         """Initialisation of the variant's own parameters (called by the model's _init_weights)."""
@@ -208,7 +208,7 @@ class OutlierAttention(nn.Module):
         """The attention computed explicitly, its logits / values / weights delivered to the observers (k' moved to
         the last key column)."""
         logits = torch.matmul(query, key.transpose(-1, -2)).float() * self.scaling
-        probs = masked_weights(self.weights, logits, mask)
+        probs = masked_weights(self.weighting, logits, mask)
         output = torch.matmul(probs.to(value.dtype), value)
         if self.spec.extra_key:
             logits, value, probs = key_last(logits, -1), key_last(value, 2), key_last(probs, -1)
@@ -243,7 +243,7 @@ class OutlierAttention(nn.Module):
         if not torch.compiler.is_compiling() and observation.observed(self):
             output = self.observed_attention(query, key, value, mask)
         elif self.spec.weights is not None:
-            output = explicit_attention(query, key, value, mask, self.scaling, self.weights)
+            output = explicit_attention(query, key, value, mask, self.scaling, self.weighting)
         elif plain_causal:
             output = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=self.scaling)
         else:

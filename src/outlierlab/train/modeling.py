@@ -1,6 +1,6 @@
 """Building, exporting and saving the pretrained models of the attention-variant study (the model itself is
-models/outlier_llama.py). A model whose attention is vanilla and whose norms are RMSNorm is exported as a plain `LlamaForCausalLM` (identical
-parameter names and maths), loadable without outlierlab.
+models/outlier_llama.py). A model whose attention is vanilla and whose norms are RMSNorm is exported as a plain
+`LlamaForCausalLM` (identical parameter names and maths), loadable without outlierlab.
 """
 from __future__ import annotations
 
