@@ -15,7 +15,8 @@ What a run does, within --budget-s seconds (default 500, of the device tool's 60
    always run. A variant that fails is recorded with its error (and, on CUDA, retried once without torch.compile).
 3. +exp=variants_table over the variants trained.
 4. everything under results/gpu_check/<device>/ (pretrain/, variants_table/, bench/, summary.json, summary.md);
-   --archive PATH packs that folder into one .tar.gz (what the device tool brings back from $OUT).
+   --archive PATH packs that folder into one .tar.gz (what the device tool brings back from $OUT). Summary and
+   archive are rewritten after every stage, so a run stopped at the device's limit keeps what it finished.
 
 Why so: the device machine receives only the working tree (tracked + untracked-not-ignored files + at most 8 carried
 ignored paths, 64 MiB in all) and reaches no network. Its image has python3 (3.12) with torch (CUDA), transformers,
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -242,8 +244,9 @@ def train_one(mode: Mode, variant: str) -> dict:
             "peak_by_step": {entry["step"]: entry["peak"]["abs"] for entry in record["history"] if "peak" in entry}}
 
 
-def train_variants(mode: Mode, deadline: float) -> dict:
-    """The variants in priority order while the budget lasts ({variant: outcome or {"skipped"|"error": why}})."""
+def train_variants(mode: Mode, deadline: float, saved=lambda runs: None) -> dict:
+    """The variants in priority order while the budget lasts ({variant: outcome or {"skipped"|"error": why}});
+    `saved(runs)` after each, so a run stopped from outside keeps what was done."""
     runs, durations = {}, []
     for index, variant in enumerate(mode.variants):
         estimate = 1.25 * max(durations) if durations else 0.0
@@ -253,13 +256,13 @@ def train_variants(mode: Mode, deadline: float) -> dict:
             continue
         try:
             runs[variant] = train_one(mode, variant)
+            durations.append(runs[variant]["seconds"])
         except Exception as error:  # noqa: BLE001 - recorded; the other variants still run
             traceback.print_exc()
             if mode.smoke:
                 raise
             runs[variant] = {"error": f"{type(error).__name__}: {str(error)[:500]}"}
-            continue
-        durations.append(runs[variant]["seconds"])
+        saved(runs)
     return runs
 
 
@@ -320,9 +323,11 @@ def summary_markdown(summary: dict) -> str:
 def archive(folder: Path, path: Path) -> None:
     """folder as one .tar.gz whose members are relative to the repository root (results/gpu_check/<device>/...)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w:gz") as tar:
+    staging = path.with_name(path.name + ".partial")  # a run killed while packing leaves the previous archive
+    with tarfile.open(staging, "w:gz") as tar:
         tar.add(folder, arcname=str(folder.resolve().relative_to(ROOT)) if folder.resolve().is_relative_to(ROOT)
                 else folder.name)
+    os.replace(staging, path)
 
 
 def prepared(mode: Mode) -> dict | None:
@@ -330,25 +335,31 @@ def prepared(mode: Mode) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run_check(mode: Mode, budget_s: float) -> dict:
+def run_check(mode: Mode, budget_s: float, archive_to: Path | None = None) -> dict:
+    """Bench, contrast, table; the summary (and the archive) rewritten after every stage."""
     import datetime
     from outlierlab.results import git_state
     started = time.time()
     deadline = started + budget_s
     preflight_all(mode)
     mode.results.mkdir(parents=True, exist_ok=True)
-    bench = run_bench(mode, deadline - mode.table_reserve_s - 60)
-    training = train_variants(mode, deadline)
-    trained = [variant for variant, run in training.items() if "steps" in run]
-    table = variants_table(mode, trained) if trained else {}
     summary = {"device": mode.results.name, "size": mode.size, "smoke": mode.smoke, "budget_s": budget_s,
                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "git_commit": (git_state(ROOT).get("commit") or "unknown")[:10], "prepared": prepared(mode),
-               "environment": environment(),
-               "bench_args": list(mode.bench), "bench": bench, "training": training, "table": table,
-               "wall_s": round(time.time() - started, 1)}
-    (mode.results / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    (mode.results / "summary.md").write_text(summary_markdown(summary))
+               "environment": environment(), "bench_args": list(mode.bench), "bench": {"error": "not run yet"},
+               "training": {}, "table": {}, "wall_s": 0.0}
+
+    def save(**stage) -> None:
+        summary.update(stage, wall_s=round(time.time() - started, 1))
+        (mode.results / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        (mode.results / "summary.md").write_text(summary_markdown(summary))
+        if archive_to is not None:
+            archive(mode.results, archive_to)
+
+    save(bench=run_bench(mode, deadline - mode.table_reserve_s - 60))
+    training = train_variants(mode, deadline, saved=lambda runs: save(training=runs))
+    trained = [variant for variant, run in training.items() if "steps" in run]
+    save(training=training, table=variants_table(mode, trained) if trained else {})
     print(summary_markdown(summary))
     return summary
 
@@ -363,7 +374,8 @@ def parse_args(argv=None):
     parser.add_argument("--scratch", default=str(ROOT / "outputs" / "gpu_check"), help="checkpoints and caches")
     parser.add_argument("--variants", default=None, help=f"comma list in priority order (default {','.join(PRIORITY)})")
     parser.add_argument("--budget-s", type=float, default=500.0, help="seconds for the whole run (device limit 600)")
-    parser.add_argument("--archive", default=None, help="also pack the results folder into this .tar.gz")
+    parser.add_argument("--archive", default=None,
+                        help="also pack the results folder into this .tar.gz (rewritten after every stage)")
     return parser.parse_args(argv)
 
 
@@ -385,12 +397,11 @@ def main(argv=None) -> dict | None:
         sys.exit(2)
     from outlierlab.errors import USER_ERRORS
     try:
-        summary = run_check(mode, args.budget_s)
+        summary = run_check(mode, args.budget_s, Path(args.archive) if args.archive else None)
     except USER_ERRORS as error:  # a configuration or data error: one line, exit 2 (as run.py)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     if args.archive:
-        archive(mode.results, Path(args.archive))
         print(f"archive: {args.archive}")
     return summary
 
