@@ -108,7 +108,8 @@ def make_mode(args) -> Mode:
     default_results = ROOT / ("outputs/gpu_check_smoke" if args.smoke else "results/gpu_check")
     results = Path(args.results or default_results) / label
     return Mode(smoke=args.smoke, workdir=Path(args.workdir), results=results, scratch=Path(args.scratch) / label,
-                size="tiny" if args.smoke else "gpu_check", size_overrides=SMOKE_SIZE if args.smoke else (),
+                size="tiny" if args.smoke else "gpu_check",
+                size_overrides=SMOKE_SIZE + SMOKE_DATA if args.smoke else (),
                 bench=BENCH_SMOKE if args.smoke else BENCH_CUDA,
                 variants=tuple(args.variants.split(",")) if args.variants else PRIORITY)
 
@@ -133,7 +134,7 @@ def base_overrides(mode: Mode) -> list[str]:
 def prepare_shard(mode: Mode, data_dir: str | None) -> dict:
     """The token shard of the run's preset, cut from the corpus in paths.data_dir (cached tokenisation reused)."""
     from outlierlab.train.data import prepare, write_shard
-    overrides = [f"train/size={mode.size}", *mode.size_overrides, *(SMOKE_DATA if mode.smoke else ()), "+exp=pretrain"]
+    overrides = [f"train/size={mode.size}", *mode.size_overrides, "+exp=pretrain"]
     if data_dir:
         overrides.append(f"paths.data_dir={data_dir}")
     cfg = compose(overrides)
