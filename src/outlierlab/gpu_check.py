@@ -11,8 +11,8 @@ What a run does, within --budget-s seconds (default 500, of the device tool's 60
    perplexity evaluation; peak memory of every probe in a fresh process.
 2. the contrast: +exp=pretrain at train/size=gpu_check (bf16 autocast, torch.compile: the preset's compile=auto)
    for vanilla and kv_bias, then the newer variants in PRIORITY order while the budget lasts (same token shard, same
-   steps, same seed). A variant is skipped when the slowest one so far (x1.25) would overrun; vanilla and kv_bias
-   always run. A variant that fails is recorded with its error (and, on CUDA, retried once without torch.compile).
+   steps, same seed). A variant is skipped when the slowest one so far (x1.25) would overrun; the first two
+   (vanilla and kv_bias, the contrast) always run. A variant that fails is recorded with its error (and, on CUDA, retried once without torch.compile).
 3. +exp=variants_table over the variants trained.
 4. everything under results/gpu_check/<device>/ (pretrain/, variants_table/, bench/, summary.json, summary.md);
    --archive PATH packs that folder into one .tar.gz (what the device tool brings back from $OUT). Summary and
@@ -373,7 +373,8 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", default=None, help="--prepare: the corpus folder (default paths.data_dir)")
     parser.add_argument("--results", default=None, help="default results/gpu_check (smoke: outputs/gpu_check_smoke)")
     parser.add_argument("--scratch", default=str(ROOT / "outputs" / "gpu_check"), help="checkpoints and caches")
-    parser.add_argument("--variants", default=None, help=f"comma list in priority order (default {','.join(PRIORITY)})")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma list in priority order, the first two always run (default {','.join(PRIORITY)})")
     parser.add_argument("--budget-s", type=float, default=500.0, help="seconds for the whole run (device limit 600)")
     parser.add_argument("--archive", default=None,
                         help="also pack the results folder into this .tar.gz (rewritten after every stage)")
