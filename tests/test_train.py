@@ -192,12 +192,17 @@ def test_clipped_softmax_is_its_formula():
         assert torch.allclose(clipped(hidden, rope)[0], vanilla(hidden, rope)[0], atol=1e-6)
 
 
+def model_variant(name):
+    """Every attention variant, and SSNorm (a norm variant with vanilla attention), as a variant config."""
+    attention = {"attention_variant": name} if name != "ssnorm" else {"attention_variant": "vanilla", "norm": name}
+    return OmegaConf.create({"attention": attention})
+
+
 @pytest.mark.parametrize("name", [*ATTENTION_VARIANTS, "ssnorm"])
 def test_every_variant_keeps_the_kv_cache_and_padding_right(name):
     """A cached step equals the full forward (sigmoid's b is fixed, not the current key count), and a left-padded
     batch, with the position ids generation gives it, equals the same tokens unpadded."""
-    attention = {"attention_variant": name} if name != "ssnorm" else {"attention_variant": "vanilla", "norm": name}
-    model = model_for(OmegaConf.create({"attention": attention}), byte_tokenizer()).eval()
+    model = model_for(model_variant(name), byte_tokenizer()).eval()
     ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(ids).logits
@@ -217,8 +222,7 @@ def test_torch_compile_traces_every_variant_whole(name):
     """What the GPU run compiles (train.size.compile=auto): dynamo traces a training step of every variant without a
     graph break, and the compiled loss equals the eager one (backend aot_eager: the tracing, no C++ compiler needed)."""
     from torch._dynamo.utils import counters
-    attention = {"attention_variant": name} if name != "ssnorm" else {"attention_variant": "vanilla", "norm": name}
-    model = model_for(OmegaConf.create({"attention": attention}), byte_tokenizer())
+    model = model_for(model_variant(name), byte_tokenizer())
     ids = torch.randint(3, 250, (2, SEQLEN), generator=torch.Generator().manual_seed(6))
     torch._dynamo.reset()
     counters.clear()
