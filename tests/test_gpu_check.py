@@ -18,8 +18,6 @@ from outlierlab import gpu_check
 from outlierlab.errors import DataError
 from outlierlab.train.data import check_data, prepare, read_shard
 
-pytestmark = pytest.mark.requires("data")
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
@@ -35,6 +33,7 @@ def smoke_mode(workdir, results, variants):
     return gpu_check.make_mode(args)
 
 
+@pytest.mark.requires("data")
 def test_the_shard_is_the_tokens_the_corpus_gives(workdir, tmp_path):
     cfg = compose_cfg(["+exp=pretrain", *gpu_check.SMOKE_DATA, f"paths.data_dir={DATA_DIR}",
                        f"paths.cache_dir={tmp_path}"])
@@ -50,6 +49,7 @@ def test_the_shard_is_the_tokens_the_corpus_gives(workdir, tmp_path):
         check_data(OmegaConf.merge(cfg.train.size.data, {"shard": "/nowhere"}), str(DATA_DIR))
 
 
+@pytest.mark.requires("data")
 def test_the_budget_skips_what_does_not_fit_but_never_the_contrast(workdir, tmp_path):
     mode = smoke_mode(workdir, tmp_path, ["vanilla", "kv_bias", "softpick"])
     runs = gpu_check.train_variants(mode, deadline=time.time())  # no time at all
@@ -90,6 +90,7 @@ def test_no_cuda_or_no_shard_is_one_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.requires("data")
 def test_the_smoke_run_goes_the_whole_path(workdir, tmp_path):
     """bash scripts/gpu_check.sh --smoke: bench (every way, PPL-eval throughput), every variant trained with the
     same steps, the variants table, summary and archive."""
