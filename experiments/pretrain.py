@@ -2,8 +2,9 @@
 
 1. Data: the corpus (local Wikipedia sample by default), a BPE tokenizer trained on it, train/val token streams
    (all cached under paths.cache_dir).
-2. Model: OutlierLlamaForCausalLM with the variant's attention (vanilla / kv_bias / clipped_softmax / gated); the sink
-   variant starts every window with <|sink|>; the l1_gamma variant adds paper RO's L1 term to the loss.
+2. Model: OutlierLlamaForCausalLM with the variant's attention (conf/train/variant: vanilla, kv_bias, softpick, ...)
+   or norm (ssnorm); the sink variant starts every window with <|sink|>; the l1_gamma variant adds paper RO's L1
+   term to the loss.
 3. Train (AdamW, warm-up + cosine), validating and recording residual-stream statistics every eval_every steps;
    HF-format checkpoints, resumed when present. The final model is saved at train.output_dir, loadable with
    `model=trained model.source=<train.output_dir>`.
@@ -15,6 +16,7 @@ from omegaconf import OmegaConf
 
 from outlierlab.errors import ConfigError
 from outlierlab.tables import Table, columns
+from outlierlab.models.outlier_llama import NORMS
 from outlierlab.models.variant_attention import ATTENTION_VARIANTS
 from outlierlab.train.data import (
     SINK,
@@ -34,6 +36,9 @@ def check(cfg, plan) -> None:
     if attention not in ATTENTION_VARIANTS:
         raise ConfigError(f"train.variant.attention.attention_variant={attention} is not one of: "
                           f"{', '.join(ATTENTION_VARIANTS)}")
+    norm = variant.attention.get("norm", "rmsnorm")
+    if norm not in NORMS:
+        raise ConfigError(f"train.variant.attention.norm={norm} is not one of: {', '.join(NORMS)}")
     for key in ("steps", "batch_size", "seqlen", "eval_every", "checkpoint_every", "val_windows", "eval_batch_size"):
         value = size[key]
         if not isinstance(value, int) or value < 1:

@@ -17,7 +17,10 @@ Repeats are interleaved (plain, ours_residual, ..., then the same rotated by one
 a change in machine load hits every case alike; each case's ratio is the median over repeats of its time / plain's
 time in the same round. On CUDA every timing synchronizes first and last. Peak memory of `ours_all` is measured in fresh
 processes for each of --memory-sequences (peak RSS on the CPU, torch.cuda.max_memory_allocated on CUDA), with the
-probes' own state size. Writes results/bench/<device>.json and .md.
+probes' own state size. `--ppl-windows N` also times the library's perplexity evaluation (evals/ppl.py) over N
+random windows of --ppl-seqlen tokens, --ppl-batch at a time: tokens/s and MFU of the evaluation loop. A way whose
+package is missing (nnsight on a machine without it) is left out and named in the record. Writes
+results/bench/<device>.json and .md (--out to put them elsewhere).
 """
 from __future__ import annotations
 
@@ -50,6 +53,9 @@ SHAPES = {
     "llama7b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                 "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
                 "max_position_embeddings": 4096},
+    # what `python -m outlierlab.gpu_check --smoke` runs on the CPU: the same code path, seconds
+    "tiny": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 512, "max_position_embeddings": 256},
 }
 # Dense bf16 peak TFLOP/s by device-name pattern (vendor datasheets), for MFU; --peak-tflops overrides.
 PEAK_TFLOPS = {r"H200|H100.*SXM": 989.0, r"H100": 756.0, r"A100": 312.0, r"L40S": 362.0, r"L4\b": 121.0,
@@ -70,6 +76,9 @@ def parse_args(argv=None):
     parser.add_argument("--memory-sequences", default="10,100", help="comma list; empty to skip")
     parser.add_argument("--memory-seqlen", type=int, default=128)
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--ppl-windows", type=int, default=0, help="time the PPL evaluation on this many windows")
+    parser.add_argument("--ppl-seqlen", type=int, default=2048)
+    parser.add_argument("--ppl-batch", type=int, default=8)
     parser.add_argument("--out", default=str(ROOT / "results" / "bench"))
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -160,7 +169,8 @@ class ProbeCase(Case):
         model(ids)
 
 
-def make_cases(loaded, names, k):
+def make_cases(loaded, names, k, unavailable: dict | None = None):
+    """The cases by name; a way whose package cannot be imported goes into `unavailable` ({name: error})."""
     from outlierlab.probes.stats import DownProjStats, ResidualStats
     sites, cases = loaded.sites, {}
     for name in names:
@@ -173,7 +183,13 @@ def make_cases(loaded, names, k):
         elif name == "ours_all":
             cases[name] = ProbeCase(all_probes(loaded, k))
         else:
-            way = bench_ways.make(name, loaded, k)
+            try:
+                way = bench_ways.make(name, loaded, k)
+            except ImportError as error:
+                if unavailable is None:
+                    raise
+                unavailable[name] = f"{type(error).__name__}: {error}"
+                continue
             cases[name] = Case(lambda model, ids, way=way: way.forward(ids))
     return cases
 
@@ -223,6 +239,23 @@ def forward_flops(loaded, tokens_per_sequence: int, sequences: int) -> float:
     matmul = parameters - embedding.numel() + (head.numel() if head is embedding else 0)
     per_token = 2 * matmul + 4 * config.num_hidden_layers * config.hidden_size * tokens_per_sequence
     return float(per_token * tokens_per_sequence * sequences)
+
+
+def ppl_throughput(loaded, args, peak: float | None) -> dict:
+    """The library's perplexity evaluation (evals/ppl.py `perplexity`) over random windows: tokens/s and MFU of the
+    evaluation loop as the studies run it (one warm-up batch first)."""
+    from outlierlab.evals.ppl import Windows, perplexity
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab_size(loaded), (args.ppl_windows, args.ppl_seqlen), generator=generator)
+    with torch.no_grad():
+        perplexity(loaded.model, Windows(ids[:args.ppl_batch], {}), batch_size=args.ppl_batch, desc="ppl warm-up")
+        sync(str(loaded.device))
+        result = perplexity(loaded.model, Windows(ids, {}), batch_size=args.ppl_batch, desc="ppl timed")
+        sync(str(loaded.device))
+    flops = forward_flops(loaded, args.ppl_seqlen, args.ppl_windows)
+    return {"windows": args.ppl_windows, "seqlen": args.ppl_seqlen, "batch": args.ppl_batch,
+            "seconds": result["eval_seconds"], "tokens_per_s": result["tokens_per_s"],
+            "mfu": flops / result["eval_seconds"] / (peak * 1e12) if peak else None}
 
 
 def peak_tflops(device: str, given: float | None) -> float | None:
@@ -319,6 +352,15 @@ def markdown(record: dict) -> str:
         lines.append(f"| {name} | {row['median_ms']:.1f} | {row['min_ms']:.1f}-{row['max_ms']:.1f} | "
                      f"{row['ratio_to_plain']:.3f} | {row['ratio_p25']:.3f}-{row['ratio_p75']:.3f} | "
                      f"{row['tokens_per_s']:.0f} | {mfu} |")
+    if record.get("unavailable"):
+        left_out = "; ".join(f"{name} ({why})" for name, why in record["unavailable"].items())
+        lines += ["", f"Left out (package missing): {left_out}"]
+    if record.get("ppl_eval"):
+        ppl = record["ppl_eval"]
+        mfu = f"{ppl['mfu']:.1%}" if ppl["mfu"] is not None else "-"
+        lines += ["", f"PPL evaluation (evals/ppl.py, {ppl['windows']} x {ppl['seqlen']} tokens, "
+                      f"batch {ppl['batch']}): "
+                      f"{ppl['tokens_per_s']:.0f} tokens/s, MFU {mfu}, {ppl['seconds']:.2f} s."]
     if record.get("memory"):
         lines += ["", "Peak memory of ours_all (every probe), fresh process per row:", "",
                   "| sequences | seqlen | peak RSS MiB | CUDA max allocated MiB | probe state bytes |",
@@ -345,9 +387,11 @@ def main(argv=None) -> dict | None:
     device = str(loaded.device)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size(loaded), (args.batch, args.seqlen), generator=generator).to(device)
-    cases = make_cases(loaded, names, args.k)
+    unavailable = {}
+    cases = make_cases(loaded, names, args.k, unavailable)
     times = time_cases(loaded, cases, ids, args.repeats, device)
     peak = peak_tflops(device, args.peak_tflops)
+    ppl_eval = ppl_throughput(loaded, args, peak) if args.ppl_windows else None
     rows = summarize(times, args.batch * args.seqlen, forward_flops(loaded, args.seqlen, args.batch), peak)
     counts = [int(count) for count in args.memory_sequences.split(",") if count]
     memory = run_memory(args, counts) if counts else []
@@ -359,7 +403,7 @@ def main(argv=None) -> dict | None:
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "git_commit": git_commit(), "machine": machine(device),
               "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
-              "cases": rows, "memory": memory}
+              "cases": rows, "unavailable": unavailable, "ppl_eval": ppl_eval, "memory": memory}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{device_label}.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -1,6 +1,7 @@
 """Pretraining with attention variants: the SDPA attention equals transformers' reference attention, each variant
-trains, k'/v' and the gate reduce to vanilla at neutral parameters, clipped softmax is its formula, resuming
-continues the same loss curve, and a trained checkpoint loads through `model.source` like any HF directory."""
+trains, keeps a KV cache and padding right, k'/v' and the gates reduce to vanilla at neutral parameters, clipped
+softmax, softpick, sigmoid attention and SSNorm are their formulas, resuming continues the same loss curve, and a
+trained checkpoint loads through `model.source` like any HF directory."""
 import math
 
 import pytest
@@ -18,9 +19,10 @@ from outlierlab.interventions.fake_quant import W8A8, quantize_rtn
 from outlierlab.models.load import byte_tokenizer, load_model
 from outlierlab.probes.moments import SiteMoments
 from outlierlab.runner import execute, preflight
-from outlierlab.models.variant_attention import clipped_softmax
+from outlierlab.models.outlier_llama import VARIANT_FIELDS, SSNorm
+from outlierlab.models.variant_attention import ATTENTION_VARIANTS, clipped_softmax, softpick
 from outlierlab.train.data import TokenStreams
-from outlierlab.train.loop import train
+from outlierlab.train.loop import next_token_loss, train
 from outlierlab.train.modeling import OutlierLlamaForCausalLM, build_model
 
 VARIANTS = sorted(p.stem for p in (CONF / "train" / "variant").glob("*.yaml"))
@@ -58,8 +60,7 @@ def transformers_llama(ours):
     """transformers' own Llama with our vanilla model's config (the variant keys dropped); weights not yet loaded."""
     return LlamaForCausalLM(ours.config.__class__.__base__(**{
         k: v for k, v in ours.config.to_dict().items()
-        if k not in ("model_type", "architectures", "attention_variant", "clip_gamma", "clip_zeta", "gate_init",
-                     "transformers_version")}))
+        if k not in ("model_type", "architectures", "transformers_version", *VARIANT_FIELDS)}))
 
 
 def test_sdpa_vanilla_attention_matches_transformers_eager_llama():
@@ -191,6 +192,137 @@ def test_clipped_softmax_is_its_formula():
         assert torch.allclose(clipped(hidden, rope)[0], vanilla(hidden, rope)[0], atol=1e-6)
 
 
+def model_variant(name):
+    """Every attention variant, and SSNorm (a norm variant with vanilla attention), as a variant config."""
+    attention = {"attention_variant": name} if name != "ssnorm" else {"attention_variant": "vanilla", "norm": name}
+    return OmegaConf.create({"attention": attention})
+
+
+@pytest.mark.parametrize("name", [*ATTENTION_VARIANTS, "ssnorm"])
+def test_every_variant_keeps_the_kv_cache_and_padding_right(name):
+    """A cached step equals the full forward (sigmoid's b is fixed, not the current key count), and a left-padded
+    batch, with the position ids generation gives it, equals the same tokens unpadded."""
+    model = model_for(model_variant(name), byte_tokenizer()).eval()
+    ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids).logits
+        past = model(ids[:, :20], use_cache=True).past_key_values
+        assert torch.allclose(model(ids[:, 20:], past_key_values=past).logits, full[:, 20:], atol=1e-5)
+        padded = torch.cat([torch.zeros(2, 5, dtype=ids.dtype), ids], dim=1)
+        mask = torch.ones_like(padded)
+        mask[:, :5] = 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        assert torch.allclose(model(padded, attention_mask=mask, position_ids=positions).logits[:, 5:], full,
+                              atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[] if name == "softpick" else pytest.mark.slow)
+                                  for name in [*ATTENTION_VARIANTS, "ssnorm"]])
+def test_torch_compile_traces_every_variant_whole(name):
+    """What the GPU run compiles (train.size.compile=auto): dynamo traces a training step of every variant without a
+    graph break, and the compiled loss equals the eager one (backend aot_eager: the tracing, no C++ compiler needed)."""
+    from torch._dynamo.utils import counters
+    model = model_for(model_variant(name), byte_tokenizer())
+    ids = torch.randint(3, 250, (2, SEQLEN), generator=torch.Generator().manual_seed(6))
+    torch._dynamo.reset()
+    counters.clear()
+    loss = next_token_loss(torch.compile(model, backend="aot_eager")(ids, use_cache=False).logits, ids)
+    loss.backward()
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert torch.allclose(loss, next_token_loss(model(ids, use_cache=False).logits, ids), atol=1e-5)
+
+
+def test_softpick_is_its_definition_on_a_hand_example():
+    """ReLU(e^s - 1) / (sum |e^s - 1| + eps): s = (ln 3, 0, ln 0.5, masked) -> e^s - 1 = (2, 0, -0.5, -) ->
+    (2, 0, 0, 0) / 2.5. A row of non-positive scores attends to nothing; a fully masked row gives zeros."""
+    inf = float("inf")
+    scores = torch.tensor([[math.log(3.0), 0.0, math.log(0.5), -inf],
+                           [-1.0, -2.0, 0.0, -inf],
+                           [-inf, -inf, -inf, -inf]])
+    got = softpick(scores, eps=0.0)
+    assert torch.allclose(got[0], torch.tensor([0.8, 0.0, 0.0, 0.0]))
+    assert torch.equal(got[1], torch.zeros(4)) and torch.equal(softpick(scores)[2], torch.zeros(4))
+    # large scores: the row-maximum shift keeps it finite, and it is still its definition (e^100 >> 1)
+    big = softpick(torch.tensor([[100.0, 99.0]]))
+    assert torch.allclose(big, torch.tensor([[1.0, math.exp(-1.0)]]) / (1 + math.exp(-1.0)))
+    # a row sums to at most one (ReLU(a) <= |a|), and to less wherever some e^s - 1 is negative
+    sums = softpick(torch.randn(64, 16, generator=torch.Generator().manual_seed(5))).sum(-1)
+    assert sums.max() <= 1.0 + 1e-6 and sums.min() < 0.9
+
+
+def _explicit(module, hidden, rope, weights):
+    """The attention output computed by hand: weights(q k^T / sqrt(d), causal mask at -inf) v, then o_proj."""
+    config = module.config
+    batch, length, _ = hidden.shape
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    query = module.q_proj(hidden).view(batch, length, heads, head_dim).transpose(1, 2)
+    key = module.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+    value = module.v_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+    query, key = apply_rotary_pos_emb(query, key, *rope)
+    groups = heads // config.num_key_value_heads
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = (query @ key.transpose(-1, -2) / math.sqrt(head_dim)).masked_fill(
+        ~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf"))
+    output = weights(scores) @ value
+    return module.o_proj(output.transpose(1, 2).reshape(batch, length, -1))
+
+
+def test_sigmoid_attention_is_an_explicit_computation():
+    """sigmoid(s - log n) v, n = max_position_embeddings by default or sigmoid_bias_length; masked keys weigh 0."""
+    for length_field, n in ((None, ARCH["max_position_embeddings"]), (10, 10)):
+        _, sigmoid = _attention_pair("sigmoid", byte_tokenizer(), sigmoid_bias_length=length_field)
+        hidden, rope = _inputs(sigmoid.config)
+        with torch.no_grad():
+            expected = _explicit(sigmoid, hidden, rope, lambda s: torch.sigmoid(s - math.log(n)))
+            assert torch.allclose(sigmoid(hidden, rope)[0], expected, atol=1e-6)
+
+
+def test_softpick_attention_is_an_explicit_computation():
+    _, module = _attention_pair("softpick", byte_tokenizer())
+    hidden, rope = _inputs(module.config)
+    with torch.no_grad():
+        expected = _explicit(module, hidden, rope, lambda s: torch.relu(s.exp() - 1) / (
+            (s.exp() - 1).abs().nan_to_num(0.0).masked_fill(s == float("-inf"), 0.0).sum(-1, keepdim=True) + 1e-8))
+        assert torch.allclose(module(hidden, rope)[0], expected, atol=1e-6)
+
+
+def test_elementwise_gate_is_vanilla_when_open_and_gates_each_channel():
+    tokenizer = byte_tokenizer()
+    vanilla, gated = _attention_pair("gated_elementwise", tokenizer)
+    config = gated.config
+    hidden, rope = _inputs(config)
+    with torch.no_grad():
+        gated.gate_proj.weight.zero_()
+        gated.gate_proj.bias.fill_(40.0)  # sigmoid(40) = 1 - 4e-18: every gate fully open
+        assert torch.allclose(gated(hidden, rope)[0], vanilla(hidden, rope)[0], atol=1e-6)
+        # one gate value per head and channel: with o_proj the identity, channel c of the output is scaled by
+        # sigmoid(bias_c) (a per-head scalar gate could not do this)
+        identity = torch.eye(config.hidden_size)
+        for module in (vanilla, gated):
+            module.o_proj.weight.copy_(identity)
+        bias = torch.linspace(-3, 3, config.hidden_size)
+        gated.gate_proj.bias.copy_(bias)
+        assert torch.allclose(gated(hidden, rope)[0], vanilla(hidden, rope)[0] * torch.sigmoid(bias), atol=1e-6)
+        # the gate depends on the query's own input: W_theta x moves it
+        gated.gate_proj.weight.normal_(0, 0.5)
+        assert not torch.allclose(gated(hidden, rope)[0], vanilla(hidden, rope)[0] * torch.sigmoid(bias), atol=1e-3)
+
+
+def test_ssnorm_is_its_formula_with_one_gain_per_norm():
+    norm = SSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.fill_(1.7)
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(4))
+    expected = 1.7 * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert torch.allclose(norm(x), expected, atol=1e-6)
+    model = model_for(variant_cfg("ssnorm"), byte_tokenizer())
+    norms = [module for module in model.modules() if isinstance(module, SSNorm)]
+    assert len(norms) == 2 * ARCH["num_hidden_layers"] + 1 and all(n.weight.shape == (1,) for n in norms)
+    assert all(float(n.weight) == 1.0 for n in norms)  # gamma = 1 at start, as RMSNorm's gains
+    from outlierlab.train.loop import l1_gamma_penalty
+    assert float(l1_gamma_penalty(model)) == pytest.approx(len(norms))  # the L1-on-gamma penalty sees the one gain
+
+
 def test_resuming_continues_the_same_loss_curve(streams, tmp_path):
     variant = variant_cfg("kv_bias")
     val = streams.val[: 4 * SEQLEN].view(4, SEQLEN)
@@ -228,7 +360,8 @@ def test_overwrite_trains_a_finished_run_again_and_a_requeued_one_resumes(stream
     assert rest["resumed_from"] == 2 and len(rest["history"]) == 4
 
 
-@pytest.mark.parametrize("name,model_type", [("vanilla", "llama"), ("gated", "outlierlab_llama")])
+@pytest.mark.parametrize("name,model_type", [("vanilla", "llama"), ("gated", "outlierlab_llama"),
+                                             ("ssnorm", "outlierlab_llama")])
 def test_trained_checkpoint_loads_with_model_source(name, model_type, streams, tmp_path):
     variant = variant_cfg(name)
     model = model_for(variant, streams.tokenizer)
@@ -287,6 +420,7 @@ def test_site_moments_kurtosis_equals_a_direct_computation(streams):
 
 @pytest.mark.parametrize("overrides,message", [
     (["+exp=pretrain", "train.variant.attention.attention_variant=softmax1"], "attention_variant=softmax1"),
+    (["+exp=pretrain", "train/variant=ssnorm", "train.variant.attention.norm=layernorm"], "norm=layernorm"),
     (["+exp=pretrain", "train.size.seqlen=4096"], "exceeds architecture.max_position_embeddings"),
     (["+exp=pretrain", "train.size.data.path=nowhere.jsonl"], "nowhere.jsonl"),
     (["+exp=variants_table", "paths.checkpoints_dir=/nonexistent"], "no trained model for vanilla"),

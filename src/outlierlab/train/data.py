@@ -5,12 +5,18 @@ file (optionally gzipped) with a text field, or a Hugging Face dataset (`data.hu
 The held-out validation documents are the last `val_documents` of the corpus, whatever `max_chars` takes for
 training, so every size preset is validated on the same text. Tokenizer and token streams are cached under
 `paths.cache_dir/pretrain/<key>`, keyed by the corpus file's sha256 and every data setting.
+
+A token shard (`write_shard`: the tokenizer + both streams, lzma-compressed, with the provenance of the corpus it was
+cut from) stands in for the corpus when `data.shard` names one: a machine without the corpus (a lent GPU, which
+receives only the working tree) trains on exactly the tokens prepared here (outlierlab.gpu_check --prepare).
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
+import lzma
 import os
 import shutil
 import tempfile
@@ -49,7 +55,12 @@ def corpus_path(data_cfg, data_dir: str | None) -> Path | None:
 
 
 def check_data(data_cfg, data_dir: str | None) -> None:
-    """Pre-flight: the corpus file exists (nothing is read)."""
+    """Pre-flight: the token shard or the corpus file exists (nothing is read)."""
+    if data_cfg.get("shard"):
+        if not (Path(str(data_cfg.shard)).expanduser() / SHARD_TOKENS).is_file():
+            raise DataError(f"train.size.data.shard: no token shard in {data_cfg.shard} (python -m "
+                            f"outlierlab.gpu_check --prepare writes one)")
+        return
     path = corpus_path(data_cfg, data_dir)
     if path is not None and not path.is_file():
         raise DataError(f"train.data.path: corpus file {path} not found (paths.data_dir={data_dir})")
@@ -117,7 +128,9 @@ def _cache_key(data_cfg, provenance: dict) -> str:
 
 
 def prepare(data_cfg, data_dir: str | None, cache_dir: str | Path) -> TokenStreams:
-    """Tokenizer + train/val token streams, built once per data setting and cached."""
+    """Tokenizer + train/val token streams, built once per data setting and cached (or read from `data.shard`)."""
+    if data_cfg.get("shard"):
+        return read_shard(data_cfg.shard)
     documents, provenance = _read_documents(data_cfg, data_dir)
     key = _cache_key(data_cfg, provenance)
     target = Path(cache_dir).expanduser() / "pretrain" / key
@@ -145,6 +158,36 @@ def prepare(data_cfg, data_dir: str | None, cache_dir: str | Path) -> TokenStrea
             "documents": streams["documents"], "chars": streams["chars"],
             "tokens": {"train": len(streams["train"]), "val": len(streams["val"])}}
     return TokenStreams(streams["train"], streams["val"], tokenizer, meta)
+
+
+SHARD_TOKENS = "tokens.pt.xz"
+
+
+def write_shard(streams: TokenStreams, directory: str | Path) -> dict:
+    """The streams as a token shard: tokenizer/ + tokens.pt.xz (int16 ids when the vocabulary allows, lzma) +
+    shard.json (the corpus provenance and sizes). Returns shard.json's content."""
+    directory = Path(directory)
+    small = len(streams.tokenizer) <= torch.iinfo(torch.int16).max
+    dtype = torch.int16 if small else torch.int32
+    buffer = io.BytesIO()
+    torch.save({"train": streams.train.to(dtype), "val": streams.val.to(dtype)}, buffer)
+    directory.mkdir(parents=True, exist_ok=True)
+    streams.tokenizer.save_pretrained(directory / "tokenizer")
+    (directory / SHARD_TOKENS).write_bytes(lzma.compress(buffer.getvalue(), preset=6))
+    meta = {key: value for key, value in streams.meta.items() if key != "cache"}
+    meta["shard_bytes"] = (directory / SHARD_TOKENS).stat().st_size
+    (directory / "shard.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def read_shard(directory: str | Path) -> TokenStreams:
+    directory = Path(str(directory)).expanduser()
+    tokens = torch.load(io.BytesIO(lzma.decompress((directory / SHARD_TOKENS).read_bytes())))
+    meta = json.loads((directory / "shard.json").read_text())
+    meta["data"] = {"origin": "shard", "shard": str(directory), "sha256": file_sha256(directory / SHARD_TOKENS),
+                    "cut_from": meta.get("data")}
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory / "tokenizer")
+    return TokenStreams(tokens["train"].long(), tokens["val"].long(), tokenizer, meta)
 
 
 def with_sink(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:

@@ -147,7 +147,7 @@ def _resume(checkpoint: Path, model, optimizer, scheduler) -> dict:
 def _optimizer_step(model, forward, optimizer, scheduler, batch: torch.Tensor, settings, l1_weight: float) -> dict:
     """One step on `batch`; its log entry: loss, lr, grad norm (and the L1 gamma penalty when it is on)."""
     with _autocast(batch.device, settings.precision):
-        loss = next_token_loss(forward(batch).logits, batch)
+        loss = next_token_loss(forward(batch, use_cache=False).logits, batch)
     total = loss + l1_weight * l1_gamma_penalty(model) if l1_weight else loss
     optimizer.zero_grad(set_to_none=True)
     total.backward()

@@ -1,6 +1,6 @@
 """Building, exporting and saving the pretrained models of the attention-variant study (the model itself is
-models/outlier_llama.py). A model whose attention is vanilla is exported as a plain `LlamaForCausalLM` (identical
-parameter names and maths), loadable without outlierlab.
+models/outlier_llama.py). A model whose attention is vanilla and whose norms are RMSNorm is exported as a plain
+`LlamaForCausalLM` (identical parameter names and maths), loadable without outlierlab.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from outlierlab.models.outlier_llama import (  # noqa: F401 (re-exported)
     MODEL_TYPE,
+    VARIANT_FIELDS,
     OutlierLlamaConfig,
     OutlierLlamaForCausalLM,
     register_with_transformers,
@@ -21,7 +22,8 @@ METADATA_FILE = "outlierlab.json"  # beside config.json: variant, BOS policy, tr
 
 
 def build_model(architecture: dict, attention: dict, tokenizer, seed: int) -> OutlierLlamaForCausalLM:
-    """A freshly initialised model: `architecture` = Llama config fields, `attention` = variant fields."""
+    """A freshly initialised model: `architecture` = Llama config fields, `attention` = the variant's
+    OutlierLlamaConfig fields (attention_variant and its parameters, norm)."""
     config = OutlierLlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                 **architecture, **attention)
@@ -31,12 +33,12 @@ def build_model(architecture: dict, attention: dict, tokenizer, seed: int) -> Ou
 
 
 def exportable(model: OutlierLlamaForCausalLM) -> torch.nn.Module:
-    """The model as it should be saved: a plain LlamaForCausalLM when the attention is vanilla, else itself."""
-    if model.config.attention_variant != "vanilla":
+    """The model as it should be saved: a plain LlamaForCausalLM when the attention is vanilla and the norms are
+    RMSNorm, else itself."""
+    if model.config.attention_variant != "vanilla" or model.config.norm != "rmsnorm":
         return model
     fields = {k: v for k, v in model.config.to_dict().items()
-              if k not in ("model_type", "architectures", "attention_variant", "clip_gamma", "clip_zeta", "gate_init",
-                           "transformers_version")}
+              if k not in ("model_type", "architectures", "transformers_version", *VARIANT_FIELDS)}
     plain = LlamaForCausalLM(LlamaConfig(**fields))
     plain.load_state_dict(model.state_dict())
     return plain.to(next(model.parameters()).dtype)
