@@ -114,7 +114,7 @@ def _set_norm_gains(loaded, planted: dict[int, float]):
 def test_the_three_studies_find_the_same_planted_gain_outliers(tiny, planted):
     _set_norm_gains(tiny, {11: 40.0} if planted else {})
     by_atlas = {row["name"]: row["outlier_channels"] for row in atlas.norm_gains(tiny)}
-    by_finetune = finetune_atlas.gamma_outliers(tiny.model)
+    by_finetune = finetune_atlas.gamma_outliers(tiny.sites)
     expected = [11] if planted else []
     block_norms = [name for name, layer, _m in atlas.norm_modules(tiny) if layer is not None]
     assert block_norms and all(by_atlas[name] == expected for name in block_norms)

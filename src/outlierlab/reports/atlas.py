@@ -31,7 +31,9 @@ def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
                "step at the MA against its down_proj output (a super weight when one weight makes it) or a norm's "
                "effective gain. SW: " + criteria["detection"]["provenance"] + "; PPL x = WikiText-2 PPL with that "
                "weight alone zeroed / original. int8: " + criteria["channel_outliers"]["provenance"]
-               + ". Outlier tokens: " + criteria["outlier_tokens"]["provenance"] + ". Norm gain: largest effective gain (parametrisation read from the module). Sink rate: "
+               + ". Outlier tokens: " + criteria["outlier_tokens"]["provenance"] + ". Norm gain: largest "
+               + criteria["norm_gains"].get("reading", "effective gain (parametrisation read from the module)")
+               + ". Sink rate: "
                + criteria["attention_sinks"]["provenance"] + ".")
     return write_table(Table(columns, rows, index="model", caption=caption), out_dir / "atlas_index")
 
