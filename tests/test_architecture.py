@@ -30,9 +30,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("experiments",),  # recipes
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
-# Downward arrows that are still wrong: a recipe produces a result; reports/ only reads results/ (a recipe that
-# needs the same shaping gets it from the library below).
-FORBIDDEN = {("experiments", "reports")}
+# Downward arrows that are still wrong. A recipe produces a result: reports/ only reads results/ (a recipe that
+# needs the same shaping gets it from the library below), and the runner runs recipes, not the reverse. A recipe
+# never imports another recipe: what two recipes share lives in src/.
+FORBIDDEN = {("experiments", "reports"), ("experiments", "runner"), ("experiments", "sweep"),
+             ("experiments", "launcher"), ("experiments", "experiments")}
 
 
 def _module_name(path: Path) -> str:
@@ -128,7 +130,10 @@ def test_the_cycle_finder_finds_cycles(graph, expected):
 
 def test_the_layer_check_sees_a_planted_upward_import():
     planted = {"outlierlab.probes.planted": {"outlierlab.studies.variants", "outlierlab.models.sites"},
-               "experiments.planted": {"outlierlab.runner"}, "experiments.shaped": {"outlierlab.reports.atlas"}}
+               "experiments.planted": {"outlierlab.runner", "experiments.atlas", "outlierlab.studies.atlas"},
+               "experiments.shaped": {"outlierlab.reports.atlas"}}
     assert upward_imports(planted) == [
+        "experiments.planted (experiments) imports experiments.atlas (experiments)",
+        "experiments.planted (experiments) imports outlierlab.runner (runner)",
         "experiments.shaped (experiments) imports outlierlab.reports.atlas (reports)",
         "outlierlab.probes.planted (probes) imports outlierlab.studies.variants (studies)"]

@@ -20,7 +20,17 @@ def test_tiny_family_loads_and_resolves_sites(name, tmp_path):
     rows, cols = view.shape
     assert rows == config.hidden_size  # row = output (hidden) channel whatever the storage layout
     assert cols > rows
-    assert isinstance(sites.module("layers.0.attn"), torch.nn.Module)
+    # layers.0.attn is block 0's attention: inside the block, not the block itself, and it runs in the forward
+    # with an output over the positions of the input
+    attn = sites.module("layers.0.attn")
+    assert attn is not sites.layers[0] and any(module is attn for module in sites.layers[0].modules())
+    assert not any(module is attn for module in sites.layers[1].modules())
+    assert any(module is sites.module("layers.0.attn.o_proj") for module in attn.modules())  # not the MLP
+    seen = []
+    ids = torch.tensor([loaded.encode("one two three four")])
+    with sites.hooks({"layers.0.attn.out": lambda x: seen.append(tuple(x.shape))}):
+        loaded.model(ids)
+    assert len(seen) == 1 and seen[0][:2] == tuple(ids.shape)
     assert sites.module("layers.0.norm1.weight".rsplit(".", 1)[0]).weight.shape[0] == config.hidden_size
     assert sites.module("embed").weight.shape[1] == config.hidden_size
     # final_norm is the norm whose output the LM head reads

@@ -58,6 +58,10 @@ def test_the_planted_super_weight_makes_a_massive_activation_in_its_row(family, 
     loaded = family()
     plant_super_weight(loaded, layer=1, row=7, col=33, input_gain=gain, weight=weight)
     activation = massive_activation(loaded)
-    # Paper MA: > 100 and > 1000x median. Planted spikes above 100 are massive, in the SW's row, from its layer.
+    # Paper MA: > 100 and > 1000x median, in the SW's row, from its layer; the largest plant is massive in every
+    # family, and the same family unplanted (the negative control) has none.
     assert activation["channel"] == 7 and activation["layer"] >= 1
-    assert activation["massive"] == (activation["abs"] > 100)
+    assert activation["massive"] == (activation["abs"] >= 100 and activation["ratio_to_median"] >= 1000)
+    if (gain, weight) == MAGNITUDES[-1]:
+        assert activation["massive"]
+    assert not massive_activation(family())["massive"]
