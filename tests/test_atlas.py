@@ -73,8 +73,8 @@ def test_norm_gains_follow_the_family_and_planted_outliers_found(tiny):
     set_gain(tiny, module, 5, 300.0)
     planted = next(r for r in norm_gains(tiny) if r["name"] == name)
     assert (planted["max_channel"], round(planted["max_gain"])) == (5, 300) and planted["outlier_channels"] == [5]
-    # Gemma's RMSNorm computes x * (1 + w): the family table says so, not the model's name.
-    expected = "1 + w" if tiny.model.config.model_type == "gemma" else "w"
+    # Gemma's RMSNorms (1, 2 and 3) compute x * (1 + w): the family table says so (this list is the test's own).
+    expected = "1 + w" if tiny.model.config.model_type in ("gemma", "gemma2", "gemma3_text") else "w"
     assert {r["parametrisation"] for r in rows} == {expected}
 
 
