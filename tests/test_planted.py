@@ -1,6 +1,7 @@
-"""Detectors that generalise: outliers PLANTED at several magnitudes in a random model of every family (tiny_llama,
-tiny_qwen2, tiny_gemma, tiny_gemma2, tiny_gpt2, tiny_opt: every conf/model/tiny_*.yaml decoder) are found, and nothing is found where nothing was planted. The smallest
-planted spike is hundreds of times smaller than SmolLM2's 24,000: a criterion tuned to one model's scale fails here."""
+"""Detectors that generalise: outliers PLANTED at several magnitudes in a random model of every family (every
+conf/model/tiny_*.yaml decoder: tiny_llama, tiny_qwen2, tiny_gemma, tiny_gemma2, tiny_gpt2, tiny_opt) are found, and
+nothing is found where nothing was planted. The smallest planted spike is hundreds of times smaller than SmolLM2's
+24,000: a criterion tuned to one model's scale fails here."""
 import pytest
 from conftest import CONF, TINY_MODELS, compose_cfg, plant_super_weight, weights_hash
 
