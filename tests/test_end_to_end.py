@@ -105,8 +105,7 @@ def test_a_truncated_gguf_is_one_line_before_loading_and_leaves_no_cache(keep, w
 
 @pytest.mark.parametrize("where", ["/proc/outlierlab-results", "{tmp}/a-file/results"])
 def test_a_results_dir_that_cannot_be_written_stops_in_preflight(where, tmp_path):
-    """Found before any work (not when the result is written, after it), in one line, exit 2; the check leaves no
-    folder behind."""
+    """Found before any work (not when the result is written, after it), in one line, exit 2."""
     (tmp_path / "a-file").write_text("not a folder")
     results_dir = where.format(tmp=tmp_path)
     done = run_cli(["+exp=sw_activations", "model=tiny_llama", "logger=none", f"paths.results_dir={results_dir}"],
@@ -117,11 +116,17 @@ def test_a_results_dir_that_cannot_be_written_stops_in_preflight(where, tmp_path
     assert not (tmp_path / "cache").exists()  # before any weights load
 
 
-def test_the_write_check_leaves_no_folder_behind(tmp_path):
+def test_the_write_check_makes_only_the_results_folder(tmp_path):
+    """The check made the folder the result goes to and left nothing in it; bad input found earlier makes none."""
     from outlierlab.runner import preflight
-    cfg = compose_cfg(["+exp=sw_activations", "model=tiny_llama", f"paths.results_dir={tmp_path / 'new' / 'results'}"])
+    cfg = compose_cfg(["+exp=sw_activations", "model=tiny_llama", f"paths.results_dir={tmp_path / 'results'}"])
     plan = preflight(cfg)
-    assert plan.output.parent.is_relative_to(tmp_path / "new") and not (tmp_path / "new").exists()
+    assert plan.output.parent.is_dir() and not list(plan.output.parent.iterdir())
+    bad = compose_cfg(["+exp=sw_activations", "model=tiny_llama", f"paths.results_dir={tmp_path / 'other'}",
+                       "model.dtype=float13"])
+    with pytest.raises(Exception, match="model.dtype"):
+        preflight(bad)
+    assert not (tmp_path / "other").exists()
 
 
 def test_wandb_prints_one_line_not_its_banner(tmp_path):

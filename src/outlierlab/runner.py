@@ -5,7 +5,6 @@ line on stderr and exit code 2, and nothing is written to results/.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import sys
@@ -141,24 +140,17 @@ def _check_table_keys(cfg: DictConfig) -> None:
 
 
 def _check_writable(results_dir, folder: Path) -> None:
-    """The result's folder can be made and written, tried now (and undone), not found out after the run's work:
-    permission bits alone do not say so (root, /proc, a read-only mount)."""
-    made = []
+    """The result's folder can be made and written, tried now, not found out after the run's work: permission bits
+    alone do not say so (root, /proc, a read-only mount). The folder stays (the run writes there; removing it could
+    pull it from under a parallel cell's check); the probe file goes."""
     try:
-        for parent in reversed([folder, *folder.parents]):
-            if not parent.is_dir():
-                parent.mkdir()
-                made.append(parent)
+        folder.mkdir(parents=True, exist_ok=True)
         handle, probe = tempfile.mkstemp(dir=folder, prefix=".outlierlab-write-check.")
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
         raise ConfigError(f"paths.results_dir={results_dir}: results cannot be written there "
                           f"({error.strerror or error}: {error.filename or folder})") from None
-    finally:
-        for parent in reversed(made):
-            with contextlib.suppress(OSError):
-                parent.rmdir()
 
 
 def preflight(cfg: DictConfig) -> Plan:
@@ -194,7 +186,6 @@ def preflight(cfg: DictConfig) -> Plan:
                               f"perplexity / zero-shot; use eval=embedding (e.g. +exp=ro_encoder)")
     super_weights = _registry_super_weights(model, source)
     output = result_path(cfg.paths.results_dir, cfg.exp.name, model.name, cfg.run_tag)
-    _check_writable(cfg.paths.results_dir, output.parent)
     plan = Plan(source, interventions, super_weights, data_dir, output, recipe)
     # exp.check names the study's own checks of its exp keys, `check(cfg, plan)`, still before any weights load.
     # A ValueError / KeyError / TypeError there is a config error like any other.
@@ -203,6 +194,7 @@ def preflight(cfg: DictConfig) -> Plan:
             check(cfg, plan)
         except (ValueError, KeyError, TypeError) as error:
             raise ConfigError(str(error).splitlines()[0].strip("'\"")) from None
+    _check_writable(cfg.paths.results_dir, output.parent)  # last: input found bad above leaves no folder
     return plan
 
 

@@ -234,7 +234,8 @@ def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = No
                 try:
                     _gguf_to_cache(source, cached)
                 except (ValueError, KeyError, OSError, RuntimeError, IndexError, struct.error) as error:
-                    # A damaged file that passed the header check (truncated, say): still one line, exit 2.
+                    # A damaged file that passed the structure check (wrong bytes inside; GGUF has no checksum): one
+                    # line, exit 2.
                     raise SourceError(f"model.source={model_cfg.source}: {source.gguf_path} cannot be read as GGUF "
                                       f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
             location = str(cached)
