@@ -1,8 +1,8 @@
 """The import graph of src/ and experiments/: no import from a lower layer to a higher one, and no import cycle.
 
-LAYERS is the one written order (README "Extending outlierlab" points here). Every module is placed by its first
-dotted prefix found in LAYERS (`outlierlab.models.sites` -> `models`); a module not placed fails the test, so a new
-package is given its layer when it is added. Imports are read with ast from every `import` / `from ... import`
+LAYERS is the one written order (README "Extending outlierlab" points here). Every module is placed by its package
+or top module (`outlierlab.models.sites` -> `models`, `outlierlab.runner` -> `runner`); a module not placed fails the
+test, so a new package is given its layer when it is added. Imports are read with ast from every `import` / `from ... import`
 statement, those inside functions included (a lazy import is still an arrow).
 """
 from __future__ import annotations
