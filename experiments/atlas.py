@@ -46,7 +46,7 @@ from outlierlab.probes.super_weight import (
     detect_super_weights,
     massive_activation,
 )
-from outlierlab.reports.atlas import COLUMNS, atlas_row
+from outlierlab.studies.atlas import COLUMNS, atlas_row
 from outlierlab.tables import Table
 
 

@@ -34,6 +34,7 @@ from outlierlab.probes.channel_outliers import (
     coincidence,
     criteria_from_config,
     gamma_outliers,
+    gamma_outliers_record,
 )
 from outlierlab.tables import Column, Table, columns
 
@@ -148,20 +149,21 @@ def _row(variant: str, details: list[dict]) -> dict:
     return row
 
 
-def run(ctx) -> dict:
-    exp = ctx.cfg.exp
-    outlier, gamma_rule = criteria(ctx.cfg)
-    sites = ctx.loaded.sites
-    sentences, data_meta = sample_sentences(exp.sentences, ctx.plan.data_dir)
+def _encode(ctx) -> tuple[list[torch.Tensor], dict]:
+    """exp.sentences tokenized as the tokenizer does by default ([CLS]/[SEP] added), and their provenance."""
+    spec = ctx.cfg.exp.sentences
+    sentences, data_meta = sample_sentences(spec, ctx.plan.data_dir)
     tokenizer = ctx.loaded.tokenizer
-    encoded = [torch.tensor(tokenizer(s, truncation=True, max_length=exp.sentences.max_tokens)["input_ids"])
-               for s in sentences]
+    encoded = [torch.tensor(tokenizer(s, truncation=True, max_length=spec.max_tokens)["input_ids"]) for s in sentences]
     data_meta.update(tokens=sum(len(e) for e in encoded), special_tokens="tokenizer default (add_special_tokens)")
-    gammas = gamma_outliers(sites, gamma_rule, tail="both")
+    return encoded, data_meta
 
+
+def _variants(ctx, encoded, outlier, gamma_rule) -> tuple[dict, list[dict]]:
+    """The original, then per exp.values the outlier reset and its random controls: (details, table rows)."""
+    exp = ctx.cfg.exp
     original, base = _measure(ctx, [], encoded, outlier, None)
-    details = {"original": original}
-    rows = [_row("original", [original])]
+    details, rows = {"original": original}, [_row("original", [original])]
     reset = {"channels": "consistent", "tail": "both", "bias": exp.bias, "sigma": gamma_rule.sigma}
     for value in exp["values"]:
         details[f"reset_{value}"], _ = _measure(ctx, [ResetNormGamma(value=value, **reset)], encoded, outlier, base)
@@ -170,46 +172,63 @@ def run(ctx) -> dict:
                              outlier, base)[0] for seed in exp.control_seeds]
         details[f"random_{value}"] = {"seeds": list(exp.control_seeds), "per_seed": controls}
         rows.append(_row(f"random_{value}", controls))
+    return details, rows
 
-    summary = original["channels"]["summary"]
-    overlap = {which: coincidence(gammas, summary, which) for which in ("absolute", "relative")}
-    activation_features = {which: original["channels"]["features"][which] for which in ("absolute", "relative")}
+
+SHOWN = columns("variant", Column("seeds", "seeds", fmt="d"), Column("channels_reset", "channels reset", fmt="d"),
+                Column("int8_features", "int8 features", fmt="g"),
+                Column("relative_features", "relative features", fmt="g"),
+                ("max_abs_x_norm_out", "max |x| LN out"), Column("cos_mean", "cos mean", fmt=".4f"),
+                Column("cos_mean_worst", "cos mean, worst seed", fmt=".4f"), Column("cos_p05", "cos p05", fmt=".4f"),
+                Column("nn_agree", "NN unchanged", fmt=".3f"), Column("self_retrieval", "self-retrieval@1", fmt=".3f"))
+
+
+def _caption(ctx, gammas, outlier, gamma_rule, data_meta) -> str:
+    exp = ctx.cfg.exp
     consistent = {role: found["consistent"] for role, found in gammas.items()}
     both = {role: found["gain_and_bias"] for role, found in gammas.items()}
-    features_at = {which: {kind: found["features"] for kind, found in activation_features[which].items()}
+    return (f"{ctx.cfg.model.name} (encoder, post-LN): BERT Busters' outlier dimensions (LayerNorm gain > "
+            f"{gamma_rule.sigma:g} sigma from its mean, both tails, in >= {gamma_rule.layer_share:.0%} of the "
+            f"layers): " + "; ".join(f"{role} {chs} (also beta: {both[role]})" for role, chs in consistent.items())
+            + f". reset_<value>: their gain{' and beta' if exp.bias else ' (beta kept)'} set to 1"
+            f"{' and 0' if exp.bias else ''} (one), to the other channels' mean (mean) or to 0"
+            f"{' and 0' if exp.bias else ''} (zero: BERT Busters' disabling), in every layer; random_<value>: as "
+            f"many random channels "
+            f"per norm, mean over {len(exp.control_seeds)} seeds. int8 / relative features: hidden-size channels "
+            f"with |x| >= {outlier.min_abs:g} (or >= {outlier.median_ratio:g} x the token's median |x|) at >= "
+            f"{outlier.position_share:.0%} of positions in >= {outlier.layer_share:.0%} of the layers, over every "
+            f"LN output and linear input. Embedding fidelity vs the unedited model on {data_meta['count']} "
+            f"{data_meta['dataset']} {data_meta['split']} sentences ({data_meta['tokens']} tokens): cosine of the "
+            f"mean-pooled embeddings; NN unchanged: share whose nearest neighbour in the sample is the same; "
+            f"self-retrieval@1: the edited embedding's nearest original one is its own.")
+
+
+def _norm_weights(sites) -> dict:
+    """Every norm's gain (the family's reading) and bias, rounded to 6 decimals."""
+    def rounded(tensor):
+        return [round(v, 6) for v in tensor.tolist()]
+    def bias(norm):
+        module = sites.module(norm)
+        return None if module.bias is None else rounded(module.bias.detach().float())
+    return {norm: {"gain": rounded(sites.norm_gain(norm)), "bias": bias(norm)} for norm in sites.all_norms()}
+
+
+def run(ctx) -> dict:
+    exp, sites = ctx.cfg.exp, ctx.loaded.sites
+    outlier, gamma_rule = criteria(ctx.cfg)
+    encoded, data_meta = _encode(ctx)
+    gammas = gamma_outliers(sites, gamma_rule, tail="both")
+    details, rows = _variants(ctx, encoded, outlier, gamma_rule)
+    summary, features = details["original"]["channels"]["summary"], details["original"]["channels"]["features"]
+    overlap = {which: coincidence(gammas, summary, which) for which in ("absolute", "relative")}
+    features_at = {which: {kind: found["features"] for kind, found in features[which].items()}
                    for which in ("absolute", "relative")}
-    shown = columns("variant", Column("seeds", "seeds", fmt="d"), Column("channels_reset", "channels reset", fmt="d"),
-                    Column("int8_features", "int8 features", fmt="g"),
-                    Column("relative_features", "relative features", fmt="g"),
-                    ("max_abs_x_norm_out", "max |x| LN out"), Column("cos_mean", "cos mean", fmt=".4f"),
-                    Column("cos_mean_worst", "cos mean, worst seed", fmt=".4f"), Column("cos_p05", "cos p05", fmt=".4f"),
-                    Column("nn_agree", "NN unchanged", fmt=".3f"), Column("self_retrieval", "self-retrieval@1",
-                                                                           fmt=".3f"))
-    caption = (f"{ctx.cfg.model.name} (encoder, post-LN): BERT Busters' outlier dimensions (LayerNorm gain > "
-               f"{gamma_rule.sigma:g} sigma from its mean, both tails, in >= {gamma_rule.layer_share:.0%} of the "
-               f"layers): " + "; ".join(f"{role} {chs} (also beta: {both[role]})" for role, chs in consistent.items())
-               + f". reset_<value>: their gain{' and beta' if exp.bias else ' (beta kept)'} set to 1"
-               f"{' and 0' if exp.bias else ''} (one), to the other channels' mean (mean) or to 0"
-               f"{' and 0' if exp.bias else ''} (zero: BERT Busters' disabling), in every layer; random_<value>: as "
-               f"many random channels "
-               f"per norm, mean over {len(exp.control_seeds)} seeds. int8 / relative features: hidden-size channels "
-               f"with |x| >= {outlier.min_abs:g} (or >= {outlier.median_ratio:g} x the token's median |x|) at >= "
-               f"{outlier.position_share:.0%} of positions in >= {outlier.layer_share:.0%} of the layers, over every "
-               f"LN output and linear input. Embedding fidelity vs the unedited model on {data_meta['count']} "
-               f"{data_meta['dataset']} {data_meta['split']} sentences ({data_meta['tokens']} tokens): cosine of the "
-               f"mean-pooled embeddings; NN unchanged: share whose nearest neighbour in the sample is the same; "
-               f"self-retrieval@1: the edited embedding's nearest original one is its own.")
-    return {"reset_bias": exp.bias, "gamma_outliers": {"criterion": vars(gamma_rule), "tail": "both",
-                               "gain_offset": sites.family.norm_gain_offset,
-                               "roles": {role: {"consistent": found["consistent"],
-                                                "gain_and_bias": found["gain_and_bias"],
-                                                "per_layer": {str(k): v for k, v in found["per_layer"].items()}}
-                                         for role, found in gammas.items()}},
-            "norm_weights": {norm: {"gain": [round(v, 6) for v in sites.norm_gain(norm).tolist()],
-                                    "bias": None if sites.module(norm).bias is None else
-                                    [round(v, 6) for v in sites.module(norm).bias.detach().float().tolist()]}
-                             for layer in range(sites.num_layers) for norm in sites.norms(layer)},
+    return {"reset_bias": exp.bias,
+            "gamma_outliers": gamma_outliers_record(gammas, gamma_rule, sites.family.norm_gain_offset, tail="both"),
+            "norm_weights": _norm_weights(sites),
             "activation_features": features_at, "coincidence": overlap["absolute"],
             "coincidence_relative": overlap["relative"], "criterion": vars(outlier), "sentences": data_meta,
             "pooling": "mean over tokens ([CLS] and [SEP] included), one sentence per forward",
-            "variants": details, "table": Table(shown, rows, index="variant", caption=caption).to_dict()}
+            "variants": details,
+            "table": Table(SHOWN, rows, index="variant", caption=_caption(ctx, gammas, outlier, gamma_rule,
+                                                                          data_meta)).to_dict()}

@@ -20,7 +20,9 @@ from outlierlab.probes.channel_outliers import (
     criteria_from_config,
     forward_windows,
     gamma_outliers,
+    gamma_outliers_record,
 )
+from outlierlab.studies.variants import ZERO_SHOT, scores
 from outlierlab.tables import Column, Table, columns, ratio_to_baseline
 
 
@@ -65,13 +67,45 @@ def row_for(variant: str, detail: dict, protocols: list[str], hidden_size: int) 
            "outlier_channels_per_site": sum(summary[p]["absolute"]["count"] for p in hidden) / max(len(hidden), 1),
            "max_abs_x_norm_out": max((summary[p]["max_abs"] for p in summary if ".norm" in p or p == "final_norm.out"),
                                    default=None)}
-    for key in protocols:
-        row[key] = detail["ppl"][key]["ppl"]
-    for key, value in detail["w8a8"].items():
-        row[f"w8a8_{key}"] = value["ppl"]
-    if detail.get("zeroshot"):
-        row["zero_shot_mean"] = None if detail["zeroshot"]["mean"] is None else 100 * detail["zeroshot"]["mean"]
-    return row
+    scored = scores(detail, protocols)  # PPL per protocol (and the zero-shot mean, last in the row)
+    zero_shot = {ZERO_SHOT.key: scored.pop(ZERO_SHOT.key)} if ZERO_SHOT.key in scored else {}
+    return {**row, **scored, **{f"w8a8_{key}": value["ppl"] for key, value in detail["w8a8"].items()}, **zero_shot}
+
+
+def _observer(ctx, outlier: OutlierCriterion):
+    """What ctx.evaluate measures beside PPL for each variant: channel outliers, and PPL with exp.w8a8 on top."""
+    def observe(label):
+        def measure():
+            channels = measure_channels(ctx, outlier)
+            with ctx.edit(list(ctx.cfg.exp.w8a8), {}):
+                w8a8 = ctx.perplexities(label=f"{label} W8A8", keys=list(ctx.cfg.exp.w8a8_protocols))
+            return {"channels": channels, "w8a8": {k: {"ppl": v["ppl"]} for k, v in w8a8.items()}}
+        return measure
+    return observe
+
+
+def _columns(ctx) -> list[Column]:
+    return columns("variant", ("channels_reset", "channels reset"), ("int8_features", "int8 features"),
+                   ("relative_features", "relative features"), ("outlier_channels_per_site", "outlier ch./site"),
+                   ("max_abs_x_norm_out", "max |x| norm out"), *ctx.cfg.eval.ppl, ("x_original", "x original"),
+                   *(Column(f"w8a8_{k}", f"W8A8 {k}") for k in ctx.cfg.exp.w8a8_protocols),
+                   *([("zero_shot_mean", "zero-shot mean")] if ctx.cfg.eval.get("zeroshot") else []))
+
+
+def _caption(ctx, gammas, details, outlier, gamma_rule, probe) -> str:
+    offset = ctx.loaded.sites.family.norm_gain_offset
+    consistent = {role: found["consistent"] for role, found in gammas.items()}
+    reset_roles = sorted({norm.split(".")[-1] for detail in details.values() for edit in detail["edits"]
+                          if edit.get("edit") == "reset_norm_gamma" for norm in edit["norms"]})
+    return (f"{ctx.cfg.model.name}: gain outliers (> {gamma_rule.sigma} sigma, 'high' tail for the resets; gain ="
+            f" {offset:g} + w) reset per norm and layer, in the norms {', '.join(reset_roles) or 'none'}. int8 / relative features: hidden-size channels that are "
+            f"outliers (>= {outlier.position_share:.0%} of positions with |x| >= {outlier.min_abs:g}, or >= "
+            f"{outlier.median_ratio:g} x the token's median |x|) in >= {outlier.layer_share:.0%} of the layers, "
+            f"over every norm output and linear input; outlier ch./site: mean number of such channels per "
+            f"hidden-size site; measured on {probe['windows']} x {probe['seqlen']} tokens of {probe['dataset']} "
+            f"{probe['split']}. PPL {ctx.cfg.eval.name}; W8A8 = INT8 weights per channel + per-tensor INT8 "
+            f"activations. BERT Busters' outlier dims (both tails, >= {gamma_rule.layer_share:.0%} of layers): "
+            + "; ".join(f"{role} {chs}" for role, chs in consistent.items()))
 
 
 def run(ctx) -> dict:
@@ -79,18 +113,8 @@ def run(ctx) -> dict:
     outlier, gamma_rule = criteria(ctx.cfg)
     sites = ctx.loaded.sites
     gammas = gamma_outliers(sites, gamma_rule)
-    w8a8_keys = list(exp.w8a8_protocols)
-
-    def observe(label):
-        def measure():
-            channels = measure_channels(ctx, outlier)
-            with ctx.edit(list(exp.w8a8), {}):
-                w8a8 = ctx.perplexities(label=f"{label} W8A8", keys=w8a8_keys)
-            return {"channels": channels, "w8a8": {k: {"ppl": v["ppl"]} for k, v in w8a8.items()}}
-        return measure
-
-    protocols = list(ctx.cfg.eval.ppl)
-    hidden_size = ctx.loaded.model.config.hidden_size
+    protocols, hidden_size = list(ctx.cfg.eval.ppl), ctx.loaded.model.config.hidden_size
+    observe = _observer(ctx, outlier)
     details, rows = {}, []
     for variant, names in exp.variants.items():
         details[variant] = ctx.evaluate(list(names), {}, label=variant, observe=observe(variant))
@@ -100,30 +124,9 @@ def run(ctx) -> dict:
     overlap = coincidence(gammas, original["summary"]) if original else None
     # the same against the relative rule's outlier channels (for models whose norm outputs are far below |x| = 6)
     overlap_relative = coincidence(gammas, original["summary"], "relative") if original else None
-    shown = columns("variant", ("channels_reset", "channels reset"), ("int8_features", "int8 features"),
-                    ("relative_features", "relative features"), ("outlier_channels_per_site", "outlier ch./site"),
-                    ("max_abs_x_norm_out", "max |x| norm out"), *protocols, ("x_original", "x original"),
-                    *(Column(f"w8a8_{k}", f"W8A8 {k}") for k in w8a8_keys),
-                    *([("zero_shot_mean", "zero-shot mean")] if ctx.cfg.eval.get("zeroshot") else []))
-    offset = sites.family.norm_gain_offset
     probe = ctx.data_windows("probe").meta
-    consistent = {role: found["consistent"] for role, found in gammas.items()}
-    reset_roles = sorted({norm.split(".")[-1] for detail in details.values() for edit in detail["edits"]
-                          if edit.get("edit") == "reset_norm_gamma" for norm in edit["norms"]})
-    caption = (f"{ctx.cfg.model.name}: gain outliers (> {gamma_rule.sigma} sigma, 'high' tail for the resets; gain ="
-               f" {offset:g} + w) reset per norm and layer, in the norms {', '.join(reset_roles) or 'none'}. int8 / relative features: hidden-size channels that are "
-               f"outliers (>= {outlier.position_share:.0%} of positions with |x| >= {outlier.min_abs:g}, or >= "
-               f"{outlier.median_ratio:g} x the token's median |x|) in >= {outlier.layer_share:.0%} of the layers, "
-               f"over every norm output and linear input; outlier ch./site: mean number of such channels per "
-               f"hidden-size site; measured on {probe['windows']} x {probe['seqlen']} tokens of {probe['dataset']} "
-               f"{probe['split']}. PPL {ctx.cfg.eval.name}; W8A8 = INT8 weights per channel + per-tensor INT8 "
-               f"activations. BERT Busters' outlier dims (both tails, >= {gamma_rule.layer_share:.0%} of layers): "
-               + "; ".join(f"{role} {chs}" for role, chs in consistent.items()))
-    return {"gamma_outliers": {"criterion": vars(gamma_rule), "gain_offset": offset,
-                               "roles": {role: {"consistent": found["consistent"],
-                                                "gain_and_bias": found["gain_and_bias"],
-                                                "per_layer": {str(k): v for k, v in found["per_layer"].items()}}
-                                         for role, found in gammas.items()}},
+    caption = _caption(ctx, gammas, details, outlier, gamma_rule, probe)
+    return {"gamma_outliers": gamma_outliers_record(gammas, gamma_rule, sites.family.norm_gain_offset),
             "coincidence": overlap, "coincidence_relative": overlap_relative, "criterion": vars(outlier),
             "probe_data": probe, "variants": details,
-            "table": Table(shown, rows, index="variant", caption=caption).to_dict()}
+            "table": Table(_columns(ctx), rows, index="variant", caption=caption).to_dict()}

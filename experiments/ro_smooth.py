@@ -71,6 +71,33 @@ def detect(ctx) -> tuple[list[massive.MassiveActivation], dict]:
     return found, birth
 
 
+def _row(variant: str, detail: dict, protocols: list[str]) -> dict:
+    """Where the edit acted, PPL per protocol, and the largest |mean MA value| at the last block output."""
+    edits = [e for e in detail["edits"] if e.get("edit") == "smooth_massive_activation"]
+    row = {"variant": variant,
+           "edited_at": (", ".join(f"{e['where']} ({len(e['sites'])} sites, {e['value']})" for e in edits)
+                         or ("; ".join(e["edit"] for e in detail["edits"]) or "-"))}
+    row.update({key: detail["ppl"][key]["ppl"] for key in protocols})
+    trace = detail.get("ma_trace")
+    if trace:
+        row["abs_ma_last_layer"] = max(abs(v) for location in trace["mean"] for r in location[-1] for v in r)
+    return row
+
+
+def _caption(ctx, found, origin: str, calibration, count: int) -> str:
+    exp = ctx.cfg.exp
+    where = "; ".join(f"born in layer {m.first_layer}, channels {list(m.channels)}, positions {list(m.positions)}"
+                      for m in found) or "none"
+    clip = next((OmegaConf.select(exp, f"interventions.{name}.clip_ratio") for name in exp.interventions
+                 if OmegaConf.select(exp, f"interventions.{name}.value") == "clip"), None)
+    return (f"{ctx.cfg.model.name}, PPL ({ctx.cfg.eval.name}); MAs from {origin}: {where}. birth = the MLP branch's "
+            f"output of the birth layer (down_proj's, or the MLP output norm's in sandwich-norm families), skip = the block outputs of every later layer (our reading of paper RO); mean = "
+            f"calibrated over {calibration.meta['windows']} x {calibration.meta['seqlen']} tokens of "
+            f"{calibration.meta['dataset']} {calibration.meta['split']}; clip = to {clip} x the token's median |x|;"
+            f" |MA| last layer = largest |mean MA value| at the last block output with the edit in place "
+            f"({count} calibration windows)")
+
+
 def run(ctx) -> dict:
     exp = ctx.cfg.exp
     found, origin = _configured(ctx.cfg)
@@ -92,35 +119,16 @@ def run(ctx) -> dict:
     protocols = list(ctx.cfg.eval.ppl)
     rows, details = [], {}
     for variant, names in exp.variants.items():
-        row = {"variant": variant}
         try:
             details[variant] = ctx.evaluate(list(names), context, label=variant, observe=observe)
         except NoMassiveActivations:
-            rows.append({**row, "note": "skipped: no massive activation"})
+            rows.append({"variant": variant, "note": "skipped: no massive activation"})
             continue
-        edits = [e for e in details[variant]["edits"] if e.get("edit") == "smooth_massive_activation"]
-        row["edited_at"] = (", ".join(f"{e['where']} ({len(e['sites'])} sites, {e['value']})" for e in edits)
-                            or ("; ".join(e["edit"] for e in details[variant]["edits"]) or "-"))
-        for key in protocols:
-            row[key] = details[variant]["ppl"][key]["ppl"]
-        trace = details[variant].get("ma_trace")
-        if trace:
-            last = [abs(v) for location in trace["mean"] for r in location[-1] for v in r]
-            row["abs_ma_last_layer"] = max(last)
-        rows.append(row)
+        rows.append(_row(variant, details[variant], protocols))
     ratio_to_baseline(rows, protocols[0])
     shown = columns("variant", ("edited_at", "edited at"), *protocols, ("x_original", "x original"),
                     ("abs_ma_last_layer", "|MA| last layer"), *(["note"] if any("note" in row for row in rows) else []))
-    where = "; ".join(f"born in layer {m.first_layer}, channels {list(m.channels)}, positions {list(m.positions)}"
-                      for m in found) or "none"
-    clip = next((OmegaConf.select(exp, f"interventions.{name}.clip_ratio") for name in exp.interventions
-                 if OmegaConf.select(exp, f"interventions.{name}.value") == "clip"), None)
-    caption = (f"{ctx.cfg.model.name}, PPL ({ctx.cfg.eval.name}); MAs from {origin}: {where}. birth = the MLP branch's "
-               f"output of the birth layer (down_proj's, or the MLP output norm's in sandwich-norm families), skip = the block outputs of every later layer (our reading of paper RO); mean = "
-               f"calibrated over {calibration.meta['windows']} x {calibration.meta['seqlen']} tokens of "
-               f"{calibration.meta['dataset']} {calibration.meta['split']}; clip = to {clip} x the token's median |x|;"
-               f" |MA| last layer = largest |mean MA value| at the last block output with the edit in place "
-               f"({count} calibration windows)")
     return {"massive_activations": {"used": [m.describe() for m in found], "origin": origin, "birth": birth},
             "calibration": calibration.meta, "variants": details,
-            "table": Table(shown, rows, index="variant", caption=caption).to_dict()}
+            "table": Table(shown, rows, index="variant", caption=_caption(ctx, found, origin, calibration,
+                                                                          count)).to_dict()}

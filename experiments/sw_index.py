@@ -58,6 +58,17 @@ def _importance(ctx, candidates: list[SuperWeight], detected: list[SuperWeight])
     return importance
 
 
+def _caption(ctx, detection: dict, activation: dict, importance: bool) -> str:
+    caption = (f"{ctx.cfg.model.name}: super-weight candidates (layer, row, col) of down_proj; "
+               f"{_describe_activation(activation)}; detection stopped: {detection['stop_reason']}; spikes on the "
+               f"prompt \"{ctx.cfg.exp.detection.prompt}\"")
+    if importance:
+        caption += f"; PPL ({ctx.cfg.eval.name}) with that weight alone zeroed"
+    if ctx.loaded.info.get("kind") == "gguf":
+        caption += "; weight values are dequantized GGUF block-quantized values"
+    return caption
+
+
 def run(ctx) -> dict:
     cfg = ctx.cfg.exp
     detection = detect_super_weights(ctx.loaded, **cfg.detection)
@@ -85,13 +96,7 @@ def run(ctx) -> dict:
     shown = columns("candidate", "value", "rank", ("z_score", "z-score"), ("input_spike", "input spike"),
                     ("output_spike", "output spike"), "detected", "registry", ("row_is_ma_channel", "row = MA channel"),
                     *protocols, *([("x_original", "x original")] if protocols else []))
-    caption = (f"{ctx.cfg.model.name}: super-weight candidates (layer, row, col) of down_proj; "
-               f"{_describe_activation(activation)}; "
-               f"detection stopped: {detection['stop_reason']}; spikes on the prompt \"{cfg.detection.prompt}\"")
-    if protocols:
-        caption += f"; PPL ({ctx.cfg.eval.name}) with that weight alone zeroed"
-    if ctx.loaded.info.get("kind") == "gguf":
-        caption += "; weight values are dequantized GGUF block-quantized values"
+    caption = _caption(ctx, detection, activation, bool(protocols))
     return {
         "super_weights": {"detected": [str(w) for w in detected], "registry": [str(w) for w in registry],
                           "registry_agrees": sorted(detected) == sorted(registry) if registry else None,

@@ -41,6 +41,46 @@ def check(cfg, plan) -> None:
     W8A8(**cfg.exp.w8a8)  # validates the bit widths
 
 
+def _variant(cfg, variant: str, streams) -> tuple[dict, dict]:
+    """One trained checkpoint: FP and W8A8 validation loss, attention-output outliers, massive activations ->
+    (table row, detail)."""
+    exp, size = cfg.exp, cfg.train.size
+    directory = _directory(cfg, variant)
+    metadata = read_metadata(directory)
+    model_cfg = OmegaConf.merge(cfg.model, {"name": f"{size.name}_{variant}", "source": str(directory),
+                                            "bos": metadata.get("bos", "none")})
+    loaded = load_model(model_cfg, cfg.paths.cache_dir)
+    prefix = loaded.tokenizer.convert_tokens_to_ids(SINK) if model_cfg.bos == "prepend" else None
+    windows = validation_windows(streams.val, size.seqlen, exp.val_windows, prefix)
+    fp = measure(loaded, windows, exp.batch_size, exp.top_k)
+    before = weights_sha256(loaded.model)
+    with EditSession(loaded) as session:
+        session.apply([W8A8(**exp.w8a8)])
+        w8a8_loss = validation_loss(loaded.model, windows, exp.batch_size, desc=f"{variant} w8a8")
+        edits = list(session.log)
+    restored = weights_sha256(loaded.model) == before
+    massive = classify_massive(fp["residual"], exp.massive.abs_min, exp.massive.ratio_min)
+    attention = fp["attention_output"]
+    row = {"variant": variant, "val_loss": fp["val_loss"], "fp_ppl": math.exp(fp["val_loss"]),
+           "w8a8_ppl": math.exp(w8a8_loss), "max_inf_norm": attention["max_inf_norm"],
+           "avg_kurtosis": attention["avg_kurtosis"], "max_abs_h": massive["max_abs"], "layer": massive["layer"],
+           "top1_over_median": massive["ratio_to_median"], "peak": massive["kind"],
+           "massive": "yes" if massive["massive"] else "no"}
+    row["w8a8_over_fp"] = row["w8a8_ppl"] / row["fp_ppl"]
+    detail = {"checkpoint": str(directory), "training": metadata, "model": loaded.info,
+              "bos": model_cfg.bos, "windows": list(windows.shape), **fp, "massive": massive,
+              "w8a8": {"val_loss": w8a8_loss, "edits": edits, "weights_restored": restored}}
+    return row, detail
+
+
+SHOWN = columns("variant", ("val_loss", "val loss"), ("fp_ppl", "FP ppl"), ("w8a8_ppl", "W8A8 ppl"),
+                ("w8a8_over_fp", "W8A8 / FP"), ("max_inf_norm", "max inf-norm"), ("avg_kurtosis", "avg kurtosis"),
+                ("max_abs_h", "max abs(h)"), "layer", ("top1_over_median", "top1/median"), "peak", "massive",
+                *(Column(key, f"paper {label}", reference=True) for key, label in (
+                    ("fp_ppl", "FP ppl"), ("max_inf_norm", "inf-norm"), ("avg_kurtosis", "kurtosis"),
+                    ("w8a8_ppl", "W8A8 ppl"))))
+
+
 def run(ctx) -> dict:
     cfg = ctx.cfg
     exp, size = cfg.exp, cfg.train.size
@@ -48,41 +88,8 @@ def run(ctx) -> dict:
     reference = OmegaConf.to_container(exp.reference)
     rows, details = [], {}
     for variant in exp.train_variants:
-        directory = _directory(cfg, variant)
-        metadata = read_metadata(directory)
-        model_cfg = OmegaConf.merge(cfg.model, {"name": f"{size.name}_{variant}", "source": str(directory),
-                                                "bos": metadata.get("bos", "none")})
-        loaded = load_model(model_cfg, cfg.paths.cache_dir)
-        prefix = loaded.tokenizer.convert_tokens_to_ids(SINK) if model_cfg.bos == "prepend" else None
-        windows = validation_windows(streams.val, size.seqlen, exp.val_windows, prefix)
-
-        fp = measure(loaded, windows, exp.batch_size, exp.top_k)
-        before = weights_sha256(loaded.model)
-        with EditSession(loaded) as session:
-            session.apply([W8A8(**exp.w8a8)])
-            w8a8_loss = validation_loss(loaded.model, windows, exp.batch_size, desc=f"{variant} w8a8")
-            edits = list(session.log)
-        restored = weights_sha256(loaded.model) == before
-        massive = classify_massive(fp["residual"], exp.massive.abs_min, exp.massive.ratio_min)
-        attention = fp["attention_output"]
-        row = {"variant": variant, "val_loss": fp["val_loss"], "fp_ppl": math.exp(fp["val_loss"]),
-               "w8a8_ppl": math.exp(w8a8_loss), "max_inf_norm": attention["max_inf_norm"],
-               "avg_kurtosis": attention["avg_kurtosis"], "max_abs_h": massive["max_abs"], "layer": massive["layer"],
-               "top1_over_median": massive["ratio_to_median"], "peak": massive["kind"],
-               "massive": "yes" if massive["massive"] else "no"}
-        row["w8a8_over_fp"] = row["w8a8_ppl"] / row["fp_ppl"]
+        row, details[variant] = _variant(cfg, variant, streams)
         rows.append(row)
-        details[variant] = {"checkpoint": str(directory), "training": metadata, "model": loaded.info,
-                            "bos": model_cfg.bos, "windows": list(windows.shape), **fp, "massive": massive,
-                            "w8a8": {"val_loss": w8a8_loss, "edits": edits, "weights_restored": restored}}
-        del loaded
-
-    shown = columns("variant", ("val_loss", "val loss"), ("fp_ppl", "FP ppl"), ("w8a8_ppl", "W8A8 ppl"),
-                    ("w8a8_over_fp", "W8A8 / FP"), ("max_inf_norm", "max inf-norm"), ("avg_kurtosis", "avg kurtosis"),
-                    ("max_abs_h", "max abs(h)"), "layer", ("top1_over_median", "top1/median"), "peak", "massive",
-                    *(Column(key, f"paper {label}", reference=True) for key, label in (
-                        ("fp_ppl", "FP ppl"), ("max_inf_norm", "inf-norm"), ("avg_kurtosis", "kurtosis"),
-                        ("w8a8_ppl", "W8A8 ppl"))))
     paper = Reference(source=reference["source"], values={v: reference["values"][v] for v in details
                                                           if v in reference["values"]}, model=reference.get("model"))
     steps = {v: d["training"].get("step") for v, d in details.items()}
@@ -95,4 +102,4 @@ def run(ctx) -> dict:
     model = {"name": cfg.model.name, "kind": "trained checkpoints", "dtype": "float32",
              "checkpoints": str(exp.checkpoints), "variants": list(details)}
     return {"model": model, "variants": details, "reference": reference,
-            "table": Table(shown, rows, index="variant", reference=paper, caption=caption).to_dict()}
+            "table": Table(SHOWN, rows, index="variant", reference=paper, caption=caption).to_dict()}

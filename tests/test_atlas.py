@@ -15,7 +15,6 @@ from outlierlab.probes.outliers import (
     ChannelOutliers,
     OutlierTokens,
     SinkRate,
-    effective_gain,
     norm_gains,
     norm_modules,
 )
@@ -32,14 +31,21 @@ def text_batch(loaded, length=48, count=2):
     return torch.tensor([ids[i:i + length] for i in range(count)])
 
 
-def set_gain(module, channel: int, gain: float, hidden: int):
-    """Give a norm the effective gain `gain` at `channel`, whatever its parametrisation: the gain is affine in the
-    weight, so two measurements fix it."""
+@torch.no_grad()
+def effective_gain(module: torch.nn.Module, size: int) -> torch.Tensor:
+    """The per-channel gain a norm applies, measured by calling it: for x = (+1, -1, +1, ...) (mean 0, RMS 1),
+    (norm(x) - norm(-x)) / 2x is the gain whatever the parametrisation (w, 1 + w, ...), up to the norm's own
+    1 / sqrt(1 + eps), and cancels any bias."""
+    parameter = next(module.parameters())
+    x = torch.ones(1, 1, size, dtype=parameter.dtype, device=parameter.device)
+    x[..., 1::2] = -1.0
+    return ((module(x) - module(-x)) / (2 * x)).reshape(-1).float().cpu()
+
+
+def set_gain(loaded, module, channel: int, gain: float):
+    """Give a norm the gain `gain` at `channel` in its family's convention (gain = norm_gain_offset + w)."""
     with torch.no_grad():
-        g0 = float(effective_gain(module, hidden)[channel])
-        module.weight[channel] += 1.0
-        slope = float(effective_gain(module, hidden)[channel]) - g0
-        module.weight[channel] += (gain - g0) / slope - 1.0
+        module.weight[channel] = gain - loaded.sites.family.norm_gain_offset
 
 
 @pytest.fixture(params=TINY_MODELS)
@@ -47,17 +53,28 @@ def tiny(request, tmp_path):
     return load_model(compose_cfg([f"model={request.param}"]).model, tmp_path)
 
 
-def test_norm_gains_are_read_from_the_module_and_planted_outliers_found(tiny):
-    hidden = tiny.model.config.hidden_size
+def test_the_family_gain_is_the_gain_the_module_applies(tiny):
+    """Family.norm_gain_offset (the one gain reading, Sites.norm_gain) agrees with what every norm computes, measured
+    by calling it, including a planted channel: a family entry with the wrong convention fails here."""
+    hidden, sites = tiny.model.config.hidden_size, tiny.sites
+    name, layer, module = next(n for n in norm_modules(tiny) if n[1] == 1)
+    set_gain(tiny, module, 5, 300.0)
+    for site in sites.all_norms():
+        measured, family = effective_gain(sites.module(site), hidden), sites.norm_gain(site).cpu()
+        assert torch.allclose(measured, family, rtol=1e-4, atol=1e-5), site
+    assert abs(float(effective_gain(module, hidden)[5]) - 300.0) < 1e-2
+
+
+def test_norm_gains_follow_the_family_and_planted_outliers_found(tiny):
     rows = norm_gains(tiny)
     assert rows and all(abs(r["max_ratio_to_median"] - 1) < 1e-3 and not r["outlier_channels"] for r in rows)
+    assert [r["name"] for r in rows] == [tiny.sites.module_name(site) for site in tiny.sites.all_norms()]
     name, layer, module = next(n for n in norm_modules(tiny) if n[1] == 1)
-    set_gain(module, 5, 300.0, hidden)
-    assert abs(float(effective_gain(module, hidden)[5]) - 300.0) < 1e-2
+    set_gain(tiny, module, 5, 300.0)
     planted = next(r for r in norm_gains(tiny) if r["name"] == name)
     assert (planted["max_channel"], round(planted["max_gain"])) == (5, 300) and planted["outlier_channels"] == [5]
-    # Gemma's RMSNorm computes x * (1 + w): read from the module, not from the model's name.
-    expected = "1 + w" if tiny.model.config.model_type == "gemma" else "w"
+    # Gemma's RMSNorms (1, 2 and 3) compute x * (1 + w): the family table says so (this list is the test's own).
+    expected = "1 + w" if tiny.model.config.model_type in ("gemma", "gemma2", "gemma3_text") else "w"
     assert {r["parametrisation"] for r in rows} == {expected}
 
 
@@ -66,10 +83,9 @@ def test_int8_channel_outliers_found_when_planted_nothing_otherwise(tiny):
     with ChannelOutliers(tiny.sites) as probe, torch.no_grad():
         tiny.model(batch)
     assert probe.summary()["features"] == [] and max(probe.summary()["count_per_layer"]) == 0
-    hidden = tiny.model.config.hidden_size
     for name, layer, module in norm_modules(tiny):
         if layer is not None:
-            set_gain(module, 11, 40.0, hidden)  # every norm of every block: channel 11 large at nearly every token
+            set_gain(tiny, module, 11, 40.0)  # every norm of every block: channel 11 large at nearly every token
     with ChannelOutliers(tiny.sites) as probe, torch.no_grad():
         tiny.model(batch)
     summary = probe.summary()

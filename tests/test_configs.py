@@ -25,7 +25,7 @@ def check_composes(exp: str, model: str) -> None:
 
 # What a composition can get wrong is either the exp's (its defaults, interventions, variants) or the model's (its
 # fields, coordinates, provenance); the only cross-terms are interpolations, resolved in both trimmed sets.
-# The full product (12 exps x 19 models) is the `slow` test below.
+# The full product (every exp x every model YAML) is the `slow` test below.
 @pytest.mark.parametrize("exp", EXPS)
 def test_every_exp_composes(exp):
     check_composes(exp, "tiny_llama")
@@ -121,21 +121,6 @@ def test_recipe_and_check_are_named_by_the_exp_yaml(exp):
     module = hydra.utils.get_method(cfg.exp.recipe).__module__
     if callable(getattr(__import__(module, fromlist=["check"]), "check", None)):  # a check nobody named never runs
         assert cfg.exp.get("check") == f"{module}.check", f"conf/exp/{exp}.yaml: name {module}.check as exp.check"
-
-
-def test_recipes_import_only_the_library():
-    """A recipe never imports another recipe or the runner (shared pieces live in src/), and src/ never imports
-    experiments/ (design.md: data flows one way)."""
-    import ast
-    root = CONF.parent
-    for path in [*(root / "experiments").glob("*.py"), *(root / "src").rglob("*.py")]:
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
-                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
-            for name in names:
-                assert not name.startswith("experiments"), f"{path.relative_to(root)} imports {name}"
-                if path.parent.name == "experiments":
-                    assert name != "outlierlab.runner", f"{path.relative_to(root)} imports the runner"
 
 
 @pytest.mark.parametrize("model", MODELS)

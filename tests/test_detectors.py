@@ -114,7 +114,7 @@ def _set_norm_gains(loaded, planted: dict[int, float]):
 def test_the_three_studies_find_the_same_planted_gain_outliers(tiny, planted):
     _set_norm_gains(tiny, {11: 40.0} if planted else {})
     by_atlas = {row["name"]: row["outlier_channels"] for row in atlas.norm_gains(tiny)}
-    by_finetune = finetune_atlas.gamma_outliers(tiny.model)
+    by_finetune = finetune_atlas.gamma_outliers(tiny.sites)
     expected = [11] if planted else []
     block_norms = [name for name, layer, _m in atlas.norm_modules(tiny) if layer is not None]
     assert block_norms and all(by_atlas[name] == expected for name in block_norms)
@@ -126,8 +126,11 @@ def test_the_three_studies_find_the_same_planted_gain_outliers(tiny, planted):
 
 @pytest.mark.parametrize("planted", [True, False])
 def test_the_three_studies_find_the_same_planted_int8_channel(tiny, planted):
-    """A gain of 40 at channel 11 of every block norm makes |x| >> 6 there at every token; gains ~1 make none."""
-    _set_norm_gains(tiny, {11: 40.0} if planted else {})
+    """A gain of 12 at channel 11 of every block norm makes |x| > 6 there at most tokens; gains ~1 make none. (Not
+    much larger: with Gemma-2's sandwich norms a gain of 40 makes channel 11 dominate the residual, its pre-norm
+    output reaches ~300, and attention spreads that to |x| > 6 in many channels of its output, a real secondary
+    outlier, not the planted one.)"""
+    _set_norm_gains(tiny, {11: 12.0} if planted else {})
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
     expected = [11] if planted else []
     with atlas.ChannelOutliers(tiny.sites) as probe, torch.no_grad():

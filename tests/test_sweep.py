@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from outlierlab import runner, sweep
+from outlierlab import launcher, runner, sweep
 from outlierlab.models.source import resolve_source
 from outlierlab.results import read_result, write_result
 
@@ -131,7 +131,7 @@ def compose_launcher(overrides):
 
 
 def sizes(overrides):
-    params = sweep.sized_params(compose_launcher(["+exp=prune_sw", *overrides]))
+    params = launcher.sized_params(compose_launcher(["+exp=prune_sw", *overrides]))
     return params["gpus_per_node"], params["cpus_per_task"], params["mem_gb"]
 
 

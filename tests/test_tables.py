@@ -57,7 +57,13 @@ def test_reference_block_is_rendered_beside_our_numbers():
     assert lines[0].split("|")[1:-1] == [" variant  ", " c4     ", " paper c4 "]
     assert [c.strip() for c in lines[2].split("|")[1:-1]] == ["original", "38.500", "7.080"]
     assert [c.strip() for c in lines[3].split("|")[1:-1]] == ["prune_sw", "267.10", ""]  # no paper value: empty
-    assert "c4" not in table.rows[1] or table.rows[1]["c4"] == 267.1  # our rows never hold the paper's numbers
+    # Rendering and storing never write the paper's numbers into our rows: they stay in the reference block.
+    before = [dict(row) for row in table.rows]
+    latex(table)
+    stored = table.to_dict()
+    assert table.rows == before and stored["rows"] == before
+    assert stored["reference"]["values"] == {"original": {"c4": 7.08}}
+    assert Table.from_dict(stored).rows[0]["c4"] == 38.5
     with pytest.raises(ValueError, match="reference"):
         Table([Column("c4", "paper c4", reference=True)], [])
 

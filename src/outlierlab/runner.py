@@ -6,7 +6,9 @@ line on stderr and exit code 2, and nothing is written to results/.
 from __future__ import annotations
 
 import datetime
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +139,20 @@ def _check_table_keys(cfg: DictConfig) -> None:
             raise ConfigError(f"{where}: {name!r}: {error}") from None
 
 
+def _check_writable(results_dir, folder: Path) -> None:
+    """The result's folder can be made and written, tried now, not found out after the run's work: permission bits
+    alone do not say so (root, /proc, a read-only mount). The folder stays (the run writes there; removing it could
+    pull it from under a parallel cell's check); the probe file goes."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".outlierlab-write-check.")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ConfigError(f"paths.results_dir={results_dir}: results cannot be written there "
+                          f"({error.strerror or error}: {error.filename or folder})") from None
+
+
 def preflight(cfg: DictConfig) -> Plan:
     if "exp" not in cfg or cfg.exp is None:
         raise ConfigError(f"no experiment selected: append +exp=NAME (available: {_available(EXP_DIR)})")
@@ -178,6 +194,7 @@ def preflight(cfg: DictConfig) -> Plan:
             check(cfg, plan)
         except (ValueError, KeyError, TypeError) as error:
             raise ConfigError(str(error).splitlines()[0].strip("'\"")) from None
+    _check_writable(cfg.paths.results_dir, output.parent)  # last: input found bad above leaves no folder
     return plan
 
 

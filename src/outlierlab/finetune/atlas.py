@@ -15,8 +15,8 @@ unchanged by every function here).
 The criteria are probes/detectors.py's (one definition each, shared with the atlas and RO studies); this module
 only says where they look.
 
-Norm modules and block linears are found from the sites table's layer list and module types (a module whose class
-name ends in "Norm"; nn.Linear / transformers' Conv1D), never from model names.
+Norms are the sites table's (Sites.all_norms, gains by Sites.norm_gain); block linears are found from its layer list
+and module types (nn.Linear / transformers' Conv1D), never from model names.
 """
 from __future__ import annotations
 
@@ -32,11 +32,15 @@ from outlierlab.probes import detectors
 from outlierlab.probes.super_weight import massive_activation, super_weights_for_study
 
 
-def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every normalisation module (its class name ends in "Norm": LayerNorm, RMSNorm and their per-family copies)
-    that has a gain, by its name in model.named_modules()."""
-    return {name: module for name, module in model.named_modules()
-            if type(module).__name__.endswith("Norm") and isinstance(getattr(module, "weight", None), torch.Tensor)}
+def norm_sites(sites) -> dict[str, str]:
+    """Every norm with a gain (Sites.all_norms, the one enumeration, query/key norms included: fine-tuning trains
+    and guards them too), by its name in model.named_modules() -> its site."""
+    return {sites.module_name(site): site for site in sites.all_norms(attention=True)}
+
+
+def norm_modules(sites) -> dict[str, nn.Module]:
+    """`norm_sites` -> the modules."""
+    return {name: sites.module(site) for name, site in norm_sites(sites).items()}
 
 
 def block_linears(sites) -> dict[str, tuple[int, nn.Module, bool]]:
@@ -51,12 +55,12 @@ def block_linears(sites) -> dict[str, tuple[int, nn.Module, bool]]:
     return found
 
 
-def gamma_outliers(model: nn.Module, sigma: float = detectors.SIGMA) -> dict[str, list[int]]:
-    """Per norm module: the channels whose gain is more than `sigma` (sample) standard deviations from that gain
-    vector's mean (detectors.sigma_outliers; the weight w stands for the gain: z-scores are the same for 1 + w)."""
+def gamma_outliers(sites, sigma: float = detectors.SIGMA) -> dict[str, list[int]]:
+    """Per norm module: the channels whose gain (Sites.norm_gain) is more than `sigma` (sample) standard deviations
+    from that gain vector's mean (detectors.sigma_outliers)."""
     found = {}
-    for name, module in norm_modules(model).items():
-        channels = detectors.sigma_outliers(module.weight, sigma, ddof=1)
+    for name, site in norm_sites(sites).items():
+        channels = detectors.sigma_outliers(sites.norm_gain(site), sigma, ddof=1)
         if channels:
             found[name] = channels
     return found
@@ -174,7 +178,7 @@ def measure(loaded, settings, windows: torch.Tensor, registry: list[SuperWeight]
     return Atlas(
         super_weights=list(chosen), super_weight_values=super_weight_values(loaded, chosen),
         ma={k: v for k, v in ma.items() if k != "per_layer"}, ma_channels=channels, ma_layers=ma_layers,
-        gamma_outliers=gamma_outliers(loaded.model, settings.gamma.sigmas),
+        gamma_outliers=gamma_outliers(loaded.sites, settings.gamma.sigmas),
         channel_outliers=channel_outliers(stats, hidden, settings.channel.min_position_share,
                                           settings.channel.min_layer_share),
         layer_outlier_ratio=layer_outlier_ratios(stats, loaded.sites.num_layers, settings.owl_multiple),

@@ -126,10 +126,11 @@ def lora_budget(sites, rank: int) -> int:
     return total
 
 
-def _norm_channels(model: nn.Module, gamma_outliers: dict[str, list[int]], extra: list[int]) -> dict[str, torch.Tensor]:
+def _norm_channels(model: nn.Module, sites, gamma_outliers: dict[str, list[int]], extra: list[int]
+                   ) -> dict[str, torch.Tensor]:
     """Per norm gain: a bool mask of its outlier channels (that norm's gamma outliers + `extra` channels)."""
     masks = {}
-    for name, module in norm_modules(model).items():
+    for name, module in norm_modules(sites).items():
         mask = torch.zeros_like(module.weight, dtype=torch.bool)
         channels = [c for c in {*gamma_outliers.get(name, []), *extra} if c < mask.numel()]
         if channels:
@@ -182,7 +183,7 @@ def select(method_cfg, loaded, atlas: Atlas | None, lora_cfg, seed: int, steps: 
     if kind == "full":
         return _static("full", model, named)
     if kind == "norm_only":
-        names = {_name_of(model, p) for module in norm_modules(model).values() for p in module.parameters()}
+        names = {_name_of(model, p) for module in norm_modules(sites).values() for p in module.parameters()}
         return _static("norm_only", model, {n: named[n] for n in names})
     if kind in SAMPLED:
         selection = _lisa(kind, method_cfg, model, sites, atlas, named, seed, steps)
@@ -248,7 +249,7 @@ def _guided(cfg, model, sites, atlas, named, budget: int | None) -> Selection:
     train: dict[str, torch.Tensor] = {}
     parts = list(cfg.parts)
     if "gamma" in parts:
-        for name, mask in _norm_channels(model, atlas.gamma_outliers, atlas.ma_channels).items():
+        for name, mask in _norm_channels(model, sites, atlas.gamma_outliers, atlas.ma_channels).items():
             _merge(train, name, mask)
     if "ma_rows" in parts and atlas.ma_channels:
         for layer in range(sites.num_layers):
@@ -294,7 +295,7 @@ def _protected(model, loaded, atlas: Atlas, protect) -> dict[str, torch.Tensor]:
     extra = [*(atlas.ma_channels if "ma_channels" in protect else []),
              *(atlas.channel_outliers if "channel_outliers" in protect else [])]
     gammas = atlas.gamma_outliers if "gamma_outliers" in protect else {}
-    for name, mask in _norm_channels(model, gammas, sorted(set(extra))).items():
+    for name, mask in _norm_channels(model, loaded.sites, gammas, sorted(set(extra))).items():
         _merge(masks, name, mask)
     return masks
 

@@ -31,6 +31,10 @@ class Family:
     # the first linear elsewhere): where a super weight's input spike is made.
     up_proj: str | None = None
     o_proj: str | None = None
+    # Norms inside attention over the head dimension (QK-norm: Qwen3, Gemma-3, OLMo-2); a model of the family
+    # without them (Llama) simply has none.
+    q_norm: str | None = None
+    k_norm: str | None = None
     # Norms of the sublayer outputs (sandwich norms): applied to the attention / MLP output before the residual add.
     norm_attn_out: str | None = None
     norm_mlp_out: str | None = None
@@ -77,15 +81,16 @@ class Family:
 _ROLE_FIELDS = {"attn": "attn", "norm1": "norm1", "norm2": "norm2", "norm_attn_out": "norm_attn_out",
                 "norm_mlp_out": "norm_mlp_out", "norm_after_attn": "norm_after_attn",
                 "norm_after_mlp": "norm_after_mlp", "mlp.down_proj": "down_proj", "mlp.gate_proj": "gate_proj",
-                "mlp.up_proj": "up_proj", "attn.o_proj": "o_proj"}
+                "mlp.up_proj": "up_proj", "attn.o_proj": "o_proj", "attn.q_norm": "q_norm", "attn.k_norm": "k_norm"}
 ROLES = tuple(_ROLE_FIELDS)
 # Linears a model of a family may lack (Phi-3's fused gate_up_proj): checked when a site addresses them.
-OPTIONAL_ROLES = ("mlp.gate_proj", "mlp.up_proj", "attn.o_proj")
+OPTIONAL_ROLES = ("mlp.gate_proj", "mlp.up_proj", "attn.o_proj", "attn.q_norm", "attn.k_norm")
 
 
 _LLAMA_PATHS = dict(layers="model.layers", attn="self_attn", norm1="input_layernorm", norm2="post_attention_layernorm",
                     down_proj="mlp.down_proj", embed="model.embed_tokens", final_norm="model.norm",
-                    gate_proj="mlp.gate_proj", up_proj="mlp.up_proj", o_proj="self_attn.o_proj")
+                    gate_proj="mlp.gate_proj", up_proj="mlp.up_proj", o_proj="self_attn.o_proj",
+                    q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
 _LLAMA_SMOOTH = (("norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj")),
                  ("norm2", ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj")))
 _OPT_PATHS = dict(layers="model.decoder.layers", attn="self_attn", down_proj="fc2", embed="model.decoder.embed_tokens",
@@ -172,8 +177,10 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
-# Norm roles of a block, in forward order (the ones a family has: `Sites.norms`).
+# Norm roles of a block over the residual stream's channels, in forward order (the ones a family has: `Sites.norms`).
 NORM_ROLES = ("norm1", "norm_attn_out", "norm_after_attn", "norm2", "norm_mlp_out", "norm_after_mlp")
+# Norms inside attention, over the head dimension (`Sites.all_norms(attention=True)`).
+ATTENTION_NORM_ROLES = ("attn.q_norm", "attn.k_norm")
 
 
 def supported_model_types() -> list[str]:

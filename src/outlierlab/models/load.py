@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,8 +233,9 @@ def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = No
             if not (cached / "config.json").is_file():
                 try:
                     _gguf_to_cache(source, cached)
-                except (ValueError, KeyError, OSError, RuntimeError, IndexError) as error:
-                    # A damaged file that passed the header check (truncated, say): still one line, exit 2.
+                except (ValueError, KeyError, OSError, RuntimeError, IndexError, struct.error) as error:
+                    # A damaged file that passed the structure check (wrong bytes inside; GGUF has no checksum): one
+                    # line, exit 2.
                     raise SourceError(f"model.source={model_cfg.source}: {source.gguf_path} cannot be read as GGUF "
                                       f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
             location = str(cached)

@@ -55,6 +55,7 @@ from transformers.pytorch_utils import Conv1D
 
 from outlierlab.errors import UnsupportedArchitecture  # noqa: F401 (re-exported)
 from outlierlab.models.families import (  # noqa: F401 (FAMILIES, Family, supported_model_types re-exported)
+    ATTENTION_NORM_ROLES,
     FAMILIES,
     NORM_ROLES,
     ROLES,
@@ -126,6 +127,7 @@ class Sites:
         self.model = model
         self.family = family_for(model.config)
         self.layers: nn.ModuleList = _getattr_path(model, self.family.layers)
+        self._names: dict[int, str] | None = None
         self._validate()
 
     def _validate(self) -> None:
@@ -213,10 +215,40 @@ class Sites:
     def norms(self, layer: int) -> list[str]:
         """The norm sites of block `layer` that this model has and that have a learned gain, in forward order."""
         sites = [f"layers.{layer}.{role}" for role in NORM_ROLES if self.has(f"layers.{layer}.{role}")]
-        return [site for site in sites if getattr(self.module(site), "weight", None) is not None]
+        return [site for site in sites if self._has_gain(site)]
+
+    def all_norms(self, attention: bool = False) -> list[str]:
+        """The one enumeration of a model's norms with a learned gain, in forward order: every block's `norms`
+        (with `attention`, then that block's query/key norms), then final_norm. Probes, the atlas, fine-tuning and
+        the RO study all take their norms from here."""
+        found = []
+        for layer in range(self.num_layers):
+            found += self.norms(layer)
+            if attention:
+                found += [site for role in ATTENTION_NORM_ROLES
+                          if self.has(site := f"layers.{layer}.{role}") and self._has_gain(site)]
+        if self.family.final_norm is not None and self._has_gain("final_norm"):
+            found.append("final_norm")
+        return found
+
+    def _has_gain(self, site: str) -> bool:
+        return getattr(self.module(site), "weight", None) is not None
+
+    def module_name(self, site: str) -> str:
+        """A module site's name in model.named_modules() (`layers.3.norm2` -> `model.layers.3.post_attention_layernorm`),
+        the key records and optimizers use."""
+        if self._names is None:
+            self._names = {id(module): name for name, module in self.model.named_modules()}
+        return self._names[id(self.module(site))]
+
+    @staticmethod
+    def layer_of(site: str) -> int | None:
+        """The block a site is in (`layers.3.norm2` -> 3), None for a model-level site (embed, final_norm)."""
+        match = _LAYER_SITE.match(site)
+        return int(match.group(1)) if match else None
 
     def norm_gain(self, site: str) -> torch.Tensor:
-        """The gain a norm multiplies by, norm_gain_offset + w, as float32 (a new tensor)."""
+        """The gain a norm multiplies by, norm_gain_offset + w, as float32 (a new tensor): the one gain reading."""
         return self.module(site).weight.detach().float() + self.family.norm_gain_offset
 
     def _layer(self, index: int, site: str) -> nn.Module:

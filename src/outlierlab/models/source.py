@@ -46,18 +46,128 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 
 GGUF_MAGIC = b"GGUF"
+# GGUF metadata value types (gguf-py's GGUFValueType): fixed sizes in bytes; 8 is a string, 9 an array.
+_GGUF_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY, _GGUF_UINT32 = 8, 9, 4
+
+
+class _GGUFDamaged(Exception):
+    pass
+
+
+class _GGUFReader:
+    """Walks a GGUF file's header, metadata and tensor index without reading any tensor data."""
+
+    def __init__(self, data, size: int):
+        self.data, self.size, self.pos, self.part = data, size, 0, "header"
+
+    def take(self, count: int) -> int:
+        if count < 0 or self.pos + count > self.size:
+            raise _GGUFDamaged(f"is truncated inside its {self.part} (at byte {self.pos} of {self.size})")
+        self.pos += count
+        return self.pos - count
+
+    def u32(self) -> int:
+        return int.from_bytes(self.data[self.take(4):self.pos], "little")
+
+    def u64(self) -> int:
+        return int.from_bytes(self.data[self.take(8):self.pos], "little")
+
+    def string(self) -> bytes:
+        length = self.u64()
+        return self.data[self.take(length):self.pos]
+
+    def skip_value(self, kind: int) -> None:
+        if kind in _GGUF_FIXED:
+            self.take(_GGUF_FIXED[kind])
+        elif kind == _GGUF_STRING:
+            self.string()
+        elif kind == _GGUF_ARRAY:
+            element, count = self.u32(), self.u64()
+            if element in _GGUF_FIXED:
+                self.take(count * _GGUF_FIXED[element])
+            elif element == _GGUF_STRING:  # a vocabulary: 10^5 strings, walked without a call per string
+                data, position, end = self.data, self.pos, self.size
+                for _ in range(count):
+                    if position + 8 > end:
+                        break
+                    position += 8 + int.from_bytes(data[position:position + 8], "little")
+                else:
+                    if position <= end:
+                        self.pos = position
+                        return
+                self.pos = end
+                raise _GGUFDamaged(f"is truncated inside its {self.part} (at byte {end} of {end})")
+            else:
+                for _ in range(count):
+                    self.skip_value(element)
+        else:
+            raise _GGUFDamaged(f"is damaged inside its {self.part} (value type {kind} at byte {self.pos})")
+
+
+def _gguf_damage(path: Path) -> str | None:
+    """Why a GGUF file cannot be whole, from its structure alone: the header, every metadata entry and the tensor
+    index are walked, and the tensor data must reach as far as the index says (GGUF has no checksum: a file of the
+    right length with wrong bytes inside is not caught here). None when the file is whole."""
+    import mmap
+
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    size = path.stat().st_size
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        reader = _GGUFReader(data, size)
+        try:
+            reader.take(8)  # magic and version, checked by the caller
+            tensors, entries = reader.u64(), reader.u64()
+            reader.part, alignment = "metadata", 32
+            for _ in range(entries):
+                key, kind = reader.string(), reader.u32()
+                if key == b"general.alignment" and kind == _GGUF_UINT32:
+                    alignment = reader.u32() or 32
+                else:
+                    reader.skip_value(kind)
+            reader.part, needed = "tensor index", 0
+            for _ in range(tensors):
+                reader.string()
+                dims = [reader.u64() for _ in range(reader.u32())]
+                kind, offset = reader.u32(), reader.u64()
+                try:
+                    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+                except (ValueError, KeyError):
+                    return f"is damaged inside its tensor index (tensor type {kind} at byte {reader.pos})"
+                count = 1
+                for dim in dims:
+                    count *= dim
+                needed = max(needed, offset + count // block * type_size)
+        except _GGUFDamaged as damage:
+            return str(damage)
+    start = -(-reader.pos // alignment) * alignment
+    if start + needed > size:
+        return f"is truncated inside its tensor data ({size} bytes; its tensor index needs {start + needed})"
+    return None
+
+
+_GGUF_CHECKED: dict[tuple, None] = {}  # (path, size, mtime) of files found whole: preflight runs once per cell
 
 
 def check_gguf_header(path: Path, source: str) -> None:
-    """A cheap look before anything loads: the file starts like a GGUF (magic, a known version). A file that passes
-    but is damaged further in (truncated, say) is caught when it is dequantized (models/load.py)."""
+    """A look before anything loads: the file starts like a GGUF (magic, a known version), and its header, metadata
+    and tensor index are whole and its tensor data as long as the index says (one line, exit 2, otherwise)."""
     with open(path, "rb") as handle:
         head = handle.read(8)
     if head[:4] != GGUF_MAGIC:
         raise SourceError(f"model.source={source}: {path} is not a GGUF file (it does not start with 'GGUF')")
+    if len(head) < 8:
+        raise SourceError(f"model.source={source}: {path} is truncated inside its header (it has {len(head)} bytes)")
     version = int.from_bytes(head[4:8], "little")
     if version not in (2, 3):
         raise SourceError(f"model.source={source}: {path} is GGUF version {version}; transformers reads 2 and 3")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _GGUF_CHECKED:
+        damage = _gguf_damage(path)
+        if damage:
+            raise SourceError(f"model.source={source}: {path} {damage}")
+        _GGUF_CHECKED[key] = None
 
 
 def _package_file(uri: str) -> Path:
@@ -146,6 +256,7 @@ def resolve_source(model_cfg, cache_dir=None) -> ModelSource:
         return ModelSource("gguf", str(path.parent), path.name, {"uri": source})
     if source.startswith("assemble://"):
         path = _assembled_file(source, cache_dir)
+        check_gguf_header(path, source)
         return ModelSource("gguf", str(path.parent), path.name, {"uri": source})
     looks_local = source.startswith((".", "/", "~")) or source.endswith(".gguf") or os.path.exists(source)
     if looks_local:

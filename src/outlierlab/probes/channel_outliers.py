@@ -258,6 +258,14 @@ def gamma_outliers(sites, criterion: GammaCriterion = GammaCriterion(), tail: st
     return result
 
 
+def gamma_outliers_record(gammas: dict, criterion: GammaCriterion, gain_offset: float, **extra) -> dict:
+    """`gamma_outliers` as a result records it (layers as string keys), with its criterion and gain convention."""
+    return {"criterion": vars(criterion), **extra, "gain_offset": gain_offset,
+            "roles": {role: {"consistent": found["consistent"], "gain_and_bias": found["gain_and_bias"],
+                             "per_layer": {str(k): v for k, v in found["per_layer"].items()}}
+                      for role, found in gammas.items()}}
+
+
 def coincidence(gammas: dict, summary: dict, which: str = "absolute") -> dict:
     """Per norm role: of the per-layer gain-outlier channels, how many are activation-outlier channels at that
     norm's output in the same layer, and of the activation-outlier channels, how many have an outlier gain."""

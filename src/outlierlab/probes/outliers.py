@@ -11,9 +11,8 @@
                      (layer, head) whose attention to token 0, averaged over the queries of 64-token inputs,
                      exceeds eps = 0.3. Attention is causal, so queries 0..63 of a longer window see exactly what
                      they would see in a 64-token prompt: the metric comes from the same forward as everything else.
-    norm_gains       the effective gain of every norm, measured from the module itself (so a norm computing
-                     x * (1 + w), Gemma's, is read right without knowing it), with BERT Busters' (arXiv
-                     2105.06990) > 3 sigma outlier channels.
+    norm_gains       the gain of every norm (Sites.all_norms; the family's convention, 1 + w for Gemma's RMSNorm),
+                     with BERT Busters' (arXiv 2105.06990) > 3 sigma outlier channels.
 
 All probes fold each batch into counters of fixed size (layers x channels at most); nothing keeps activations.
 The LLM.int8 and BERT Busters rules are probes/detectors.py's (one definition each, shared with the RO and
@@ -173,59 +172,31 @@ class SinkRate(Probe):
                 "sink_rate": sinks / max(heads, 1), "sink_heads": sinks, "heads": heads, "per_layer": per_layer}
 
 
-@torch.no_grad()
-def effective_gain(module: torch.nn.Module, size: int) -> torch.Tensor:
-    """The per-channel gain a norm applies, measured by calling it: for x = (+1, -1, +1, ...) (mean 0, RMS 1),
-    (norm(x) - norm(-x)) / 2x is the gain whatever the parametrisation (w, 1 + w, ...) and cancels any bias."""
-    parameter = next(module.parameters())
-    x = torch.ones(1, 1, size, dtype=parameter.dtype, device=parameter.device)
-    x[..., 1::2] = -1.0
-    gain = (module(x) - module(-x)) / (2 * x)
-    return gain.reshape(-1).float().cpu()
-
-
-def _parametrisation(gain: torch.Tensor, weight: torch.Tensor) -> str:
-    if torch.allclose(gain, weight, rtol=1e-3, atol=1e-3):
-        return "w"
-    if torch.allclose(gain, 1.0 + weight, rtol=1e-3, atol=1e-3):
-        return "1 + w"
-    return "other"
+def parametrisation(sites) -> str:
+    """How the family's norms turn a stored weight w into their gain (Family.norm_gain_offset)."""
+    offset = sites.family.norm_gain_offset
+    return f"{offset:g} + w" if offset else "w"
 
 
 def norm_modules(loaded) -> list[tuple[str, int | None, torch.nn.Module]]:
-    """(name, layer or None, module) of every normalisation over the hidden size: modules whose class name says
-    Norm and whose only weight is a [hidden] vector (so per-head q/k norms are left out)."""
-    hidden = loaded.model.config.hidden_size
-    layer_of = {id(module): index for index, module in enumerate(loaded.sites.layers)}
-    found = []
-    for name, module in loaded.model.named_modules():
-        weight = getattr(module, "weight", None)
-        if "norm" not in type(module).__name__.lower() or not isinstance(weight, torch.Tensor):
-            continue
-        if weight.ndim != 1 or weight.numel() != hidden:
-            continue
-        layer = None
-        for parent_name, parent in loaded.model.named_modules():
-            if id(parent) in layer_of and name.startswith(parent_name + "."):
-                layer = layer_of[id(parent)]
-                break
-        found.append((name, layer, module))
-    return found
+    """(module name, layer or None, module) of every norm over the residual stream with a gain: Sites.all_norms,
+    the one enumeration (per-head query/key norms are not over the hidden size and are left out)."""
+    sites = loaded.sites
+    return [(sites.module_name(site), sites.layer_of(site), sites.module(site)) for site in sites.all_norms()]
 
 
 def norm_gains(loaded, sigmas: float = 3.0, top: int = 3) -> list[dict]:
-    """Per norm: parametrisation (w or 1 + w, read from the module), the largest |gain| channels with their ratio
-    to the median |gain|, and the channels more than `sigmas` std from the mean gain (BERT Busters)."""
-    hidden = loaded.model.config.hidden_size
-    rows = []
-    for name, layer, module in norm_modules(loaded):
-        gain = effective_gain(module, hidden)
+    """Per norm: parametrisation (w or 1 + w, the family's), the largest |gain| channels with their ratio to the
+    median |gain|, and the channels more than `sigmas` std from the mean gain (BERT Busters)."""
+    sites, rows = loaded.sites, []
+    for site in sites.all_norms():
+        name, gain = sites.module_name(site), sites.norm_gain(site).cpu()
         magnitude = gain.abs()
         median = float(magnitude.median()) or 1e-12
         order = magnitude.argsort(descending=True)[:top].tolist()
         outliers = detectors.sigma_outliers(gain, sigmas, ddof=1)
-        rows.append({"name": name, "layer": layer, "kind": name.rpartition(".")[2],
-                     "parametrisation": _parametrisation(gain, module.weight.detach().float().cpu()),
+        rows.append({"name": name, "layer": sites.layer_of(site), "kind": name.rpartition(".")[2],
+                     "parametrisation": parametrisation(sites),
                      "median_gain": median, "max_gain": float(gain[order[0]]), "max_channel": order[0],
                      "max_ratio_to_median": float(magnitude[order[0]]) / median,
                      "top": [{"channel": c, "gain": float(gain[c]), "ratio_to_median": float(magnitude[c]) / median}
