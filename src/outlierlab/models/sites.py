@@ -17,6 +17,19 @@ Site names are stable and greppable; every probe and intervention addresses a si
     layers.{i}.mlp.down_proj       the MLP's output projection (".in", ".out" hook points, ".weight" its matrix)
     layers.{i}.mlp.gate_proj / .up_proj / layers.{i}.attn.o_proj   the other linears the RO study reads
 
+Mixture-of-experts blocks (`Sites.moe_layers`; the experts are fused 3-D parameters, observed inside the experts
+forward of models/experts.py; a dense block of an MoE model has the dense sites above):
+
+    layers.{i}.mlp.experts                      the fused experts module; layers.{i}.mlp.router its router
+    layers.{i}.mlp.experts.{e}.down_proj.in     expert e's activation act(gate) * up (its down_proj input) for the
+                                                tokens routed to it, [routed tokens, intermediate] (hook point)
+    layers.{i}.mlp.experts.{e}.down_proj.out    expert e's down_proj output before the routing weight, [routed, d]
+    layers.{i}.mlp.experts.{e}.down_proj.weight expert e's slice of the fused down_proj (WeightView, expert=e)
+    layers.{i}.mlp.router.weights               routing weights of each token's top-k experts [tokens, k] (a returned
+                                                tensor replaces them: the router mask of interventions/experts.py)
+    layers.{i}.mlp.router.experts               the top-k expert indices [tokens, k] (read-only: load per expert)
+    layers.{i}.mlp.out                          the sparse block's output (routed experts + shared expert)
+
 Hook points inside a block, in forward order (BLOCK_POINTS; the paper-RO label is our reading of its figure, not
 the paper's text: it fixes only y6 = the down_proj input of Llama/Qwen blocks and y4 = the second MLP linear's input
 of GPT blocks; we number the points before them in forward order and skip the residual after attention, which
@@ -62,6 +75,7 @@ from outlierlab.models.families import (  # noqa: F401 (FAMILIES, Family, suppor
     family_for,
     supported_model_types,
 )
+from outlierlab.models import experts as fused
 from outlierlab.models.hooks import Handles, attach, first_tensor
 
 # Hook points inside a block that are another module's input or output: name -> (module role, point).
@@ -95,6 +109,9 @@ LINEAR_TYPES = (nn.Linear, Conv1D)
 _LAYER_SITE = re.compile(r"^layers\.(\d+)(?:\.(.+))?$")
 _HOOK_SUFFIXES = ("in", "out")
 _ATTENTION_POINT = re.compile(r"^(layers\.\d+\.attn)\.(probs|logits|values)$")
+_EXPERT_SITE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.down_proj\.(in|out|weight)$")
+_ROUTER_POINT = re.compile(r"^layers\.(\d+)\.mlp\.router\.(weights|experts)$")
+_MOE_MODULES = {"mlp.experts": "experts", "mlp.router": "router", "mlp.shared_expert": "shared_expert"}
 
 
 @dataclass
@@ -102,21 +119,33 @@ class WeightView:
     """A matrix addressed as (row = output channel, col = input channel), whatever its storage layout."""
     param: torch.nn.Parameter
     transposed: bool
+    expert: int | None = None  # one expert's matrix inside a fused 3-D parameter [experts, ., .]
 
     @property
     def shape(self) -> tuple[int, int]:
-        rows, cols = self.param.shape
+        rows, cols = self.param.shape[-2:]
         return (cols, rows) if self.transposed else (rows, cols)
 
-    def index(self, row: int, col: int) -> tuple[int, int]:
+    @property
+    def whole(self) -> tuple:
+        """The index of the whole matrix in `param` (every element, or one expert's slice)."""
+        return (Ellipsis,) if self.expert is None else (self.expert,)
+
+    def index(self, row: int, col: int) -> tuple:
         rows, cols = self.shape
         if not (0 <= row < rows and 0 <= col < cols):
             raise IndexError(f"(row={row}, col={col}) is outside the weight's shape ({rows}, {cols})")
-        return (col, row) if self.transposed else (row, col)
+        index = (col, row) if self.transposed else (row, col)
+        return index if self.expert is None else (self.expert, *index)
 
     def as_out_in(self) -> torch.Tensor:
         """The matrix as [out, in] (a view, no copy)."""
-        return self.param.data.t() if self.transposed else self.param.data
+        matrix = self.param.data if self.expert is None else self.param.data[self.expert]
+        return matrix.t() if self.transposed else matrix
+
+    def stored(self, out_in: torch.Tensor) -> torch.Tensor:
+        """An [out, in] matrix in this weight's storage layout (for `WeightEdits.set(param, view.whole, ...)`)."""
+        return out_in.t() if self.transposed else out_in
 
 
 class Sites:
@@ -137,21 +166,66 @@ class Sites:
             if path is not None and not _has_path(self.model, path):
                 raise UnsupportedArchitecture(f"this {model_type} model has no {path} (the {family.name} table's "
                                               f"{site}); its layout is not the one models/sites.py describes")
+        self.moe_layers: list[int] = []
         for layer in range(self.num_layers):
             for role in family.required_roles():
                 if not _has_path(self.layers[layer], family.path(role)):
                     raise UnsupportedArchitecture(
                         f"this {model_type} model's layers.{layer} has no {family.path(role)} (the {family.name} "
                         f"table's {role}); its layout is not the one models/sites.py describes")
+            if family.moe and self._validate_moe(layer):
+                self.moe_layers.append(layer)
+                continue
             down_proj = _getattr_path(self.layers[layer], family.down_proj)
             if not isinstance(down_proj, LINEAR_TYPES):
                 raise UnsupportedArchitecture(
                     f"this {model_type} model's layers.{layer}.{family.down_proj} is a {type(down_proj).__name__}, "
                     "not a linear layer (a mixture-of-experts MLP has no single down_proj)")
 
+    def _validate_moe(self, layer: int) -> bool:
+        """Whether block `layer` of an MoE family is sparse (fused experts and a router) rather than dense (a linear
+        down_proj); neither fails in one line."""
+        block, family = self.layers[layer], self.family
+        if _has_path(block, family.down_proj) and isinstance(_getattr_path(block, family.down_proj), LINEAR_TYPES):
+            return False
+        for role, path in (("experts", family.experts), ("router", family.router)):
+            if not _has_path(block, path):
+                raise UnsupportedArchitecture(
+                    f"this {self.model.config.model_type} model's layers.{layer} has neither a linear "
+                    f"{family.down_proj} nor {path} (the {family.name} table's {role})")
+        if not fused.is_fused_experts(_getattr_path(block, family.experts)):
+            raise UnsupportedArchitecture(
+                f"this {self.model.config.model_type} model's layers.{layer}.{family.experts} is not a fused experts "
+                "module (3-D down_proj, transformers' use_experts_implementation)")
+        return True
+
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def num_experts(self, layer: int) -> int:
+        """The number of routed experts of MoE block `layer`."""
+        return self._experts(layer, f"layers.{layer}.mlp.experts").num_experts
+
+    def _experts(self, layer: int, site: str) -> nn.Module:
+        self._layer(layer, site)
+        if layer not in self.moe_layers:
+            kind = "dense" if self.family.moe else f"a {self.family.name} block, not a mixture of experts"
+            raise KeyError(f"site '{site}': layers.{layer} is {kind} (MoE layers: {self.moe_layers or 'none'})")
+        return _getattr_path(self.layers[layer], self.family.experts)
+
+    def _expert(self, layer: int, expert: int, site: str) -> nn.Module:
+        experts = self._experts(layer, site)
+        if not 0 <= expert < experts.num_experts:
+            raise KeyError(f"site '{site}': expert {expert} does not exist (layers.{layer} has "
+                           f"{experts.num_experts} experts)")
+        return experts
+
+    def super_weight_view(self, weight) -> WeightView:
+        """The matrix a super weight (models/coords.SuperWeight) lives in: down_proj, or an expert's down_proj."""
+        if getattr(weight, "expert", None) is None:
+            return self.down_proj(weight.layer)
+        return self.weight(f"layers.{weight.layer}.mlp.experts.{weight.expert}.down_proj.weight")
 
     @property
     def attention_observable(self) -> bool:
@@ -175,6 +249,11 @@ class Sites:
         if rest is None:
             return layer
         family = self.family
+        if rest in _MOE_MODULES and family.moe:
+            path = getattr(family, _MOE_MODULES[rest])
+            if path is None or not _has_path(layer, path):
+                raise KeyError(f"site '{site}': this model's layers.{match.group(1)} has no {rest}")
+            return _getattr_path(layer, path)
         if rest not in ROLES:
             raise KeyError(f"unknown site '{site}' (layer sites: {', '.join(ROLES)}, out)")
         path = family.path(rest)
@@ -190,7 +269,9 @@ class Sites:
         """Whether `site` (a module site or a hook point) exists in this model."""
         try:
             match = _LAYER_SITE.match(site)
-            if site.endswith((".in", ".out")) or (match and match.group(2) in BLOCK_ALIASES):
+            if _EXPERT_SITE.match(site) or _ROUTER_POINT.match(site):
+                self._expert_target(site)
+            elif site.endswith((".in", ".out")) or (match and match.group(2) in BLOCK_ALIASES):
                 self._hook_target(site)
             else:
                 self.module(site)
@@ -229,6 +310,10 @@ class Sites:
         col = input channel)."""
         if not site.endswith(".weight"):
             raise KeyError(f"site '{site}' is not a weight site (it should end in .weight)")
+        expert = _EXPERT_SITE.match(site)
+        if expert:
+            experts, _ = self._expert_target(site)
+            return WeightView(experts.down_proj, experts.is_transposed, int(expert.group(2)))
         module = self.module(site[: -len(".weight")])
         transposed = self.family.down_proj_transposed and site.endswith(("mlp.down_proj.weight", "mlp.up_proj.weight"))
         return WeightView(module.weight, transposed)
@@ -280,6 +365,11 @@ class Sites:
         if match and match.group(2) == "mid" and self.family.parallel_blocks:
             raise KeyError(f"site '{site}': {self.family.name} blocks run attention and the MLP in parallel on the "
                            "block input; there is no residual after attention")
+        if match and match.group(2) in ("mlp.out", "mlp.act.out") and int(match.group(1)) in self.moe_layers:
+            if match.group(2) == "mlp.act.out":
+                raise KeyError(f"site '{site}': layers.{match.group(1)} is a mixture of experts; each expert's "
+                               "activation is layers.{i}.mlp.experts.{e}.down_proj.in")
+            return _getattr_path(self.layers[int(match.group(1))], self.family.moe_block), "out", None
         if match and match.group(2) in BLOCK_ALIASES:
             role, point = BLOCK_ALIASES[match.group(2)]
             return self.module(f"layers.{match.group(1)}.{role}"), point, role
@@ -298,10 +388,21 @@ class Sites:
         if attention:
             from outlierlab.models.attention import observe
             return observe(self.model, self.module(attention.group(1)), attention.group(2), fn)
+        if _EXPERT_SITE.match(site) or _ROUTER_POINT.match(site):
+            experts, key = self._expert_target(site)
+            return fused.tap(self.model, experts, key, fn)
         module, point, role = self._hook_target(site)
         if self.family.flat_mlp and role in _FLAT_MLP_ROLES:
             return self._register_unflattened(int(_LAYER_SITE.match(site).group(1)), module, point, fn)
         return attach(module, point, fn)
+
+    def _expert_target(self, site: str) -> tuple[nn.Module, object]:
+        """(experts module, tap key) of an expert or router site (models/experts.py)."""
+        router = _ROUTER_POINT.match(site)
+        if router:
+            return self._experts(int(router.group(1)), site), f"router.{router.group(2)}"
+        layer, expert, point = _EXPERT_SITE.match(site).groups()
+        return self._expert(int(layer), int(expert), site), (int(expert), point)
 
     def register_linear(self, name: str, point: str, fn):
         """`register` for a linear of `block_linears` by its weight name (`layers.{i}.<path>.weight`) at its "in" or
