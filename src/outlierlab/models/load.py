@@ -94,8 +94,14 @@ def auto_class(config):
         return AutoModelForCausalLM
 
 
+def _plain(tiny) -> dict:
+    """model.tiny as plain Python values (a config field may be a list: Qwen3-MoE's mlp_only_layers)."""
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(tiny) if OmegaConf.is_config(tiny) else dict(tiny)
+
+
 def _tiny(model_cfg) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
-    tiny = dict(model_cfg.tiny)
+    tiny = _plain(model_cfg.tiny)
     seed = tiny.pop("seed", 0)
     model_type = tiny.pop("model_type")
     tokenizer = byte_tokenizer()
@@ -159,7 +165,7 @@ def model_config(model_cfg, source: ModelSource):
     register_local_model_types()
     if source.kind == "tiny":
         model_type = model_cfg.tiny.model_type
-        config = AutoConfig.for_model(model_type, **{k: v for k, v in model_cfg.tiny.items()
+        config = AutoConfig.for_model(model_type, **{k: v for k, v in _plain(model_cfg.tiny).items()
                                                       if k not in ("model_type", "seed")})
     elif source.kind == "gguf":
         config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
