@@ -34,7 +34,7 @@ class ScaleSuperWeights(Intervention):
 
     def apply(self, session: EditSession) -> None:
         for weight in _super_weights(session):
-            view = session.sites.down_proj(weight.layer)
+            view = session.sites.super_weight_view(weight)  # down_proj, or an expert's slice of the fused one
             index = view.index(weight.row, weight.col)
             original = view.param.data[index].clone()
             session.set(view.param, index, original * self.scale)

@@ -166,7 +166,7 @@ def _candidate(loaded, spike: dict, ratios: dict, tokens: list[str]) -> dict:
     view = loaded.sites.down_proj(weight.layer)
     matrix = view.param.data
     value = float(matrix[view.index(weight.row, weight.col)])
-    return {"coord": list(weight), "label": str(weight), "value": value,
+    return {"coord": weight.coord, "label": str(weight), "value": value,
             "magnitude_rank": int((matrix.abs() > abs(value)).sum()) + 1,
             "output_spike": spike["output"], "input_spike": spike["input"], "position": spike["position"],
             "token": tokens[spike["position"]], **ratios,
@@ -239,7 +239,7 @@ def describe_weights(loaded, weights: list[SuperWeight], prompt: str = DEFAULT_P
         output = seen[("out", weight.layer)][:, rows.index(weight.row)]
         position = int(output.abs().argmax())
         described.append({
-            "coord": list(weight), "label": str(weight), "value": value,
+            "coord": weight.coord, "label": str(weight), "value": value,
             "magnitude_rank": int((matrix.abs() > abs(value)).sum()) + 1,
             "weight_zscore": abs(value) / float(matrix.float().std()),
             "output_spike": float(output[position]),
