@@ -35,6 +35,18 @@ class PruneExperts(Intervention):
                 raise ValueError(f"experts={experts} must be a non-empty list of [layer, expert] pairs")
         self.experts, self.seed = experts, seed
 
+    def check_experts(self, experts: dict[int, tuple]) -> None:
+        """Before weights load: every [layer, expert] named exists ({MoE layer: (experts, ...)} from the config)."""
+        if not experts:
+            raise ValueError("pruning experts needs a mixture-of-experts model; this one has no MoE layer")
+        for layer, expert in [] if isinstance(self.experts, str) else self.experts:
+            if layer not in experts:
+                raise ValueError(f"[{layer}, {expert}]: layers.{layer} is not a mixture-of-experts layer "
+                                 f"(MoE layers: {sorted(experts)})")
+            if expert >= experts[layer][0]:
+                raise ValueError(f"[{layer}, {expert}]: expert {expert} is outside layers.{layer}'s "
+                                 f"{experts[layer][0]} experts")
+
     def chosen(self, session: EditSession) -> list[tuple[int, int]]:
         if not isinstance(self.experts, str):
             return [tuple(pair) for pair in self.experts]

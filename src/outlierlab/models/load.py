@@ -202,12 +202,23 @@ def check_layout(model_cfg, source: ModelSource):
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise UnsupportedArchitecture(f"this {config.model_type} model cannot be built from its config "
                                       f"({str(error).splitlines()[0][:200]})") from None
-    Sites(model)
+    sites = Sites(model)
     _LAYOUTS_CHECKED[key] = family
+    _EXPERTS[key] = {layer: (sites.num_experts(layer), *sites.weight(
+        f"layers.{layer}.mlp.experts.0.down_proj.weight").shape) for layer in sites.moe_layers}
     return family
 
 
 _LAYOUTS_CHECKED: dict = {}  # config JSON -> Family
+_EXPERTS: dict = {}  # config JSON -> {MoE layer: (experts, rows, cols) of its fused down_proj}
+
+
+def expert_layout(model_cfg, source: ModelSource) -> dict[int, tuple[int, int, int]]:
+    """{MoE layer: (experts, rows, cols of one expert's down_proj)} from the config alone (the meta-device build of
+    `check_layout`); {} for a dense model or where the layout could not be checked before loading."""
+    if source.kind == "gguf" or check_layout(model_cfg, source) is None:
+        return {}
+    return _EXPERTS[model_config(model_cfg, source).to_json_string()]
 
 
 def model_shape(model_cfg, source: ModelSource) -> tuple[int, int, int]:
