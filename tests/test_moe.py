@@ -141,3 +141,17 @@ def test_super_weight_coordinates_inside_experts():
     with pytest.raises(ValueError, match="layers.0 is not a mixture of experts"):
         check_in_shape(SuperWeight(0, 7, 11, 1), 4, 64, 128, experts)
     check_in_shape(SuperWeight(1, 7, 31, 7), 4, 64, 128, experts)
+
+
+def test_all_experts_point_holds_every_experts_rows_in_expert_order(moe):
+    sites, layer = moe.sites, moe.sites.moe_layers[0]
+    seen = {}
+    hooks = {f"layers.{layer}.mlp.router.experts": lambda ids: seen.__setitem__("ids", ids.clone()),
+             f"layers.{layer}.mlp.experts.down_proj.out": lambda rows: seen.__setitem__("all", rows.clone()),
+             **{f"layers.{layer}.mlp.experts.{e}.down_proj.out": (lambda rows, e=e: seen.__setitem__(e, rows.clone()))
+                for e in range(sites.num_experts(layer))}}
+    with sites.hooks(hooks), torch.no_grad():
+        moe.model(IDS)
+    order = torch.sort(seen["ids"].flatten()).values
+    for expert in range(sites.num_experts(layer)):
+        assert torch.equal(seen["all"][order == expert], seen[expert])

@@ -10,6 +10,9 @@ flags: transposed, biased, interleaved gate/up, post-expert norm), with taps whe
     router.experts   the top-k expert indices [tokens, k] (read-only)
     {e}.in           expert e's down_proj input, act(gate) * up, for the tokens routed to it [n_e, I]
     {e}.out          expert e's down_proj output (bias included), before the routing weight [n_e, d]
+    all.in / all.out the same for every expert at once: the rows of all (token, expert) pairs sorted by expert (the
+                     order of `torch.sort(router.experts.flatten())`), for probes that fold every expert in a few
+                     tensor operations instead of one call per expert
 
 Taps are attached per experts module (`tap`); the model switches to OBSERVABLE when the first is attached and stays
 there (it computes what grouped_mm computes, tested equal for every MoE family in tests/test_moe.py). An expert
@@ -80,6 +83,8 @@ def _expert_bounds(taps: dict, offsets: torch.Tensor) -> dict[int, tuple[int, in
 
 
 def _tap_rows(module: nn.Module, point: str, rows: torch.Tensor, bounds: dict) -> None:
+    if ("all", point) in _taps(module):
+        rows[:] = _call(module, ("all", point), rows)
     for expert, (start, end) in bounds.items():
         if (expert, point) in _taps(module):
             rows[start:end] = _call(module, (expert, point), rows[start:end])

@@ -24,6 +24,8 @@ forward of models/experts.py; a dense block of an MoE model has the dense sites 
     layers.{i}.mlp.experts.{e}.down_proj.in     expert e's activation act(gate) * up (its down_proj input) for the
                                                 tokens routed to it, [routed tokens, intermediate] (hook point)
     layers.{i}.mlp.experts.{e}.down_proj.out    expert e's down_proj output before the routing weight, [routed, d]
+    layers.{i}.mlp.experts.down_proj.in|out     the same for all experts at once: [routed pairs, .] sorted by expert
+                                                (the order of torch.sort(router.experts.flatten()))
     layers.{i}.mlp.experts.{e}.down_proj.weight expert e's slice of the fused down_proj (WeightView, expert=e)
     layers.{i}.mlp.router.weights               routing weights of each token's top-k experts [tokens, k] (a returned
                                                 tensor replaces them: the router mask of interventions/experts.py)
@@ -110,6 +112,7 @@ _LAYER_SITE = re.compile(r"^layers\.(\d+)(?:\.(.+))?$")
 _HOOK_SUFFIXES = ("in", "out")
 _ATTENTION_POINT = re.compile(r"^(layers\.\d+\.attn)\.(probs|logits|values)$")
 _EXPERT_SITE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.down_proj\.(in|out|weight)$")
+_ALL_EXPERTS_POINT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.down_proj\.(in|out)$")
 _ROUTER_POINT = re.compile(r"^layers\.(\d+)\.mlp\.router\.(weights|experts)$")
 _MOE_MODULES = {"mlp.experts": "experts", "mlp.router": "router", "mlp.shared_expert": "shared_expert"}
 
@@ -269,7 +272,7 @@ class Sites:
         """Whether `site` (a module site or a hook point) exists in this model."""
         try:
             match = _LAYER_SITE.match(site)
-            if _EXPERT_SITE.match(site) or _ROUTER_POINT.match(site):
+            if _EXPERT_SITE.match(site) or _ROUTER_POINT.match(site) or _ALL_EXPERTS_POINT.match(site):
                 self._expert_target(site)
             elif site.endswith((".in", ".out")) or (match and match.group(2) in BLOCK_ALIASES):
                 self._hook_target(site)
@@ -388,7 +391,7 @@ class Sites:
         if attention:
             from outlierlab.models.attention import observe
             return observe(self.model, self.module(attention.group(1)), attention.group(2), fn)
-        if _EXPERT_SITE.match(site) or _ROUTER_POINT.match(site):
+        if _EXPERT_SITE.match(site) or _ROUTER_POINT.match(site) or _ALL_EXPERTS_POINT.match(site):
             experts, key = self._expert_target(site)
             return fused.tap(self.model, experts, key, fn)
         module, point, role = self._hook_target(site)
@@ -401,6 +404,9 @@ class Sites:
         router = _ROUTER_POINT.match(site)
         if router:
             return self._experts(int(router.group(1)), site), f"router.{router.group(2)}"
+        every = _ALL_EXPERTS_POINT.match(site)
+        if every:
+            return self._experts(int(every.group(1)), site), ("all", every.group(2))
         layer, expert, point = _EXPERT_SITE.match(site).groups()
         return self._expert(int(layer), int(expert), site), (int(expert), point)
 

@@ -2,7 +2,7 @@
 ICLR 2026; code ZunhaiSu/Super-Experts-Profilling).
 
 Per routed expert of every MoE block, the largest |down_proj output| over calibration windows (ExpertProfile, through
-the expert sites `layers.{i}.mlp.experts.{e}.down_proj.out`), and the router's load per expert
+the expert sites: `layers.{i}.mlp.experts.down_proj.out`, every expert's `.{e}.down_proj.out` at once), and the router's load per expert
 (`layers.{i}.mlp.router.experts`). An expert is a super expert when its max is above the `quantile` (99.5th
 percentile) of all experts' maxima and above `min_fraction_of_max` (a tenth) of the largest, among the experts of the
 first `layer_fraction` (75%) of the layers (the paper's criterion; preset conf/probe/super_experts.yaml).
@@ -33,44 +33,56 @@ class SuperExpertCriterion:
 
 class ExpertProfile(Probe):
     """Per (MoE layer, expert): the max |down_proj output| over every routed token (its output channel) and the
-    number of tokens routed to it (the router's load)."""
+    number of tokens routed to it (the router's load). Reads all experts of a layer at once
+    (`layers.{i}.mlp.experts.down_proj.out`, rows sorted by expert): a few tensor operations per layer."""
 
     def __init__(self, sites):
         super().__init__(sites)
-        self.max_abs = {layer: torch.zeros(sites.num_experts(layer), dtype=torch.float64) for layer in sites.moe_layers}
-        self.channel = {layer: torch.full((sites.num_experts(layer),), -1) for layer in sites.moe_layers}
-        self.load = {layer: torch.zeros(sites.num_experts(layer), dtype=torch.int64) for layer in sites.moe_layers}
+        # Running state on the model's device, updated without a host sync (one per forward at most: the router).
+        self.max_abs: dict[int, torch.Tensor] = {}
+        self.channel: dict[int, torch.Tensor] = {}
+        self.load: dict[int, torch.Tensor] = {}
+        self._sorted: dict[int, torch.Tensor] = {}
 
     def hook_points(self):
         for layer in self.sites.moe_layers:
             yield f"layers.{layer}.mlp.router.experts", self._count(layer)
-            for expert in range(self.sites.num_experts(layer)):
-                yield f"layers.{layer}.mlp.experts.{expert}.down_proj.out", self._fold(layer, expert)
+            yield f"layers.{layer}.mlp.experts.down_proj.out", self._fold(layer)
 
     def _count(self, layer: int):
         def count(indices: torch.Tensor):
-            self.load[layer] += torch.bincount(indices.reshape(-1).cpu(), minlength=self.load[layer].numel())
+            experts = self.sites.num_experts(layer)
+            if layer not in self.load:
+                self.load[layer] = torch.zeros(experts, dtype=torch.int64, device=indices.device)
+                self.max_abs[layer] = torch.zeros(experts, dtype=torch.float32, device=indices.device)
+                self.channel[layer] = torch.full((experts,), -1, dtype=torch.int64, device=indices.device)
+            self.load[layer] += torch.bincount(indices.reshape(-1), minlength=experts)
+            self._sorted[layer] = torch.sort(indices.reshape(-1)).values  # the expert of each row of the outputs
         return count
 
-    def _fold(self, layer: int, expert: int):
+    def _fold(self, layer: int):
         def fold(out: torch.Tensor):
-            if out.numel() == 0:
-                return
-            peak, flat = out.detach().abs().float().reshape(-1).max(dim=0)
-            if float(peak) > self.max_abs[layer][expert]:
-                self.max_abs[layer][expert] = float(peak)
-                self.channel[layer][expert] = int(flat) % out.shape[-1]
+            """Every expert's rows at once: the peak |value| of each row, then the largest per expert."""
+            experts = self._sorted.pop(layer)
+            peaks, channels = out.detach().abs().float().max(dim=-1)
+            maxima = self.max_abs[layer].clone().scatter_reduce_(0, experts, peaks, reduce="amax")
+            # the channel of the row that holds each expert's new max (the last such row when several tie)
+            holds = peaks == maxima[experts]
+            self.channel[layer].scatter_(0, experts[holds], channels[holds])
+            self.max_abs[layer] = maxima
         return fold
 
     def summary(self) -> list[dict]:
         """One entry per (layer, expert): max_abs_out, channel, tokens routed, share of the layer's routing."""
         entries = []
         for layer in self.sites.moe_layers:
-            total = max(int(self.load[layer].sum()), 1)
-            entries += [{"layer": layer, "expert": expert, "max_abs_out": float(self.max_abs[layer][expert]),
-                         "channel": int(self.channel[layer][expert]), "tokens": int(self.load[layer][expert]),
-                         "load_share": int(self.load[layer][expert]) / total}
-                        for expert in range(self.load[layer].numel())]
+            if layer not in self.load:
+                raise RuntimeError(f"layers.{layer}.mlp.router was never observed: run the model inside the probe")
+            load, maxima, channels = (self.load[layer].tolist(), self.max_abs[layer].double().tolist(),
+                                      self.channel[layer].tolist())
+            total = max(sum(load), 1)
+            entries += [{"layer": layer, "expert": expert, "max_abs_out": maxima[expert], "channel": channels[expert],
+                         "tokens": load[expert], "load_share": load[expert] / total} for expert in range(len(load))]
         return entries
 
 
