@@ -1,11 +1,15 @@
 """Mixtures of experts (every MoE family, tiny random models): the observable experts forward equals transformers',
 expert and router sites, super experts and super weights inside experts found when planted and nothing when not,
 pruning by router mask and every edit of the fused parameters undone bit-exactly; bad input in one line."""
+import hydra
 import pytest
 import torch
-from conftest import TINY_MOE, compose_cfg, weights_hash
+from conftest import ROOT, TINY_MOE, compose_cfg, weights_hash
 
+from outlierlab.evals.ppl import Windows
 from outlierlab.interventions.base import EditSession
+from outlierlab.models.massive import MassiveActivation
+from outlierlab.probes.activation_means import measure_means
 from outlierlab.interventions.experts import NoSuperExperts, PruneExperts
 from outlierlab.interventions.super_weight import ScaleSuperWeights
 from outlierlab.models.coords import SuperWeight, check_in_shape
@@ -13,6 +17,7 @@ from outlierlab.models.experts import OBSERVABLE
 from outlierlab.models.load import load_model
 from outlierlab.probes.expert_super_weights import detect_expert_super_weights
 from outlierlab.probes.super_experts import SuperExpertCriterion, find_super_experts, profile_experts
+from outlierlab.quant.smoothing import NoSmoothingTable
 from scripts.tiny_checkpoints import plant_super_expert
 
 IDS = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
@@ -155,3 +160,42 @@ def test_all_experts_point_holds_every_experts_rows_in_expert_order(moe):
     order = torch.sort(seen["ids"].flatten()).values
     for expert in range(sites.num_experts(layer)):
         assert torch.equal(seen["all"][order == expert], seen[expert])
+
+
+INTERVENTIONS = sorted(p.stem for p in (ROOT / "conf" / "intervention").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", INTERVENTIONS)
+def test_every_intervention_yaml_on_an_moe_model_is_undone_bit_exactly(name, tmp_path):
+    """On a mixture of experts (a dense first layer, then fused experts), with a super weight inside an expert and a
+    super expert: weights, hooks and logits are as before once the session ends; RTN and the SW edits reach the fused
+    parameters."""
+    loaded = load_model(compose_cfg(["model=tiny_qwen3_moe"]).model, tmp_path)
+    ids = IDS[:2, :16]
+    massive = MassiveActivation(first_layer=1, channels=(5,), positions=(0,))
+    context = {"super_weights": [SuperWeight(2, 7, 11, expert=4)], "super_experts": [(1, 3)],
+               "massive_activations": [massive], "calibration_ids": ids,
+               "ma_means": measure_means(loaded, [massive], Windows(ids=ids, meta={}), batch_size=2)}
+    before, logits_before = weights_hash(loaded.model), _logits(loaded)
+    intervention = hydra.utils.instantiate(compose_cfg([f"+intervention@edit={name}"]).edit)
+    with EditSession(loaded, context) as session:
+        if name == "smoothquant":  # the MLP norm feeds the router and every expert: no SmoothQuant table
+            with pytest.raises(NoSmoothingTable, match="mixtral-like"):
+                session.apply([intervention])
+        else:
+            session.apply([intervention])
+        edited = _logits(loaded)
+    assert weights_hash(loaded.model) == before and torch.equal(_logits(loaded), logits_before)
+    assert hook_count(loaded.model) == 0
+    if name in CHANGE_THIS_MODEL:
+        assert not torch.equal(edited, logits_before)
+
+
+def hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+# The edits that must change a random MoE's logits (scale_sw's default scale is 1; a random model has no norm-gain
+# outliers to reset; the MA edits act on a planted-free MA position and may be no-ops).
+CHANGE_THIS_MODEL = {"zero_sw", "quantize_weights", "sw_aware_quantize_weights", "prune_non_sw", "prune_non_sw_scaled",
+                     "prune_super_experts", "prune_random_experts", "quantize_activations"}

@@ -112,6 +112,7 @@ _LAYER_SITE = re.compile(r"^layers\.(\d+)(?:\.(.+))?$")
 _HOOK_SUFFIXES = ("in", "out")
 _ATTENTION_POINT = re.compile(r"^(layers\.\d+\.attn)\.(probs|logits|values)$")
 _EXPERT_SITE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.down_proj\.(in|out|weight)$")
+_EXPERT_WEIGHT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(down_proj|gate_up_proj|up_proj)\.weight$")
 _ALL_EXPERTS_POINT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.down_proj\.(in|out)$")
 _ROUTER_POINT = re.compile(r"^layers\.(\d+)\.mlp\.router\.(weights|experts)$")
 _MOE_MODULES = {"mlp.experts": "experts", "mlp.router": "router", "mlp.shared_expert": "shared_expert"}
@@ -313,10 +314,13 @@ class Sites:
         col = input channel)."""
         if not site.endswith(".weight"):
             raise KeyError(f"site '{site}' is not a weight site (it should end in .weight)")
-        expert = _EXPERT_SITE.match(site)
+        expert = _EXPERT_WEIGHT.match(site)
         if expert:
-            experts, _ = self._expert_target(site)
-            return WeightView(experts.down_proj, experts.is_transposed, int(expert.group(2)))
+            layer, index, name = int(expert.group(1)), int(expert.group(2)), expert.group(3)
+            experts = self._expert(layer, index, site)
+            if not isinstance(getattr(experts, name, None), torch.Tensor):
+                raise KeyError(f"site '{site}': layers.{layer}'s experts have no fused {name}")
+            return WeightView(getattr(experts, name), experts.is_transposed, index)
         module = self.module(site[: -len(".weight")])
         transposed = self.family.down_proj_transposed and site.endswith(("mlp.down_proj.weight", "mlp.up_proj.weight"))
         return WeightView(module.weight, transposed)
@@ -361,6 +365,21 @@ class Sites:
                     name = f"layers.{layer}.{path}.weight"
                     if pattern is None or pattern.search(name):
                         yield name, module
+
+    def block_weights(self, match: str | None = None) -> Iterator[tuple[str, WeightView]]:
+        """(weight site, WeightView) of every matrix inside the decoder blocks whose site matches the regex `match`:
+        the linears of `block_linears` and, in MoE blocks, each expert's slice of the fused gate_up_proj / down_proj
+        (`layers.{i}.mlp.experts.{e}.gate_up_proj.weight`); for edits that treat every matrix alike (RTN)."""
+        pattern = re.compile(match) if match else None
+        for name, module in self.block_linears(match):
+            yield name, WeightView(module.weight, transposed=isinstance(module, Conv1D))
+        for layer in self.moe_layers:
+            experts = self._experts(layer, f"layers.{layer}.mlp.experts")
+            for fused in ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj"):
+                for expert in range(experts.num_experts):
+                    name = f"layers.{layer}.mlp.experts.{expert}.{fused}.weight"
+                    if pattern is None or pattern.search(name):
+                        yield name, self.weight(name)
 
     def _hook_target(self, site: str) -> tuple[nn.Module, str, str | None]:
         """(module, "in" | "out", block role or None) that hook point `site` reads."""
