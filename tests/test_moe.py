@@ -8,13 +8,13 @@ from conftest import ROOT, TINY_MOE, compose_cfg, weights_hash
 
 from outlierlab.evals.ppl import Windows
 from outlierlab.interventions.base import EditSession
-from outlierlab.models.massive import MassiveActivation
-from outlierlab.probes.activation_means import measure_means
 from outlierlab.interventions.experts import NoSuperExperts, PruneExperts
 from outlierlab.interventions.super_weight import ScaleSuperWeights
 from outlierlab.models.coords import SuperWeight, check_in_shape
 from outlierlab.models.experts import OBSERVABLE
 from outlierlab.models.load import load_model
+from outlierlab.models.massive import MassiveActivation
+from outlierlab.probes.activation_means import measure_means
 from outlierlab.probes.expert_super_weights import detect_expert_super_weights
 from outlierlab.probes.super_experts import SuperExpertCriterion, find_super_experts, profile_experts
 from outlierlab.quant.smoothing import NoSmoothingTable
