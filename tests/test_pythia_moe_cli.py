@@ -81,3 +81,16 @@ def test_a_revision_not_in_the_cache_with_the_hub_unreachable_stops_in_one_line(
     local = write(tiny("tiny_gpt_neox"), tmp_path / "neox")
     done = _run("+exp=atlas", "model=path", f"model.source={local}", "model.revision=step1000", tmp_path=tmp_path)
     _one_line_exit_2(done, "model.revision=step1000: a local directory holds one revision", tmp_path)
+
+
+def test_atlas_of_a_mixture_of_experts_lists_its_super_expert(tmp_path):
+    loaded = tiny("tiny_mixtral")
+    plant_super_expert(loaded, layer=1, expert=3)
+    directory = write(loaded, tmp_path / "moe")
+    done = _run("+exp=atlas", "model=path", f"model.source={directory}", "exp.data.corpus.windows=4",
+                "exp.data.corpus.seqlen=64", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "results" / "atlas" / "moe" / "quick.json").read_text())
+    row = record["table"]["rows"][0]
+    assert row["super_experts"] == "1.3" and row["sw_in_experts"] == "none"
+    assert record["weights_restored"]

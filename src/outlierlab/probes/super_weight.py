@@ -65,12 +65,16 @@ def spike_profile(loaded, ids: torch.Tensor) -> list[dict]:
         return fold
 
     sites = loaded.sites
-    with sites.hooks({**sites.per_layer("layers.{i}.mlp.down_proj.in", lambda layer: keep("in", layer)),
-                      **sites.per_layer("layers.{i}.mlp.down_proj.out", lambda layer: keep("out", layer))}):
+    # Mixture-of-experts layers have no single down_proj (probes/expert_super_weights.py looks inside each expert):
+    # their entry is flat, so it never spikes.
+    dense = [layer for layer in range(sites.num_layers) if layer not in sites.moe_layers]
+    with sites.hooks({**sites.per_layer("layers.{i}.mlp.down_proj.in", lambda layer: keep("in", layer), dense),
+                      **sites.per_layer("layers.{i}.mlp.down_proj.out", lambda layer: keep("out", layer), dense)}):
         loaded.model(ids)
     profile = []
     for layer in range(loaded.sites.num_layers):
-        out, inp = seen.pop(("out", layer)), seen.pop(("in", layer))
+        flat = torch.ones(1, 1)
+        out, inp = seen.pop(("out", layer), flat), seen.pop(("in", layer), flat)
         position, row = divmod(int(out.abs().argmax()), out.shape[1])
         col = int(inp[position].abs().argmax())
         profile.append({"layer": layer, "row": row, "col": col, "position": position,

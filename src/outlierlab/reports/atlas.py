@@ -21,7 +21,8 @@ COLUMNS = [Column("model", "model"), Column("bos", "BOS"), Column("ma_channels",
            Column("int8_features", "int8 features"),
            Column("int8_channels_per_layer_max", "int8 channels per layer (max)"),
            Column("norm_gain_max", "norm gain max"), Column("sink_rate", "sink rate"),
-           Column("outlier_tokens", "outlier tokens"), Column("registry", "registry")]
+           Column("outlier_tokens", "outlier tokens"), Column("registry", "registry"),
+           Column("super_experts", "super experts"), Column("sw_in_experts", "SW in experts")]
 
 
 def _records(results_dir: Path) -> list[dict]:
@@ -69,7 +70,16 @@ def atlas_row(record: dict) -> dict:
         "sink_rate": record["attention_sinks"]["sink_rate"],
         "outlier_tokens": _outlier_tokens(record["outlier_tokens"]),
         "registry": _registry(record["registry"]),
+        **_experts(record.get("experts")),
     }
+
+
+def _experts(experts: dict | None) -> dict:
+    """A mixture of experts' super experts (layer.expert) and super weights inside experts; "" for a dense model."""
+    if experts is None:
+        return {"super_experts": "", "sw_in_experts": ""}
+    return {"super_experts": ", ".join(f"{e['layer']}.{e['expert']}" for e in experts["super_experts"]["super_experts"])
+            or "none", "sw_in_experts": ", ".join(w["label"] for w in experts["super_weights"]["super_weights"]) or "none"}
 
 
 def _outlier_tokens(per_layer: list[dict]) -> str:
