@@ -69,6 +69,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from outlierlab.errors import UnsupportedArchitecture  # noqa: F401 (re-exported)
+from outlierlab.models import experts as fused
 from outlierlab.models.families import (  # noqa: F401 (FAMILIES, Family, supported_model_types re-exported)
     FAMILIES,
     NORM_ROLES,
@@ -77,7 +78,6 @@ from outlierlab.models.families import (  # noqa: F401 (FAMILIES, Family, suppor
     family_for,
     supported_model_types,
 )
-from outlierlab.models import experts as fused
 from outlierlab.models.hooks import Handles, attach, first_tensor
 
 # Hook points inside a block that are another module's input or output: name -> (module role, point).
@@ -111,10 +111,11 @@ LINEAR_TYPES = (nn.Linear, Conv1D)
 _LAYER_SITE = re.compile(r"^layers\.(\d+)(?:\.(.+))?$")
 _HOOK_SUFFIXES = ("in", "out")
 _ATTENTION_POINT = re.compile(r"^(layers\.\d+\.attn)\.(probs|logits|values)$")
-_EXPERT_SITE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.down_proj\.(in|out|weight)$")
+_EXPERT_POINT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.down_proj\.(in|out)$")
 _EXPERT_WEIGHT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(down_proj|gate_up_proj|up_proj)\.weight$")
 _ALL_EXPERTS_POINT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.down_proj\.(in|out)$")
 _ROUTER_POINT = re.compile(r"^layers\.(\d+)\.mlp\.router\.(weights|experts)$")
+_EXPERT_POINTS = (_EXPERT_POINT, _ALL_EXPERTS_POINT, _ROUTER_POINT)  # hook points inside the experts forward
 _MOE_MODULES = {"mlp.experts": "experts", "mlp.router": "router", "mlp.shared_expert": "shared_expert"}
 
 
@@ -162,8 +163,9 @@ class Sites:
         self._validate()
 
     def _validate(self) -> None:
-        """Every module the family's table names exists in every block, and down_proj is a linear layer: a layout
-        the table does not describe (a mixture-of-experts MLP, a renamed norm) fails here, in one line, when the
+        """Every module the family's table names exists in every block, and down_proj is a linear layer (or, in an
+        MoE family, the block holds fused experts and a router): a layout the table does not describe (a renamed
+        norm, an MoE block in a dense family) fails here, in one line, when the
         model loads, not as a wrong number later."""
         model_type, family = self.model.config.model_type, self.family
         for site, path in (("embed", family.embed), ("final_norm", family.final_norm)):
@@ -273,8 +275,10 @@ class Sites:
         """Whether `site` (a module site or a hook point) exists in this model."""
         try:
             match = _LAYER_SITE.match(site)
-            if _EXPERT_SITE.match(site) or _ROUTER_POINT.match(site) or _ALL_EXPERTS_POINT.match(site):
+            if any(point.match(site) for point in _EXPERT_POINTS):
                 self._expert_target(site)
+            elif _EXPERT_WEIGHT.match(site):
+                self.weight(site)
             elif site.endswith((".in", ".out")) or (match and match.group(2) in BLOCK_ALIASES):
                 self._hook_target(site)
             else:
@@ -375,9 +379,9 @@ class Sites:
             yield name, WeightView(module.weight, transposed=isinstance(module, Conv1D))
         for layer in self.moe_layers:
             experts = self._experts(layer, f"layers.{layer}.mlp.experts")
-            for fused in ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj"):
+            for matrix in ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj"):
                 for expert in range(experts.num_experts):
-                    name = f"layers.{layer}.mlp.experts.{expert}.{fused}.weight"
+                    name = f"layers.{layer}.mlp.experts.{expert}.{matrix}.weight"
                     if pattern is None or pattern.search(name):
                         yield name, self.weight(name)
 
@@ -410,7 +414,7 @@ class Sites:
         if attention:
             from outlierlab.models.attention import observe
             return observe(self.model, self.module(attention.group(1)), attention.group(2), fn)
-        if _EXPERT_SITE.match(site) or _ROUTER_POINT.match(site) or _ALL_EXPERTS_POINT.match(site):
+        if any(point.match(site) for point in _EXPERT_POINTS):
             experts, key = self._expert_target(site)
             return fused.tap(self.model, experts, key, fn)
         module, point, role = self._hook_target(site)
@@ -426,7 +430,7 @@ class Sites:
         every = _ALL_EXPERTS_POINT.match(site)
         if every:
             return self._experts(int(every.group(1)), site), ("all", every.group(2))
-        layer, expert, point = _EXPERT_SITE.match(site).groups()
+        layer, expert, point = _EXPERT_POINT.match(site).groups()
         return self._expert(int(layer), int(expert), site), (int(expert), point)
 
     def register_linear(self, name: str, point: str, fn):
