@@ -144,8 +144,9 @@ def test_super_weight_coordinates_inside_experts():
     with pytest.raises(ValueError, match="expert 9 is outside layers.1's 8 experts"):
         check_in_shape(SuperWeight(1, 7, 11, 9), 4, 64, 128, experts)
     with pytest.raises(ValueError, match="layers.0 is not a mixture of experts"):
-        check_in_shape(SuperWeight(0, 7, 11, 1), 4, 64, 128, experts)
+        check_in_shape(SuperWeight(0, 7, 11, 1), 4, 64, 128, {})
     check_in_shape(SuperWeight(1, 7, 31, 7), 4, 64, 128, experts)
+    check_in_shape(SuperWeight(1, 7, 11, 9), 4, 64, 128, None)  # layout unknown before loading (GGUF): layer only
 
 
 def test_all_experts_point_holds_every_experts_rows_in_expert_order(moe):

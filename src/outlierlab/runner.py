@@ -128,8 +128,11 @@ def _registry_super_weights(model, source: ModelSource | None) -> list[SuperWeig
     return super_weights
 
 
-def _check_experts(interventions: dict[str, Intervention], experts: dict) -> None:
-    """Interventions that name experts (interventions/experts.py) against the model's MoE layers, from its config."""
+def _check_experts(interventions: dict[str, Intervention], experts: dict | None) -> None:
+    """Interventions that name experts (interventions/experts.py) against the model's MoE layers, from its config
+    (None: not known before loading; they are checked when they apply)."""
+    if experts is None:
+        return
     for name, intervention in interventions.items():
         check = getattr(intervention, "check_experts", None)
         if check is not None:

@@ -45,9 +45,13 @@ class SuperWeight(NamedTuple):
 def check_in_shape(weight: SuperWeight, num_layers: int, hidden_size: int, intermediate_size: int,
                    experts: dict[int, tuple[int, int, int]] | None = None) -> None:
     """Raise ValueError naming the coordinate if it does not fit the model's down_proj (or, on a mixture-of-experts
-    layer, `experts[layer]` = (experts, rows, cols) of its fused down_proj)."""
+    layer, `experts[layer]` = (experts, rows, cols) of its fused down_proj; experts=None: no layer is known to be
+    one, and a coordinate inside an expert is checked only for its layer, its layout being known only after loading,
+    as for a GGUF file)."""
     if weight.layer >= num_layers:
         raise ValueError(f"super weight {weight}: layer {weight.layer} is outside the model's {num_layers} layers")
+    if experts is None and weight.expert is not None:
+        return
     fused = (experts or {}).get(weight.layer)
     if fused is None and weight.expert is not None:
         raise ValueError(f"super weight {weight}: layers.{weight.layer} is not a mixture of experts; write "

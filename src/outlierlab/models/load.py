@@ -213,11 +213,12 @@ _LAYOUTS_CHECKED: dict = {}  # config JSON -> Family
 _EXPERTS: dict = {}  # config JSON -> {MoE layer: (experts, rows, cols) of its fused down_proj}
 
 
-def expert_layout(model_cfg, source: ModelSource) -> dict[int, tuple[int, int, int]]:
+def expert_layout(model_cfg, source: ModelSource) -> dict[int, tuple[int, int, int]] | None:
     """{MoE layer: (experts, rows, cols of one expert's down_proj)} from the config alone (the meta-device build of
-    `check_layout`); {} for a dense model or where the layout could not be checked before loading."""
-    if source.kind == "gguf" or check_layout(model_cfg, source) is None:
-        return {}
+    `check_layout`; {} for a dense model); None where the layout is not known before loading (a GGUF file, a config
+    that cannot be fetched)."""
+    if check_layout(model_cfg, source) is None:
+        return None
     return _EXPERTS[model_config(model_cfg, source).to_json_string()]
 
 
