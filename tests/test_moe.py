@@ -9,6 +9,7 @@ from conftest import ROOT, TINY_MOE, compose_cfg, weights_hash
 from outlierlab.evals.ppl import Windows
 from outlierlab.interventions.base import EditSession
 from outlierlab.interventions.experts import NoSuperExperts, PruneExperts
+from outlierlab.interventions.quant import SmoothQuant
 from outlierlab.interventions.super_weight import ScaleSuperWeights
 from outlierlab.models.coords import SuperWeight, check_in_shape
 from outlierlab.models.experts import OBSERVABLE
@@ -17,7 +18,6 @@ from outlierlab.models.massive import MassiveActivation
 from outlierlab.probes.activation_means import measure_means
 from outlierlab.probes.expert_super_weights import detect_expert_super_weights
 from outlierlab.probes.super_experts import SuperExpertCriterion, find_super_experts, profile_experts
-from outlierlab.quant.smoothing import NoSmoothingTable
 from scripts.tiny_checkpoints import plant_super_expert
 
 IDS = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
@@ -180,16 +180,25 @@ def test_every_intervention_yaml_on_an_moe_model_is_undone_bit_exactly(name, tmp
     before, logits_before = weights_hash(loaded.model), _logits(loaded)
     intervention = hydra.utils.instantiate(compose_cfg([f"+intervention@edit={name}"]).edit)
     with EditSession(loaded, context) as session:
-        if name == "smoothquant":  # the MLP norm feeds the router and every expert: no SmoothQuant table
-            with pytest.raises(NoSmoothingTable, match="mixtral-like"):
-                session.apply([intervention])
-        else:
-            session.apply([intervention])
+        session.apply([intervention])
         edited = _logits(loaded)
     assert weights_hash(loaded.model) == before and torch.equal(_logits(loaded), logits_before)
     assert hook_count(loaded.model) == 0
     if name in CHANGE_THIS_MODEL:
         assert not torch.equal(edited, logits_before)
+
+
+def test_smoothquant_on_every_moe_family_keeps_the_model(moe):
+    """SmoothQuant scales the router, every expert's gate_up_proj and the shared expert with the MLP norm's output:
+    in float the model computes the same (routing unchanged), and undo is bit-exact."""
+    before, logits = weights_hash(moe.model), _logits(moe)
+    with EditSession(moe, {"calibration_ids": IDS[:2, :16]}) as session:
+        session.apply([SmoothQuant(alpha=0.5)])
+        scaled = [norm for norm in session.log[0]["norms"] if norm.endswith("norm2")]
+        assert torch.allclose(_logits(moe), logits, rtol=1e-4, atol=1e-4)
+        assert any(f"layers.{moe.sites.moe_layers[0]}.mlp.experts.0" in name
+                   for name in session.log[0]["norms"][f"layers.{moe.sites.moe_layers[0]}.norm2"]["linears"])
+    assert scaled and weights_hash(moe.model) == before
 
 
 def hook_count(model) -> int:

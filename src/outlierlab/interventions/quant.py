@@ -31,9 +31,7 @@ from outlierlab.quant.smoothing import (
     smoothing_factors,
     smoothing_groups,
 )
-from outlierlab.quant.targets import check_match, linear_modules, weight_view
-
-WHOLE = (Ellipsis,)  # EditSession index for "every element"
+from outlierlab.quant.targets import check_match, linear_modules
 
 
 def _summary(tensors: list[dict]) -> dict:
@@ -156,12 +154,11 @@ class SmoothQuant(Intervention):
         maxima = calibrate_input_maxima(session.loaded, ids, [norm for _, norm, _ in groups])
         factors = {}
         for _, norm, linears in groups:
-            columns = torch.stack([weight_view(m).as_out_in().abs().amax(dim=0).float() for _, m in linears])
+            columns = torch.stack([view.as_out_in().abs().amax(dim=0).float() for _, view in linears])
             scale = smoothing_factors(maxima[norm], columns.amax(dim=0), self.alpha)
-            for _, module in linears:
-                view = weight_view(module)
+            for _, view in linears:
                 scaled = view.as_out_in() * scale.to(view.param.dtype)[None, :]
-                session.set(view.param, WHOLE, scaled.t() if view.transposed else scaled)
+                session.set(view.param, view.whole, view.stored(scaled))
             session.hook(f"{norm}.out", self._divide(scale))
             factors[norm] = {"linears": [name for name, _ in linears], "input_max": float(maxima[norm].max()),
                              "scale_min": float(scale.min()), "scale_max": float(scale.max()),

@@ -112,8 +112,9 @@ _LLAMA_SMOOTH = (("norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v
 _OPT_PATHS = dict(layers="model.decoder.layers", attn="self_attn", down_proj="fc2", embed="model.decoder.embed_tokens",
                   up_proj="fc1", o_proj="self_attn.out_proj", flat_mlp=True)
 # Llama-like attention and norms around a sparse MLP (`mlp.experts`, `mlp.gate`); dense blocks of these families keep
-# Llama's mlp.gate_proj / up_proj / down_proj. No SmoothQuant table: the MLP norm feeds the router and every expert.
-_MOE_PATHS = dict(_LLAMA_PATHS, experts="mlp.experts", router="mlp.gate")
+# Llama's mlp.gate_proj / up_proj / down_proj. SmoothQuant: Llama's table; in a sparse block the MLP norm's readers are
+# the router, every expert's gate_up_proj and the shared expert (Sites.moe_input_weights).
+_MOE_PATHS = dict(_LLAMA_PATHS, experts="mlp.experts", router="mlp.gate", smooth_groups=_LLAMA_SMOOTH)
 _NEOX_PATHS = dict(layers="gpt_neox.layers", attn="attention", norm1="input_layernorm", norm2="post_attention_layernorm",
                    down_proj="mlp.dense_4h_to_h", up_proj="mlp.dense_h_to_4h", o_proj="attention.dense",
                    embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
@@ -189,7 +190,13 @@ FAMILIES: tuple[Family, ...] = (
     # Mixtures of experts (fused experts, models/experts.py observes them per expert).
     Family(name="mixtral-like", model_types=("mixtral", "olmoe", "qwen3_moe"), **_MOE_PATHS),
     Family(name="qwen2-moe", model_types=("qwen2_moe",), **_MOE_PATHS, shared_expert="mlp.shared_expert"),
-    Family(name="deepseek-v3", model_types=("deepseek_v3",), **_MOE_PATHS, shared_expert="mlp.shared_experts"),
+    Family(
+        # Multi-head latent attention: the first norm feeds the query (LoRA q_a_proj, or q_proj) and the compressed
+        # key/value projection.
+        name="deepseek-v3", model_types=("deepseek_v3",), shared_expert="mlp.shared_experts",
+        **{**_MOE_PATHS, "smooth_groups": (("norm1", ("self_attn.q_a_proj", "self_attn.q_proj",
+                                                      "self_attn.kv_a_proj_with_mqa")), _LLAMA_SMOOTH[1])},
+    ),
     # PhiMoE and gpt-oss call their router `router` (gpt-oss's experts: transposed, biased, interleaved gate/up).
     Family(name="moe-router", model_types=("phimoe", "gpt_oss"), **{**_MOE_PATHS, "router": "mlp.router"}),
     Family(

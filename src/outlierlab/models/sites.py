@@ -385,6 +385,26 @@ class Sites:
                     if pattern is None or pattern.search(name):
                         yield name, self.weight(name)
 
+    def moe_input_weights(self, layer: int) -> list[tuple[str, WeightView]]:
+        """The matrices that read MoE block `layer`'s input (the MLP norm's output): the router, every expert's
+        gate_up_proj (or up_proj), the shared expert's input projections and any other linear of the sparse block
+        (SmoothQuant scales them together)."""
+        experts = self._experts(layer, f"layers.{layer}.mlp.experts")
+        router = self.module(f"layers.{layer}.mlp.router")
+        weights = [(f"layers.{layer}.mlp.router.weight", WeightView(router.weight, transposed=False))]
+        matrix = "gate_up_proj" if experts.has_gate else "up_proj"
+        weights += [(name, self.weight(name)) for name in
+                    (f"layers.{layer}.mlp.experts.{e}.{matrix}.weight" for e in range(experts.num_experts))]
+        if self.family.shared_expert is not None:
+            shared = self.module(f"layers.{layer}.mlp.shared_expert")
+            weights += [(f"layers.{layer}.mlp.shared_expert.{name}.weight", WeightView(linear.weight, False))
+                        for name, linear in shared.named_children() if name in ("gate_proj", "up_proj")]
+        block = _getattr_path(self.layers[layer], self.family.moe_block)
+        weights += [(f"layers.{layer}.{self.family.moe_block}.{name}.weight", WeightView(linear.weight, False))
+                    for name, linear in block.named_children()  # Qwen2-MoE's shared_expert_gate reads it too
+                    if isinstance(linear, nn.Linear) and linear is not router]
+        return weights
+
     def _hook_target(self, site: str) -> tuple[nn.Module, str, str | None]:
         """(module, "in" | "out", block role or None) that hook point `site` reads."""
         match = _LAYER_SITE.match(site)
