@@ -44,6 +44,8 @@ def _call(module: nn.Module, key, tensor: torch.Tensor) -> torch.Tensor:
 def observable_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                                top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' grouped_mm_experts_forward (5.23) without expert parallelism, with the taps above."""
+    if self._is_expert_parallel:  # experts sharded over devices: transformers' sentinel handling is not mirrored here
+        raise NotImplementedError("per-expert observation of expert-parallel experts is not supported")
     taps = _taps(self)
     num_top_k, num_tokens, hidden_dim = top_k_index.size(-1), hidden_states.size(0), hidden_states.size(-1)
     if taps:
