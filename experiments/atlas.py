@@ -10,6 +10,8 @@
    step down_proj does not make is traced to the gains of the block's norms (measured from the modules, so a
    (1 + w) gain is read right). An MA not made by down_proj gets no super weight.
 4. The model YAML's registry (super_weights, massive_activations) beside what was found.
+5. A mixture of experts: its super experts (Su et al.; probes/super_experts.py, in the same pass) and the super
+   weights inside its experts (probes/expert_super_weights.py); the dense probes skip its MoE layers' down_proj.
 """
 from __future__ import annotations
 
@@ -40,13 +42,15 @@ from outlierlab.probes.outliers import (
     massive_activation_origin,
     norm_gains,
 )
+from outlierlab.probes.expert_super_weights import detect_expert_super_weights
 from outlierlab.probes.stats import ResidualStats
+from outlierlab.probes.super_experts import ExpertProfile, SuperExpertCriterion, find_super_experts
 from outlierlab.probes.super_weight import (
     describe_weights,
     detect_super_weights,
     massive_activation,
 )
-from outlierlab.studies.atlas import COLUMNS, atlas_row
+from outlierlab.studies.atlas import atlas_row, columns_for
 from outlierlab.tables import Table
 
 
@@ -82,14 +86,28 @@ def _one_pass(ctx, windows, bos: str) -> tuple:
     # A model whose attention cannot be observed (Falcon) still gets the rest of its atlas; the sinks say why not.
     sinks = SinkRate(loaded.sites, _criterion(SinkCriterion, exp.attention_sinks)) \
         if loaded.sites.attention_observable else None
-    with torch.no_grad(), residual, tokens, channels, sinks or contextlib.nullcontext():
+    experts = ExpertProfile(loaded.sites) if loaded.sites.moe_layers else None
+    with torch.no_grad(), residual, tokens, channels, sinks or contextlib.nullcontext(), \
+            experts or contextlib.nullcontext():
         for batch in tqdm(windows.ids.split(exp.data.corpus.batch_size), desc="atlas: one pass"):
             residual.observe(batch, position_roles(batch, is_delimiter, bos))
             tokens.observe(batch)
             loaded.model(batch.to(loaded.device))
     found = find_massive_activations(residual.summary(), residual.sequences, criterion,
                                      lambda token: loaded.tokenizer.decode([token]))
-    return residual, found, tokens.summary(), channels.summary(), sinks.summary() if sinks else _no_sinks(loaded)
+    return (residual, found, tokens.summary(), channels.summary(), sinks.summary() if sinks else _no_sinks(loaded),
+            experts.summary() if experts else None)
+
+
+def _experts(ctx, profile: list[dict] | None, windows) -> dict | None:
+    """A mixture of experts' super experts (from the pass's profile) and super weights inside its experts."""
+    if profile is None:
+        return None
+    exp, loaded = ctx.cfg.exp, ctx.loaded
+    found = find_super_experts(profile, loaded.sites.num_layers, _criterion(SuperExpertCriterion, exp.super_experts))
+    rule = {key: exp.detection[key] for key in ("spike_layer_ratio", "min_share", "min_weight_zscore")}
+    weights = detect_expert_super_weights(loaded, windows.ids[:4], **rule, provenance=exp.detection.provenance)
+    return {"super_experts": found, "super_weights": weights, "profile": profile}
 
 
 def _no_sinks(loaded) -> dict:
@@ -177,7 +195,7 @@ def run(ctx) -> dict:
     exp, loaded = ctx.cfg.exp, ctx.loaded
     windows = ctx.data_windows("corpus")
     bos = windows.meta["bos"]
-    residual, found, tokens, channels, sinks = _one_pass(ctx, windows, bos)
+    residual, found, tokens, channels, sinks, profile = _one_pass(ctx, windows, bos)
     consistent = locations(found, exp.consistent_share)
     sporadic = locations([entry for entry in found if entry["share"] < exp.consistent_share])
     gains = norm_gains(loaded, exp.norm_gains.sigmas, exp.norm_gains.top)
@@ -205,7 +223,7 @@ def run(ctx) -> dict:
         "bos": bos, "bos_config": loaded.info.get("bos_config"),
         "criteria": {key: OmegaConf.to_container(exp[key]) for key in
                      ("massive_activation", "detection", "outlier_tokens", "channel_outliers", "attention_sinks",
-                      "norm_gains")},
+                      "norm_gains", "super_experts")},
         "massive_activations": {"consistent": consistent, "sporadic": sporadic, "prompt": activation,
                                 "origins": origins},
         "super_weights": {"candidates": candidates, **detection},
@@ -213,7 +231,8 @@ def run(ctx) -> dict:
         "norm_gains": [{k: v for k, v in g.items() if k != "gain"} for g in gains],
         "registry": _registry(ctx, consistent, detected),
         "per_layer": per_layer,
+        "experts": _experts(ctx, profile, windows),
     }
     row = atlas_row({**record, "model": {"name": ctx.cfg.model.name}})  # the runner adds "model" (loaded.info)
-    record["table"] = Table(COLUMNS, [row], index="model", caption=caption).to_dict()
+    record["table"] = Table(columns_for([row]), [row], index="model", caption=caption).to_dict()
     return record

@@ -22,7 +22,9 @@ DATA_DIR = ROOT.parent / "shared" / "data"
 # The tiny decoders (every study's tests run on them) and the tiny encoders (a bert-family BertModel without an LM
 # head: +exp=ro_encoder only), told apart by the site table's family, not by name.
 _TINY = {p.stem: family_for(OmegaConf.load(p).tiny.model_type) for p in (CONF / "model").glob("tiny_*.yaml")}
-TINY_MODELS = sorted(name for name, family in _TINY.items() if not family.encoder)
+TINY_MODELS = sorted(name for name, family in _TINY.items() if not family.encoder and not family.moe)
+# Mixtures of experts (no single down_proj: their studies and tests address experts; tests/test_moe.py).
+TINY_MOE = sorted(name for name, family in _TINY.items() if family.moe)
 TINY_ENCODERS = sorted(name for name, family in _TINY.items() if family.encoder)
 SMALL_EVAL = ["eval.ppl.wikitext2.seqlen=64", "eval.ppl.wikitext2.windows=2",
               "eval.ppl.c4.seqlen=64", "eval.ppl.c4.windows=2"]

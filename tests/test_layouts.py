@@ -1,5 +1,5 @@
 """Block layouts the site table tells apart from the config (never the model name), and layouts it refuses in one
-line when the model loads: Falcon's three blocks, OPT's pre-/post-LN and flattened MLP, mixture-of-experts MLPs."""
+line when the model loads: Falcon's three blocks, OPT's pre-/post-LN and flattened MLP, an unsupported mixture of experts."""
 import subprocess
 import sys
 
@@ -123,18 +123,19 @@ def test_an_mlp_without_a_linear_down_proj_fails_in_one_line():
         Sites(model)
 
 
-def test_mixture_of_experts_model_stops_before_any_weights_load(tmp_path):
-    """A local Mixtral directory holding only its config: preflight builds it on the meta device and stops with one
-    line (exit 2); no weights file exists, so nothing could have loaded."""
+def test_an_unsupported_mixture_of_experts_model_stops_before_any_weights_load(tmp_path):
+    """A local directory of an MoE type the table does not have (GraniteMoE) holding only its config: preflight
+    stops with one line (exit 2); no weights file exists, so nothing could have loaded. (The MoE families the table
+    has: tests/test_moe.py.)"""
     from transformers import AutoConfig
-    config = AutoConfig.for_model("mixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = AutoConfig.for_model("granitemoe", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, vocab_size=300)
-    config.save_pretrained(tmp_path / "mixtral")
-    byte_tokenizer().save_pretrained(tmp_path / "mixtral")
-    done = _run("model=path", f"model.source={tmp_path / 'mixtral'}", tmp_path=tmp_path)
+    config.save_pretrained(tmp_path / "granitemoe")
+    byte_tokenizer().save_pretrained(tmp_path / "granitemoe")
+    done = _run("model=path", f"model.source={tmp_path / 'granitemoe'}", tmp_path=tmp_path)
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-    assert "architecture 'mixtral' has no site table" in lines[-1]
+    assert "architecture 'granitemoe' has no site table" in lines[-1]
     assert not (tmp_path / "results").exists()
 
 
@@ -179,7 +180,12 @@ def test_every_supported_model_type_validates_on_its_default_config(model_type):
     config = AutoConfig.for_model(model_type, num_hidden_layers=2)
     with torch.device("meta"):  # the class the loader uses (AutoModel for an encoder family)
         sites = Sites(auto_class(config).from_config(config))
-    assert sites.num_layers == 2 and sites.has("layers.1.mlp.down_proj") and sites.has("layers.1.mlp.act.out")
+    assert sites.num_layers == 2
+    if 1 in sites.moe_layers:  # fused experts: per-expert and router sites instead of one down_proj
+        assert sites.has("layers.1.mlp.experts.0.down_proj.out") and sites.has("layers.1.mlp.router.weights")
+        assert sites.has("layers.1.mlp.out") and not sites.has("layers.1.mlp.down_proj")
+    else:
+        assert sites.has("layers.1.mlp.down_proj") and sites.has("layers.1.mlp.act.out")
 
 
 @pytest.mark.parametrize("model", ["tiny_opt", "tiny_llama"])

@@ -45,7 +45,8 @@ def test_block_points_resolve_hook_and_hold_their_tensors(overrides, tmp_path):
     expected = [p for p in BLOCK_POINTS if (gated or p != "mlp.gate_proj.out")
                 and (sites.family.norm_attn_out is not None or p != "norm_attn_out.out")
                 and (sites.family.norm_mlp_out is not None or p != "norm_mlp_out.out")
-                and p not in ("norm_after_attn.out", "norm_after_mlp.out")]  # post-LN (bert): test_ro_encoder.py
+                and p not in ("norm_after_attn.out", "norm_after_mlp.out")  # post-LN (bert): test_ro_encoder.py
+                and not (sites.family.parallel_blocks and p == "mid")]  # GPT-NeoX: no residual after attention
     assert points == expected
     seen = _capture(loaded, 1)
     assert set(seen) == {*points, "block_in"}
@@ -57,8 +58,12 @@ def test_block_points_resolve_hook_and_hold_their_tensors(overrides, tmp_path):
         if "norm_attn_out.out" in seen:
             assert torch.allclose(seen["norm_attn_out.out"], module("layers.1.norm_attn_out")(attn_branch), **close)
             attn_branch = seen["norm_attn_out.out"]
-        assert torch.allclose(seen["mid"], seen["block_in"] + attn_branch, **close)
-        assert torch.allclose(seen["mlp.in"], module("layers.1.norm2")(seen["mid"]), **close)
+        # parallel blocks (GPT-NeoX): both sublayers read the block input, out = in + attn + mlp
+        mid = seen["block_in"] + attn_branch
+        if "mid" in seen:
+            assert torch.allclose(seen["mid"], mid, **close)
+        norm2_input = seen["block_in"] if sites.family.parallel_blocks else mid
+        assert torch.allclose(seen["mlp.in"], module("layers.1.norm2")(norm2_input), **close)
         assert torch.allclose(seen["mlp.up_proj.out"], module("layers.1.mlp.up_proj")(seen["mlp.in"]), **close)
         act = _act(config)
         if gated:
@@ -72,7 +77,7 @@ def test_block_points_resolve_hook_and_hold_their_tensors(overrides, tmp_path):
         mlp_branch = seen["mlp.out"]
         if "norm_mlp_out.out" in seen:
             mlp_branch = seen["norm_mlp_out.out"]
-        assert torch.allclose(seen["out"], seen["mid"] + mlp_branch, **close)
+        assert torch.allclose(seen["out"], mid + mlp_branch, **close)
     # paper RO's anchors (our reading): y6 is the down_proj input of gated blocks, y4 that of GPT-style blocks
     assert sites.paper_label("mlp.act.out") == ("y6" if gated else "y4")
     assert sites.paper_label("mlp.out") is None

@@ -31,6 +31,7 @@ from outlierlab.models.load import (
     DTYPES,
     LoadedModel,
     check_layout,
+    expert_layout,
     load_model,
     model_shape,
 )
@@ -120,12 +121,27 @@ def _registry_super_weights(model, source: ModelSource | None) -> list[SuperWeig
         raise ConfigError(f"model.super_weights: {error}") from None
     if super_weights and source is not None:
         layers, hidden, intermediate = model_shape(model, source)
+        experts = expert_layout(model, source)
         for weight in super_weights:
             try:
-                check_in_shape(weight, layers, hidden, intermediate)
+                check_in_shape(weight, layers, hidden, intermediate, experts)
             except ValueError as error:
                 raise ConfigError(f"model.super_weights: {error}") from None
     return super_weights
+
+
+def _check_experts(interventions: dict[str, Intervention], experts: dict | None) -> None:
+    """Interventions that name experts (interventions/experts.py) against the model's MoE layers, from its config
+    (None: not known before loading; they are checked when they apply)."""
+    if experts is None:
+        return
+    for name, intervention in interventions.items():
+        check = getattr(intervention, "check_experts", None)
+        if check is not None:
+            try:
+                check(experts)
+            except ValueError as error:
+                raise ConfigError(f"exp.interventions.{name}: {error}") from None
 
 
 def _check_table_keys(cfg: DictConfig) -> None:
@@ -185,6 +201,8 @@ def preflight(cfg: DictConfig) -> Plan:
             raise ConfigError(f"model '{model.name}' is an encoder (no LM head): eval={cfg.eval.name} scores "
                               f"perplexity / zero-shot; use eval=embedding (e.g. +exp=ro_encoder)")
     super_weights = _registry_super_weights(model, source)
+    if source is not None:
+        _check_experts(interventions, expert_layout(model, source))
     output = result_path(cfg.paths.results_dir, cfg.exp.name, model.name, cfg.run_tag)
     plan = Plan(source, interventions, super_weights, data_dir, output, recipe)
     # exp.check names the study's own checks of its exp keys, `check(cfg, plan)`, still before any weights load.

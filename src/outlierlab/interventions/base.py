@@ -39,11 +39,13 @@ class StudyContext:
     massive_activations  [MassiveActivation]: where the MAs are (interventions/massive_activation.py)
     ma_means             calibrated MA means (probes.activation_means.calibrated_means), for "set to mean"
     calibration_ids      [n, seqlen] token ids SmoothQuant calibrates on
+    super_experts        [(layer, expert)]: the super experts (probes/super_experts.py), for interventions/experts.py
     """
     super_weights: list = field(default_factory=list)
     massive_activations: list = field(default_factory=list)
     ma_means: dict | None = None
     calibration_ids: torch.Tensor | None = None
+    super_experts: list = field(default_factory=list)
 
     @classmethod
     def of(cls, context: "StudyContext | dict | None") -> "StudyContext":

@@ -31,9 +31,7 @@ from outlierlab.quant.smoothing import (
     smoothing_factors,
     smoothing_groups,
 )
-from outlierlab.quant.targets import check_match, linear_modules, weight_view
-
-WHOLE = (Ellipsis,)  # EditSession index for "every element"
+from outlierlab.quant.targets import check_match, linear_modules
 
 
 def _summary(tensors: list[dict]) -> dict:
@@ -68,23 +66,23 @@ class QuantizeWeights(Intervention):
         self.clip_zscore, self.restore_super_weights, self.match = clip_zscore, restore_super_weights, match
 
     def apply(self, session: EditSession) -> None:
-        protected: dict[int, list[tuple[SuperWeight, tuple[int, int]]]] = {}
+        protected: dict[tuple, list[tuple[SuperWeight, tuple[int, int]]]] = {}
         if self.restore_super_weights:
             for weight in session.context.super_weights:
                 weight = SuperWeight(*weight)
-                view = session.sites.down_proj(weight.layer)
+                view = session.sites.super_weight_view(weight)
                 view.index(weight.row, weight.col)  # IndexError names a coordinate outside the matrix
-                protected.setdefault(id(view.param), []).append((weight, (weight.row, weight.col)))
+                protected.setdefault((id(view.param), view.expert), []).append((weight, (weight.row, weight.col)))
         tensors, restored = [], []
-        for name, module in linear_modules(session.sites, self.match):
-            view = weight_view(module)
+        # Every block matrix, each expert's slice of a fused MoE parameter included (Sites.block_weights).
+        for name, view in session.sites.block_weights(self.match):
             original = view.as_out_in()
             quantized, info = fake_quantize(original, self._spec, self.clip_zscore)
-            for weight, (row, col) in protected.get(id(view.param), []):
+            for weight, (row, col) in protected.get((id(view.param), view.expert), []):
                 quantized[row, col] = original[row, col]
                 restored.append({"super_weight": str(weight), "value": float(original[row, col])})
             tensors.append({"name": name, "numel": original.numel(), **info, **error_stats(original, quantized)})
-            session.set(view.param, WHOLE, quantized.t() if view.transposed else quantized)
+            session.set(view.param, view.whole, view.stored(quantized))
         session.log.append({"edit": "quantize_weights", "bits": self.bits, "block": self.block,
                             "zero_point": self.zero_point, "clip_zscore": self.clip_zscore,
                             "restored_super_weights": restored, "summary": _summary(tensors), "tensors": tensors})
@@ -156,12 +154,11 @@ class SmoothQuant(Intervention):
         maxima = calibrate_input_maxima(session.loaded, ids, [norm for _, norm, _ in groups])
         factors = {}
         for _, norm, linears in groups:
-            columns = torch.stack([weight_view(m).as_out_in().abs().amax(dim=0).float() for _, m in linears])
+            columns = torch.stack([view.as_out_in().abs().amax(dim=0).float() for _, view in linears])
             scale = smoothing_factors(maxima[norm], columns.amax(dim=0), self.alpha)
-            for _, module in linears:
-                view = weight_view(module)
+            for _, view in linears:
                 scaled = view.as_out_in() * scale.to(view.param.dtype)[None, :]
-                session.set(view.param, WHOLE, scaled.t() if view.transposed else scaled)
+                session.set(view.param, view.whole, view.stored(scaled))
             session.hook(f"{norm}.out", self._divide(scale))
             factors[norm] = {"linears": [name for name, _ in linears], "input_max": float(maxima[norm].max()),
                              "scale_min": float(scale.min()), "scale_max": float(scale.max()),

@@ -34,7 +34,7 @@ class ScaleSuperWeights(Intervention):
 
     def apply(self, session: EditSession) -> None:
         for weight in _super_weights(session):
-            view = session.sites.down_proj(weight.layer)
+            view = session.sites.super_weight_view(weight)  # down_proj, or an expert's slice of the fused one
             index = view.index(weight.row, weight.col)
             original = view.param.data[index].clone()
             session.set(view.param, index, original * self.scale)
@@ -68,16 +68,20 @@ class PruneLargestWeights(Intervention):
         self.fraction, self.scope = fraction, scope
 
     def _matrices(self, sites) -> list[tuple[str, torch.nn.Parameter]]:
+        """The weights in scope; a mixture of experts' fused 3-D parameters are in it whole (every expert)."""
         if self.scope == "down_proj":
-            return [(f"layers.{i}.mlp.down_proj.weight", sites.down_proj(i).param) for i in range(sites.num_layers)]
+            return [(f"layers.{i}.mlp.{'experts.' if i in sites.moe_layers else ''}down_proj.weight",
+                     sites.module(f"layers.{i}.mlp.experts").down_proj if i in sites.moe_layers
+                     else sites.down_proj(i).param) for i in range(sites.num_layers)]
         return [(f"layers.{i}.{name}", param) for i in range(sites.num_layers)
-                for name, param in sites.module(f"layers.{i}").named_parameters() if param.dim() == 2]
+                for name, param in sites.module(f"layers.{i}").named_parameters()
+                if param.dim() >= 2 and not name.endswith("_bias")]  # gpt-oss's experts' biases are [E, .]
 
     def apply(self, session: EditSession) -> None:
         sites = session.sites
-        protected: dict[int, list[tuple[int, int]]] = {}
+        protected: dict[int, list[tuple]] = {}
         for weight in session.context.super_weights:
-            view = sites.down_proj(SuperWeight(*weight).layer)
+            view = sites.super_weight_view(SuperWeight(*weight))
             protected.setdefault(id(view.param), []).append(view.index(weight[1], weight[2]))
         matrices = self._matrices(sites)
         in_scope = sum(param.numel() for _, param in matrices)
@@ -85,10 +89,10 @@ class PruneLargestWeights(Intervention):
         # Each matrix offers its own top-k; the global top-k is taken over those candidates.
         values, owners, flats = [], [], []
         for number, (_, param) in enumerate(matrices):
-            magnitude = param.data.abs().float().reshape(-1).clone()
-            for row, col in protected.get(id(param), []):
-                magnitude[row * param.shape[1] + col] = -1.0
-            top = magnitude.topk(min(k, magnitude.numel()))
+            magnitude = param.data.abs().float().clone()
+            for index in protected.get(id(param), []):
+                magnitude[index] = -1.0
+            top = magnitude.reshape(-1).topk(min(k, magnitude.numel()))
             values.append(top.values.cpu())
             flats.append(top.indices.cpu())
             owners.append(torch.full_like(top.indices.cpu(), number))
@@ -101,7 +105,7 @@ class PruneLargestWeights(Intervention):
         for number in chosen_owner.unique().tolist():
             name, param = matrices[number]
             flat = chosen_flat[chosen_owner == number].to(param.device)
-            session.set(param, (flat // param.shape[1], flat % param.shape[1]), 0.0)
+            session.set(param, torch.unravel_index(flat, param.shape), 0.0)
             per_matrix[name] = int(flat.numel())
         session.log.append({"edit": "prune_largest", "k": k, "fraction_of_scope": k / in_scope, "scope": self.scope,
                             "smallest_pruned_magnitude": float(best.values[-1]), "per_matrix": per_matrix})
@@ -116,17 +120,19 @@ class RestoreSuperActivation(Intervention):
     """
 
     def apply(self, session: EditSession) -> None:
-        by_layer: dict[int, list[SuperWeight]] = {}
+        by_matrix: dict[tuple, list[SuperWeight]] = {}
         for weight in _super_weights(session):
-            by_layer.setdefault(weight.layer, []).append(weight)
-        for layer, weights in by_layer.items():
-            view = session.sites.down_proj(layer)
+            by_matrix.setdefault((weight.layer, weight.expert), []).append(weight)
+        for (layer, expert), weights in by_matrix.items():
+            view = session.sites.super_weight_view(weights[0])
             deltas = [(w.row, w.col, session.original(view.param, view.index(w.row, w.col)) -
                        view.param.data[view.index(w.row, w.col)]) for w in weights]
             inputs: list[torch.Tensor] = []  # down_proj's input of this forward, held until its output hook
-            session.hook(f"layers.{layer}.mlp.down_proj.in", self._hold(inputs))
-            session.hook(f"layers.{layer}.mlp.down_proj.out", self._restore(deltas, inputs))
-        session.log.append({"edit": "restore_super_activation", "layers": sorted(by_layer)})
+            # An expert's points hold only its routed tokens [n, channels]: its peak is over those, batch-wide.
+            site = f"layers.{layer}.mlp." + ("down_proj" if expert is None else f"experts.{expert}.down_proj")
+            session.hook(f"{site}.in", self._hold(inputs), batch_invariant=expert is None)
+            session.hook(f"{site}.out", self._restore(deltas, inputs))
+        session.log.append({"edit": "restore_super_activation", "layers": sorted({k[0] for k in by_matrix})})
 
     @staticmethod
     def _hold(inputs: list[torch.Tensor]):

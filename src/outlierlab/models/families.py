@@ -60,6 +60,15 @@ class Family:
     # inside a block that read each norm's output. A fused projection (Phi-3's qkv_proj / gate_up_proj) is listed
     # beside the split ones; the ones a model has are used. None: no table (smoothing refuses the family).
     smooth_groups: tuple[tuple[str, tuple[str, ...]], ...] | None = None
+    # Mixture-of-experts blocks. In transformers 5 the experts of a block are one module of fused 3-D parameters
+    # (gate_up_proj [E, 2I, d], down_proj [E, d, I]; gpt-oss stores them transposed, with biases): `experts` is its
+    # path inside a block, `router` the router's, `shared_expert` a dense MLP every token also goes through (Qwen2-MoE,
+    # DeepSeek-V3). A block of an MoE family may be dense (DeepSeek-V3's first_k_dense_replace layers, Qwen3-MoE's
+    # mlp_only_layers): it has the linear `down_proj` instead; Sites tells the two apart per block. How the fused
+    # tensors are laid out is read from the experts module itself (transformers' use_experts_implementation flags).
+    experts: str | None = None
+    router: str | None = None
+    shared_expert: str | None = None
 
     def matches(self, config) -> bool:
         """The config's type is one of this entry's and every `when` condition holds (an absent attribute reads
@@ -70,7 +79,17 @@ class Family:
     def required_roles(self) -> list[str]:
         """Block roles every block of a model of this family must have: the ones the table names, except the
         optional other linears (gate/up/o_proj), which are checked when addressed."""
-        return [role for role in ROLES if role not in OPTIONAL_ROLES and self.path(role) is not None]
+        return [role for role in ROLES if role not in OPTIONAL_ROLES and self.path(role) is not None
+                and not (self.experts and role in MOE_OR_DENSE_ROLES)]
+
+    @property
+    def moe(self) -> bool:
+        return self.experts is not None
+
+    @property
+    def moe_block(self) -> str | None:
+        """The path of a block's sparse MLP (the experts' parent: `mlp`)."""
+        return self.experts.rpartition(".")[0] if self.experts else None
 
     def path(self, role: str) -> str | None:
         """The module path inside a block for a role (`norm1`, `mlp.down_proj`, ...)."""
@@ -85,6 +104,8 @@ _ROLE_FIELDS = {"attn": "attn", "norm1": "norm1", "norm2": "norm2", "norm_attn_o
 ROLES = tuple(_ROLE_FIELDS)
 # Linears a model of a family may lack (Phi-3's fused gate_up_proj): checked when a site addresses them.
 OPTIONAL_ROLES = ("mlp.gate_proj", "mlp.up_proj", "attn.o_proj", "attn.q_norm", "attn.k_norm")
+# Roles a block of an MoE family has only when it is dense (checked per block by Sites).
+MOE_OR_DENSE_ROLES = ("mlp.down_proj",)
 
 
 _LLAMA_PATHS = dict(layers="model.layers", attn="self_attn", norm1="input_layernorm", norm2="post_attention_layernorm",
@@ -95,6 +116,14 @@ _LLAMA_SMOOTH = (("norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v
                  ("norm2", ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj")))
 _OPT_PATHS = dict(layers="model.decoder.layers", attn="self_attn", down_proj="fc2", embed="model.decoder.embed_tokens",
                   up_proj="fc1", o_proj="self_attn.out_proj", flat_mlp=True)
+# Llama-like attention and norms around a sparse MLP (`mlp.experts`, `mlp.gate`); dense blocks of these families keep
+# Llama's mlp.gate_proj / up_proj / down_proj. SmoothQuant: Llama's table; in a sparse block the MLP norm's readers are
+# the router, every expert's gate_up_proj and the shared expert (Sites.moe_input_weights).
+_MOE_PATHS = dict(_LLAMA_PATHS, experts="mlp.experts", router="mlp.gate", smooth_groups=_LLAMA_SMOOTH)
+_NEOX_PATHS = dict(layers="gpt_neox.layers", attn="attention", norm1="input_layernorm", norm2="post_attention_layernorm",
+                   down_proj="mlp.dense_4h_to_h", up_proj="mlp.dense_h_to_4h", o_proj="attention.dense",
+                   embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
+                   smooth_groups=(("norm1", ("attention.query_key_value",)), ("norm2", ("mlp.dense_h_to_4h",))))
 _FALCON_NORM_PER_SUBLAYER_SMOOTH = (("norm1", ("self_attention.query_key_value",)), ("norm2", ("mlp.dense_h_to_4h",)))
 _FALCON_PATHS = dict(layers="transformer.h", attn="self_attention", down_proj="mlp.dense_4h_to_h",
                      embed="transformer.word_embeddings", final_norm="transformer.ln_f", up_proj="mlp.dense_h_to_4h",
@@ -102,8 +131,7 @@ _FALCON_PATHS = dict(layers="transformer.h", attn="self_attention", down_proj="m
 
 FAMILIES: tuple[Family, ...] = (
     Family(
-        # Phi-3's fused gate_up_proj has no split gate/up sites (told when addressed). Mixture-of-experts models
-        # (Mixtral: no single down_proj) are not here: they are refused with the list of supported types.
+        # Phi-3's fused gate_up_proj has no split gate/up sites (told when addressed).
         name="llama-like",
         model_types=("llama", "mistral", "qwen2", "qwen3", "olmo", "phi3", "smollm3", "granite", "outlierlab_llama"),
         **_LLAMA_PATHS, smooth_groups=_LLAMA_SMOOTH,
@@ -164,6 +192,25 @@ FAMILIES: tuple[Family, ...] = (
         norm1="input_layernorm", norm2="post_attention_layernorm", **_FALCON_PATHS,
         smooth_groups=_FALCON_NORM_PER_SUBLAYER_SMOOTH,
     ),
+    # Mixtures of experts (fused experts, models/experts.py observes them per expert).
+    Family(name="mixtral-like", model_types=("mixtral", "olmoe", "qwen3_moe"), **_MOE_PATHS),
+    Family(name="qwen2-moe", model_types=("qwen2_moe",), **_MOE_PATHS, shared_expert="mlp.shared_expert"),
+    Family(
+        # Multi-head latent attention: the first norm feeds the query (LoRA q_a_proj, or q_proj) and the compressed
+        # key/value projection.
+        name="deepseek-v3", model_types=("deepseek_v3",), shared_expert="mlp.shared_experts",
+        **{**_MOE_PATHS, "smooth_groups": (("norm1", ("self_attn.q_a_proj", "self_attn.q_proj",
+                                                      "self_attn.kv_a_proj_with_mqa")), _LLAMA_SMOOTH[1])},
+    ),
+    # PhiMoE and gpt-oss call their router `router` (gpt-oss's experts: transposed, biased, interleaved gate/up).
+    Family(name="moe-router", model_types=("phimoe", "gpt_oss"), **{**_MOE_PATHS, "router": "mlp.router"}),
+    Family(
+        # GPT-NeoX / Pythia with use_parallel_residual (every Pythia size): x + attn(ln1(x)) + mlp(ln2(x)), both norms
+        # read the block input. Rotary covers only part of each head (rotary_pct; the attention module applies it).
+        name="gpt-neox-parallel", model_types=("gpt_neox",), when=(("use_parallel_residual", (True,)),),
+        parallel_blocks=True, **_NEOX_PATHS,
+    ),
+    Family(name="gpt-neox", model_types=("gpt_neox",), when=(("use_parallel_residual", (False,)),), **_NEOX_PATHS),
     Family(
         # BERT-style encoders (BertModel, loaded without a head; all-MiniLM-L6-v2): post-LN, each LayerNorm comes
         # after a residual add, so there are no norm1/norm2 and no final norm. attn is the self-attention module

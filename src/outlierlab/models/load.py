@@ -95,8 +95,14 @@ def auto_class(config):
         return AutoModelForCausalLM
 
 
+def _plain(tiny) -> dict:
+    """model.tiny as plain Python values (a config field may be a list: Qwen3-MoE's mlp_only_layers)."""
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(tiny) if OmegaConf.is_config(tiny) else dict(tiny)
+
+
 def _tiny(model_cfg) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
-    tiny = dict(model_cfg.tiny)
+    tiny = _plain(model_cfg.tiny)
     seed = tiny.pop("seed", 0)
     model_type = tiny.pop("model_type")
     tokenizer = byte_tokenizer()
@@ -160,7 +166,7 @@ def model_config(model_cfg, source: ModelSource):
     register_local_model_types()
     if source.kind == "tiny":
         model_type = model_cfg.tiny.model_type
-        config = AutoConfig.for_model(model_type, **{k: v for k, v in model_cfg.tiny.items()
+        config = AutoConfig.for_model(model_type, **{k: v for k, v in _plain(model_cfg.tiny).items()
                                                       if k not in ("model_type", "seed")})
     elif source.kind == "gguf":
         config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
@@ -197,12 +203,24 @@ def check_layout(model_cfg, source: ModelSource):
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise UnsupportedArchitecture(f"this {config.model_type} model cannot be built from its config "
                                       f"({str(error).splitlines()[0][:200]})") from None
-    Sites(model)
+    sites = Sites(model)
     _LAYOUTS_CHECKED[key] = family
+    _EXPERTS[key] = {layer: (sites.num_experts(layer), *sites.weight(
+        f"layers.{layer}.mlp.experts.0.down_proj.weight").shape) for layer in sites.moe_layers}
     return family
 
 
 _LAYOUTS_CHECKED: dict = {}  # config JSON -> Family
+_EXPERTS: dict = {}  # config JSON -> {MoE layer: (experts, rows, cols) of its fused down_proj}
+
+
+def expert_layout(model_cfg, source: ModelSource) -> dict[int, tuple[int, int, int]] | None:
+    """{MoE layer: (experts, rows, cols of one expert's down_proj)} from the config alone (the meta-device build of
+    `check_layout`; {} for a dense model); None where the layout is not known before loading (a GGUF file, a config
+    that cannot be fetched)."""
+    if check_layout(model_cfg, source) is None:
+        return None
+    return _EXPERTS[model_config(model_cfg, source).to_json_string()]
 
 
 def model_shape(model_cfg, source: ModelSource) -> tuple[int, int, int]:

@@ -17,6 +17,21 @@ Site names are stable and greppable; every probe and intervention addresses a si
     layers.{i}.mlp.down_proj       the MLP's output projection (".in", ".out" hook points, ".weight" its matrix)
     layers.{i}.mlp.gate_proj / .up_proj / layers.{i}.attn.o_proj   the other linears the RO study reads
 
+Mixture-of-experts blocks (`Sites.moe_layers`; the experts are fused 3-D parameters, observed inside the experts
+forward of models/experts.py; a dense block of an MoE model has the dense sites above):
+
+    layers.{i}.mlp.experts                      the fused experts module; layers.{i}.mlp.router its router
+    layers.{i}.mlp.experts.{e}.down_proj.in     expert e's activation act(gate) * up (its down_proj input) for the
+                                                tokens routed to it, [routed tokens, intermediate] (hook point)
+    layers.{i}.mlp.experts.{e}.down_proj.out    expert e's down_proj output before the routing weight, [routed, d]
+    layers.{i}.mlp.experts.down_proj.in|out     the same for all experts at once: [routed pairs, .] sorted by expert
+                                                (the order of torch.sort(router.experts.flatten()))
+    layers.{i}.mlp.experts.{e}.down_proj.weight expert e's slice of the fused down_proj (WeightView, expert=e)
+    layers.{i}.mlp.router.weights               routing weights of each token's top-k experts [tokens, k] (a returned
+                                                tensor replaces them: the router mask of interventions/experts.py)
+    layers.{i}.mlp.router.experts               the top-k expert indices [tokens, k] (read-only: load per expert)
+    layers.{i}.mlp.out                          the sparse block's output (routed experts + shared expert)
+
 Hook points inside a block, in forward order (BLOCK_POINTS; the paper-RO label is our reading of its figure, not
 the paper's text: it fixes only y6 = the down_proj input of Llama/Qwen blocks and y4 = the second MLP linear's input
 of GPT blocks; we number the points before them in forward order and skip the residual after attention, which
@@ -54,6 +69,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from outlierlab.errors import UnsupportedArchitecture  # noqa: F401 (re-exported)
+from outlierlab.models import experts as fused
 from outlierlab.models.families import (  # noqa: F401 (FAMILIES, Family, supported_model_types re-exported)
     ATTENTION_NORM_ROLES,
     FAMILIES,
@@ -96,6 +112,12 @@ LINEAR_TYPES = (nn.Linear, Conv1D)
 _LAYER_SITE = re.compile(r"^layers\.(\d+)(?:\.(.+))?$")
 _HOOK_SUFFIXES = ("in", "out")
 _ATTENTION_POINT = re.compile(r"^(layers\.\d+\.attn)\.(probs|logits|values)$")
+_EXPERT_POINT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.down_proj\.(in|out)$")
+_EXPERT_WEIGHT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(down_proj|gate_up_proj|up_proj)\.weight$")
+_ALL_EXPERTS_POINT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.down_proj\.(in|out)$")
+_ROUTER_POINT = re.compile(r"^layers\.(\d+)\.mlp\.router\.(weights|experts)$")
+_EXPERT_POINTS = (_EXPERT_POINT, _ALL_EXPERTS_POINT, _ROUTER_POINT)  # hook points inside the experts forward
+_MOE_MODULES = {"mlp.experts": "experts", "mlp.router": "router", "mlp.shared_expert": "shared_expert"}
 
 
 @dataclass
@@ -103,21 +125,33 @@ class WeightView:
     """A matrix addressed as (row = output channel, col = input channel), whatever its storage layout."""
     param: torch.nn.Parameter
     transposed: bool
+    expert: int | None = None  # one expert's matrix inside a fused 3-D parameter [experts, ., .]
 
     @property
     def shape(self) -> tuple[int, int]:
-        rows, cols = self.param.shape
+        rows, cols = self.param.shape[-2:]
         return (cols, rows) if self.transposed else (rows, cols)
 
-    def index(self, row: int, col: int) -> tuple[int, int]:
+    @property
+    def whole(self) -> tuple:
+        """The index of the whole matrix in `param` (every element, or one expert's slice)."""
+        return (Ellipsis,) if self.expert is None else (self.expert,)
+
+    def index(self, row: int, col: int) -> tuple:
         rows, cols = self.shape
         if not (0 <= row < rows and 0 <= col < cols):
             raise IndexError(f"(row={row}, col={col}) is outside the weight's shape ({rows}, {cols})")
-        return (col, row) if self.transposed else (row, col)
+        index = (col, row) if self.transposed else (row, col)
+        return index if self.expert is None else (self.expert, *index)
 
     def as_out_in(self) -> torch.Tensor:
         """The matrix as [out, in] (a view, no copy)."""
-        return self.param.data.t() if self.transposed else self.param.data
+        matrix = self.param.data if self.expert is None else self.param.data[self.expert]
+        return matrix.t() if self.transposed else matrix
+
+    def stored(self, out_in: torch.Tensor) -> torch.Tensor:
+        """An [out, in] matrix in this weight's storage layout (for `WeightEdits.set(param, view.whole, ...)`)."""
+        return out_in.t() if self.transposed else out_in
 
 
 class Sites:
@@ -131,29 +165,75 @@ class Sites:
         self._validate()
 
     def _validate(self) -> None:
-        """Every module the family's table names exists in every block, and down_proj is a linear layer: a layout
-        the table does not describe (a mixture-of-experts MLP, a renamed norm) fails here, in one line, when the
+        """Every module the family's table names exists in every block, and down_proj is a linear layer (or, in an
+        MoE family, the block holds fused experts and a router): a layout the table does not describe (a renamed
+        norm, an MoE block in a dense family) fails here, in one line, when the
         model loads, not as a wrong number later."""
         model_type, family = self.model.config.model_type, self.family
         for site, path in (("embed", family.embed), ("final_norm", family.final_norm)):
             if path is not None and not _has_path(self.model, path):
                 raise UnsupportedArchitecture(f"this {model_type} model has no {path} (the {family.name} table's "
                                               f"{site}); its layout is not the one models/sites.py describes")
+        self.moe_layers: list[int] = []
         for layer in range(self.num_layers):
             for role in family.required_roles():
                 if not _has_path(self.layers[layer], family.path(role)):
                     raise UnsupportedArchitecture(
                         f"this {model_type} model's layers.{layer} has no {family.path(role)} (the {family.name} "
                         f"table's {role}); its layout is not the one models/sites.py describes")
+            if family.moe and self._validate_moe(layer):
+                self.moe_layers.append(layer)
+                continue
             down_proj = _getattr_path(self.layers[layer], family.down_proj)
             if not isinstance(down_proj, LINEAR_TYPES):
                 raise UnsupportedArchitecture(
                     f"this {model_type} model's layers.{layer}.{family.down_proj} is a {type(down_proj).__name__}, "
                     "not a linear layer (a mixture-of-experts MLP has no single down_proj)")
 
+    def _validate_moe(self, layer: int) -> bool:
+        """Whether block `layer` of an MoE family is sparse (fused experts and a router) rather than dense (a linear
+        down_proj); neither fails in one line."""
+        block, family = self.layers[layer], self.family
+        if _has_path(block, family.down_proj) and isinstance(_getattr_path(block, family.down_proj), LINEAR_TYPES):
+            return False
+        for role, path in (("experts", family.experts), ("router", family.router)):
+            if not _has_path(block, path):
+                raise UnsupportedArchitecture(
+                    f"this {self.model.config.model_type} model's layers.{layer} has neither a linear "
+                    f"{family.down_proj} nor {path} (the {family.name} table's {role})")
+        if not fused.is_fused_experts(_getattr_path(block, family.experts)):
+            raise UnsupportedArchitecture(
+                f"this {self.model.config.model_type} model's layers.{layer}.{family.experts} is not a fused experts "
+                "module (3-D down_proj, transformers' use_experts_implementation)")
+        return True
+
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def num_experts(self, layer: int) -> int:
+        """The number of routed experts of MoE block `layer`."""
+        return self._experts(layer, f"layers.{layer}.mlp.experts").num_experts
+
+    def _experts(self, layer: int, site: str) -> nn.Module:
+        self._layer(layer, site)
+        if layer not in self.moe_layers:
+            kind = "dense" if self.family.moe else f"a {self.family.name} block, not a mixture of experts"
+            raise KeyError(f"site '{site}': layers.{layer} is {kind} (MoE layers: {self.moe_layers or 'none'})")
+        return _getattr_path(self.layers[layer], self.family.experts)
+
+    def _expert(self, layer: int, expert: int, site: str) -> nn.Module:
+        experts = self._experts(layer, site)
+        if not 0 <= expert < experts.num_experts:
+            raise KeyError(f"site '{site}': expert {expert} does not exist (layers.{layer} has "
+                           f"{experts.num_experts} experts)")
+        return experts
+
+    def super_weight_view(self, weight) -> WeightView:
+        """The matrix a super weight (models/coords.SuperWeight) lives in: down_proj, or an expert's down_proj."""
+        if getattr(weight, "expert", None) is None:
+            return self.down_proj(weight.layer)
+        return self.weight(f"layers.{weight.layer}.mlp.experts.{weight.expert}.down_proj.weight")
 
     @property
     def attention_observable(self) -> bool:
@@ -177,6 +257,11 @@ class Sites:
         if rest is None:
             return layer
         family = self.family
+        if rest in _MOE_MODULES and family.moe:
+            path = getattr(family, _MOE_MODULES[rest])
+            if path is None or not _has_path(layer, path):
+                raise KeyError(f"site '{site}': this model's layers.{match.group(1)} has no {rest}")
+            return _getattr_path(layer, path)
         if rest not in ROLES:
             raise KeyError(f"unknown site '{site}' (layer sites: {', '.join(ROLES)}, out)")
         path = family.path(rest)
@@ -192,7 +277,11 @@ class Sites:
         """Whether `site` (a module site or a hook point) exists in this model."""
         try:
             match = _LAYER_SITE.match(site)
-            if site.endswith((".in", ".out")) or (match and match.group(2) in BLOCK_ALIASES):
+            if any(point.match(site) for point in _EXPERT_POINTS):
+                self._expert_target(site)
+            elif _EXPERT_WEIGHT.match(site):
+                self.weight(site)
+            elif site.endswith((".in", ".out")) or (match and match.group(2) in BLOCK_ALIASES):
                 self._hook_target(site)
             else:
                 self.module(site)
@@ -261,6 +350,13 @@ class Sites:
         col = input channel)."""
         if not site.endswith(".weight"):
             raise KeyError(f"site '{site}' is not a weight site (it should end in .weight)")
+        expert = _EXPERT_WEIGHT.match(site)
+        if expert:
+            layer, index, name = int(expert.group(1)), int(expert.group(2)), expert.group(3)
+            experts = self._expert(layer, index, site)
+            if not isinstance(getattr(experts, name, None), torch.Tensor):
+                raise KeyError(f"site '{site}': layers.{layer}'s experts have no fused {name}")
+            return WeightView(getattr(experts, name), experts.is_transposed, index)
         module = self.module(site[: -len(".weight")])
         transposed = self.family.down_proj_transposed and site.endswith(("mlp.down_proj.weight", "mlp.up_proj.weight"))
         return WeightView(module.weight, transposed)
@@ -306,12 +402,52 @@ class Sites:
                     if pattern is None or pattern.search(name):
                         yield name, module
 
+    def block_weights(self, match: str | None = None) -> Iterator[tuple[str, WeightView]]:
+        """(weight site, WeightView) of every matrix inside the decoder blocks whose site matches the regex `match`:
+        the linears of `block_linears` and, in MoE blocks, each expert's slice of the fused gate_up_proj / down_proj
+        (`layers.{i}.mlp.experts.{e}.gate_up_proj.weight`); for edits that treat every matrix alike (RTN)."""
+        pattern = re.compile(match) if match else None
+        for name, module in self.block_linears(match):
+            yield name, WeightView(module.weight, transposed=isinstance(module, Conv1D))
+        for layer in self.moe_layers:
+            experts = self._experts(layer, f"layers.{layer}.mlp.experts")
+            for matrix in ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj"):
+                for expert in range(experts.num_experts):
+                    name = f"layers.{layer}.mlp.experts.{expert}.{matrix}.weight"
+                    if pattern is None or pattern.search(name):
+                        yield name, self.weight(name)
+
+    def moe_input_weights(self, layer: int) -> list[tuple[str, WeightView]]:
+        """The matrices that read MoE block `layer`'s input (the MLP norm's output): the router, every expert's
+        gate_up_proj (or up_proj), the shared expert's input projections and any other linear of the sparse block
+        (SmoothQuant scales them together)."""
+        experts = self._experts(layer, f"layers.{layer}.mlp.experts")
+        router = self.module(f"layers.{layer}.mlp.router")
+        weights = [(f"layers.{layer}.mlp.router.weight", WeightView(router.weight, transposed=False))]
+        matrix = "gate_up_proj" if experts.has_gate else "up_proj"
+        weights += [(name, self.weight(name)) for name in
+                    (f"layers.{layer}.mlp.experts.{e}.{matrix}.weight" for e in range(experts.num_experts))]
+        if self.family.shared_expert is not None:
+            shared = self.module(f"layers.{layer}.mlp.shared_expert")
+            weights += [(f"layers.{layer}.mlp.shared_expert.{name}.weight", WeightView(linear.weight, False))
+                        for name, linear in shared.named_children() if name in ("gate_proj", "up_proj")]
+        block = _getattr_path(self.layers[layer], self.family.moe_block)
+        weights += [(f"layers.{layer}.{self.family.moe_block}.{name}.weight", WeightView(linear.weight, False))
+                    for name, linear in block.named_children()  # Qwen2-MoE's shared_expert_gate reads it too
+                    if isinstance(linear, nn.Linear) and linear is not router]
+        return weights
+
     def _hook_target(self, site: str) -> tuple[nn.Module, str, str | None]:
         """(module, "in" | "out", block role or None) that hook point `site` reads."""
         match = _LAYER_SITE.match(site)
         if match and match.group(2) == "mid" and self.family.parallel_blocks:
             raise KeyError(f"site '{site}': {self.family.name} blocks run attention and the MLP in parallel on the "
                            "block input; there is no residual after attention")
+        if match and match.group(2) in ("mlp.out", "mlp.act.out") and int(match.group(1)) in self.moe_layers:
+            if match.group(2) == "mlp.act.out":
+                raise KeyError(f"site '{site}': layers.{match.group(1)} is a mixture of experts; each expert's "
+                               "activation is layers.{i}.mlp.experts.{e}.down_proj.in")
+            return _getattr_path(self.layers[int(match.group(1))], self.family.moe_block), "out", None
         if match and match.group(2) in BLOCK_ALIASES:
             role, point = BLOCK_ALIASES[match.group(2)]
             return self.module(f"layers.{match.group(1)}.{role}"), point, role
@@ -330,10 +466,24 @@ class Sites:
         if attention:
             from outlierlab.models.attention import observe
             return observe(self.model, self.module(attention.group(1)), attention.group(2), fn)
+        if any(point.match(site) for point in _EXPERT_POINTS):
+            experts, key = self._expert_target(site)
+            return fused.tap(self.model, experts, key, fn)
         module, point, role = self._hook_target(site)
         if self.family.flat_mlp and role in _FLAT_MLP_ROLES:
             return self._register_unflattened(int(_LAYER_SITE.match(site).group(1)), module, point, fn)
         return attach(module, point, fn)
+
+    def _expert_target(self, site: str) -> tuple[nn.Module, object]:
+        """(experts module, tap key) of an expert or router site (models/experts.py)."""
+        router = _ROUTER_POINT.match(site)
+        if router:
+            return self._experts(int(router.group(1)), site), f"router.{router.group(2)}"
+        every = _ALL_EXPERTS_POINT.match(site)
+        if every:
+            return self._experts(int(every.group(1)), site), ("all", every.group(2))
+        layer, expert, point = _EXPERT_POINT.match(site).groups()
+        return self._expert(int(layer), int(expert), site), (int(expert), point)
 
     def register_linear(self, name: str, point: str, fn):
         """`register` for a linear of `block_linears` by its weight name (`layers.{i}.<path>.weight`) at its "in" or

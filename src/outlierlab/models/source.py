@@ -10,7 +10,9 @@
                                       <paths.cache_dir>/assembled/<package>-<version>/<file>
     /path/to/file.gguf                a local GGUF file (dequantized by transformers, cached as safetensors)
     /path/to/dir                      a local Hugging Face model directory
-    owner/name                        a Hugging Face hub id (needs the hub, or its files in the local HF cache)
+    owner/name                        a Hugging Face hub id (needs the hub, or its files in the local HF cache);
+                                      `model.revision` (a branch, tag or commit: Pythia's step1000) is resolved there,
+                                      offline through the cache's refs/<revision> (a local directory is one revision)
 """
 from __future__ import annotations
 
@@ -268,14 +270,18 @@ def resolve_source(model_cfg, cache_dir=None) -> ModelSource:
             return ModelSource("gguf", str(path.resolve().parent), path.name)
         if not (path / "config.json").is_file():
             raise SourceError(f"model.source={source}: not a Hugging Face model directory (no config.json)")
+        if model_cfg.get("revision") not in (None, "main"):
+            raise SourceError(f"model.revision={model_cfg.revision}: a local directory holds one revision; revisions "
+                              "are read from the Hugging Face cache by hub id (model.source=owner/name, HF_HUB_CACHE)")
         return ModelSource("local", str(path.resolve()))
     revision = model_cfg.get("revision")
     if _hub_files_cached(source, revision):
         return ModelSource("hub", source, details={"cached": True})
     reason = _hub_reachable(source, revision)
     if reason:
+        at = f" at revision {revision}" if revision else ""
         raise SourceError(
-            f"model.source={source}: the Hugging Face hub is unreachable ({reason}) and the model is not in the "
+            f"model.source={source}: the Hugging Face hub is unreachable ({reason}) and the model{at} is not in the "
             f"local HF cache; download it elsewhere and pass model.source=/path/to/model_dir (or a .gguf file)")
     return ModelSource("hub", source, details={"cached": False})
 

@@ -58,7 +58,8 @@ class OutlierTokens(Probe):
 
     def hook_points(self):
         for layer in range(self.sites.num_layers):
-            yield f"layers.{layer}.mlp.down_proj.in", self._callback(layer)
+            if layer not in self.sites.moe_layers:  # a mixture of experts has no single down_proj input
+                yield f"layers.{layer}.mlp.down_proj.in", self._callback(layer)
 
     def _callback(self, layer: int):
         def fold(x: torch.Tensor):
@@ -226,8 +227,9 @@ def massive_activation_origin(loaded, ids: torch.Tensor, layer: int, channel: in
         return fold
 
     before = f"layers.{layer - 1}.out" if layer > 0 else "embed.out"
-    with loaded.sites.hooks({before: keep("before"), f"layers.{layer}.out": keep("after"),
-                             f"layers.{layer}.mlp.down_proj.out": keep("down_proj")}):
+    # A mixture of experts: the block's sparse MLP output (its experts' down_proj outputs, weighted and summed).
+    mlp = f"layers.{layer}.mlp.out" if layer in loaded.sites.moe_layers else f"layers.{layer}.mlp.down_proj.out"
+    with loaded.sites.hooks({before: keep("before"), f"layers.{layer}.out": keep("after"), mlp: keep("down_proj")}):
         loaded.model(ids[:, : position + 1])
     step = seen["after"] - seen["before"]
     share = seen["down_proj"] / step if step else 0.0

@@ -65,12 +65,16 @@ def spike_profile(loaded, ids: torch.Tensor) -> list[dict]:
         return fold
 
     sites = loaded.sites
-    with sites.hooks({**sites.per_layer("layers.{i}.mlp.down_proj.in", lambda layer: keep("in", layer)),
-                      **sites.per_layer("layers.{i}.mlp.down_proj.out", lambda layer: keep("out", layer))}):
+    # Mixture-of-experts layers have no single down_proj (probes/expert_super_weights.py looks inside each expert):
+    # their entry is flat, so it never spikes.
+    dense = [layer for layer in range(sites.num_layers) if layer not in sites.moe_layers]
+    with sites.hooks({**sites.per_layer("layers.{i}.mlp.down_proj.in", lambda layer: keep("in", layer), dense),
+                      **sites.per_layer("layers.{i}.mlp.down_proj.out", lambda layer: keep("out", layer), dense)}):
         loaded.model(ids)
     profile = []
     for layer in range(loaded.sites.num_layers):
-        out, inp = seen.pop(("out", layer)), seen.pop(("in", layer))
+        flat = torch.ones(1, 1)
+        out, inp = seen.pop(("out", layer), flat), seen.pop(("in", layer), flat)
         position, row = divmod(int(out.abs().argmax()), out.shape[1])
         col = int(inp[position].abs().argmax())
         profile.append({"layer": layer, "row": row, "col": col, "position": position,
@@ -166,7 +170,7 @@ def _candidate(loaded, spike: dict, ratios: dict, tokens: list[str]) -> dict:
     view = loaded.sites.down_proj(weight.layer)
     matrix = view.param.data
     value = float(matrix[view.index(weight.row, weight.col)])
-    return {"coord": list(weight), "label": str(weight), "value": value,
+    return {"coord": weight.coord, "label": str(weight), "value": value,
             "magnitude_rank": int((matrix.abs() > abs(value)).sum()) + 1,
             "output_spike": spike["output"], "input_spike": spike["input"], "position": spike["position"],
             "token": tokens[spike["position"]], **ratios,
@@ -239,7 +243,7 @@ def describe_weights(loaded, weights: list[SuperWeight], prompt: str = DEFAULT_P
         output = seen[("out", weight.layer)][:, rows.index(weight.row)]
         position = int(output.abs().argmax())
         described.append({
-            "coord": list(weight), "label": str(weight), "value": value,
+            "coord": weight.coord, "label": str(weight), "value": value,
             "magnitude_rank": int((matrix.abs() > abs(value)).sum()) + 1,
             "weight_zscore": abs(value) / float(matrix.float().std()),
             "output_spike": float(output[position]),

@@ -6,14 +6,16 @@ X_j is input channel j of the linears that read one norm's output (calibrated on
 linears' weights (max over all of them). X / s and W * s give the same product, with the activation outliers moved
 into the weights. Which linears share a norm is a fact of the architecture family, `Family.smooth_groups` in
 models/sites.py (as SmoothQuant's smooth.py does for Llama and OPT: the attention projections after the first norm,
-the MLP's input projections after the second; o_proj and down_proj are not smoothed).
+the MLP's input projections after the second; o_proj and down_proj are not smoothed). In a mixture of experts the
+second norm feeds the router and every expert: all of them are scaled, so routing is unchanged.
 """
 from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
 
-from outlierlab.models.sites import FAMILIES
+from outlierlab.models.sites import FAMILIES, WeightView
+from outlierlab.quant.targets import weight_view
 
 # SmoothQuant's smooth.py clamps both maxima and the factors at 1e-5 (avoids 0 ** negative and division by 0).
 EPSILON = 1e-5
@@ -23,8 +25,10 @@ class NoSmoothingTable(ValueError):
     pass
 
 
-def smoothing_groups(sites) -> list[tuple[int, str, list[tuple[str, torch.nn.Module]]]]:
-    """[(layer, norm site, [(linear name, module)])] for every block of this model."""
+def smoothing_groups(sites) -> list[tuple[int, str, list[tuple[str, WeightView]]]]:
+    """[(layer, norm site, [(weight name, WeightView)])] for every block of this model. In a mixture-of-experts
+    block the MLP norm's readers are the router, every expert's gate_up_proj (its slice of the fused parameter) and
+    the shared expert's input projections (`Sites.moe_input_weights`)."""
     table = sites.family.smooth_groups
     if table is None:
         known = sorted(family.name for family in FAMILIES if family.smooth_groups is not None)
@@ -34,8 +38,10 @@ def smoothing_groups(sites) -> list[tuple[int, str, list[tuple[str, torch.nn.Mod
     for layer in range(sites.num_layers):
         block = sites.module(f"layers.{layer}")
         for norm, paths in table:
-            linears = [(f"layers.{layer}.{path}.weight", block.get_submodule(path)) for path in paths
+            linears = [(f"layers.{layer}.{path}.weight", weight_view(block.get_submodule(path))) for path in paths
                        if _has(block, path)]
+            if norm == "norm2" and layer in sites.moe_layers:
+                linears += sites.moe_input_weights(layer)
             if not linears:
                 raise NoSmoothingTable(f"layers.{layer} has none of {', '.join(paths)} after {norm}")
             groups.append((layer, f"layers.{layer}.{norm}", linears))

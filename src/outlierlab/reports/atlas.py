@@ -9,7 +9,7 @@ from pathlib import Path
 from outlierlab.figures import plt, save_figure
 from outlierlab.reports import register
 from outlierlab.results import read_result
-from outlierlab.studies.atlas import COLUMNS, atlas_row
+from outlierlab.studies.atlas import atlas_row, columns_for
 from outlierlab.tables import Column, Table, write_table
 
 
@@ -24,7 +24,7 @@ def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
     rows = [{**atlas_row(record), "windows": (f"{record['evaluations']['exp.data.corpus']['windows']} x "
                          f"{record['evaluations']['exp.data.corpus']['seqlen']}")}
             for record in records]
-    columns = [*COLUMNS, Column("windows", "windows")]
+    columns = [*columns_for(rows), Column("windows", "windows")]
     criteria = records[0]["criteria"]
     caption = ("Outlier atlas (+exp=atlas). MA: " + criteria["massive_activation"]["provenance"]
                + "; consistent = in >= half the windows; magnitude = mean |h| at the peak layer; made by = the block's "

@@ -15,7 +15,16 @@ COLUMNS = [Column("model", "model"), Column("bos", "BOS"), Column("ma_channels",
            Column("int8_features", "int8 features"),
            Column("int8_channels_per_layer_max", "int8 channels per layer (max)"),
            Column("norm_gain_max", "norm gain max"), Column("sink_rate", "sink rate"),
-           Column("outlier_tokens", "outlier tokens"), Column("registry", "registry")]
+           Column("outlier_tokens", "outlier tokens"), Column("registry", "registry"),
+           Column("super_experts", "super experts"), Column("sw_in_experts", "SW in experts")]
+# Columns only a mixture of experts fills: a table of dense models leaves them out.
+MOE_COLUMNS = ("super_experts", "sw_in_experts")
+
+
+def columns_for(rows: list[dict]) -> list[Column]:
+    """COLUMNS, less the MoE columns when no row fills them (a table of dense models)."""
+    filled = {key for row in rows for key in row}
+    return [column for column in COLUMNS if column.key not in MOE_COLUMNS or column.key in filled]
 
 
 def atlas_row(record: dict) -> dict:
@@ -59,7 +68,17 @@ def atlas_row(record: dict) -> dict:
         "sink_rate": record["attention_sinks"]["sink_rate"],
         "outlier_tokens": _outlier_tokens(record["outlier_tokens"]),
         "registry": _registry(record["registry"]),
+        **_experts(record.get("experts")),
     }
+
+
+def _experts(experts: dict | None) -> dict:
+    """A mixture of experts' super experts (layer.expert) and super weights inside experts; nothing for a dense
+    model (its row has no MoE columns)."""
+    if experts is None:
+        return {}
+    return {"super_experts": ", ".join(f"{e['layer']}.{e['expert']}" for e in experts["super_experts"]["super_experts"])
+            or "none", "sw_in_experts": ", ".join(w["label"] for w in experts["super_weights"]["super_weights"]) or "none"}
 
 
 def _outlier_tokens(per_layer: list[dict]) -> str:
