@@ -10,6 +10,7 @@ import math
 import torch
 
 from outlierlab.interventions.base import EditSession, Intervention
+from outlierlab.models import offload
 from outlierlab.models.coords import SuperWeight
 
 
@@ -36,7 +37,7 @@ class ScaleSuperWeights(Intervention):
         for weight in _super_weights(session):
             view = session.sites.down_proj(weight.layer)
             index = view.index(weight.row, weight.col)
-            original = view.param.data[index].clone()
+            original = offload.values(view.param)[index].clone()
             session.set(view.param, index, original * self.scale)
             session.log.append({"edit": "scale_super_weight", "super_weight": str(weight), "scale": self.scale,
                                 "original": float(original)})
@@ -85,7 +86,7 @@ class PruneLargestWeights(Intervention):
         # Each matrix offers its own top-k; the global top-k is taken over those candidates.
         values, owners, flats = [], [], []
         for number, (_, param) in enumerate(matrices):
-            magnitude = param.data.abs().float().reshape(-1).clone()
+            magnitude = offload.values(param).abs().float().reshape(-1).clone()
             for row, col in protected.get(id(param), []):
                 magnitude[row * param.shape[1] + col] = -1.0
             top = magnitude.topk(min(k, magnitude.numel()))
@@ -100,7 +101,7 @@ class PruneLargestWeights(Intervention):
         per_matrix = {}
         for number in chosen_owner.unique().tolist():
             name, param = matrices[number]
-            flat = chosen_flat[chosen_owner == number].to(param.device)
+            flat = chosen_flat[chosen_owner == number].to(offload.device(param))
             session.set(param, (flat // param.shape[1], flat % param.shape[1]), 0.0)
             per_matrix[name] = int(flat.numel())
         session.log.append({"edit": "prune_largest", "k": k, "fraction_of_scope": k / in_scope, "scope": self.scope,
@@ -122,7 +123,7 @@ class RestoreSuperActivation(Intervention):
         for layer, weights in by_layer.items():
             view = session.sites.down_proj(layer)
             deltas = [(w.row, w.col, session.original(view.param, view.index(w.row, w.col)) -
-                       view.param.data[view.index(w.row, w.col)]) for w in weights]
+                       offload.values(view.param)[view.index(w.row, w.col)]) for w in weights]
             inputs: list[torch.Tensor] = []  # down_proj's input of this forward, held until its output hook
             session.hook(f"layers.{layer}.mlp.down_proj.in", self._hold(inputs))
             session.hook(f"layers.{layer}.mlp.down_proj.out", self._restore(deltas, inputs))

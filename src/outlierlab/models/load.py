@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from outlierlab.errors import SourceError, UnsupportedArchitecture
+from outlierlab.models import offload
 from outlierlab.models.sites import Sites, family_for
 from outlierlab.models.source import ModelSource, file_sha256, resolve_source
 
@@ -61,7 +62,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go (the first parameter's execution device, also when it is offloaded)."""
+        return offload.execution_device(self.model)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` under this model's BOS policy."""
@@ -213,6 +215,36 @@ def model_shape(model_cfg, source: ModelSource) -> tuple[int, int, int]:
     return config.num_hidden_layers, hidden, intermediate
 
 
+def _plain(value):
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def max_memory(model_cfg) -> dict | None:
+    """model.max_memory as accelerate takes it (HF semantics: {device: size}; GPU indices as ints), or None."""
+    budget = _plain(model_cfg.get("max_memory"))
+    if budget is None:
+        return None
+    return {int(device) if str(device).isdigit() else str(device): size for device, size in budget.items()}
+
+
+def offload_folder(model_cfg, location: str, cache_dir: str | Path) -> Path:
+    """model.offload_folder, or one under the cache keyed by the weights (models/offload.folder_key): reused."""
+    if model_cfg.get("offload_folder"):
+        return Path(str(model_cfg.offload_folder)).expanduser()
+    return Path(cache_dir).expanduser() / "offload" / offload.folder_key(location, str(model_cfg.dtype))
+
+
+def dispatch_kwargs(model_cfg, location: str, cache_dir: str | Path) -> dict:
+    """from_pretrained's device_map / max_memory / offload_folder for a dispatched model."""
+    folder = offload_folder(model_cfg, location, cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs = {"device_map": _plain(model_cfg.device_map), "offload_folder": str(folder)}
+    if max_memory(model_cfg) is not None:
+        kwargs["max_memory"] = max_memory(model_cfg)
+    return kwargs
+
+
 def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = None) -> LoadedModel:
     source = source or resolve_source(model_cfg, cache_dir)
     register_local_model_types()
@@ -244,7 +276,9 @@ def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = No
                 info.update(directory=location, package=_package_release(source.details["uri"]))
         device_map = model_cfg.get("device_map")
         if device_map:
-            kwargs["device_map"] = device_map
+            kwargs.update(dispatch_kwargs(model_cfg, location, cache_dir))
+            info.update(device_map_config=_plain(device_map), max_memory=_plain(model_cfg.get("max_memory")),
+                        offload_folder=kwargs["offload_folder"])
         if model_cfg.get("attn_implementation"):
             kwargs["attn_implementation"] = model_cfg.attn_implementation
         model_class = AutoModelForCausalLM
@@ -259,7 +293,10 @@ def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = No
             location, dtype=dtype, trust_remote_code=model_cfg.get("trust_remote_code", False), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, revision=kwargs.get("revision"),
                                                   trust_remote_code=model_cfg.get("trust_remote_code", False))
-        if not device_map:
+        if device_map:
+            info["offloaded_modules"] = offload.install(model, Path(kwargs["offload_folder"]) / "edits")
+            info["device_map"] = {name: str(where) for name, where in model.hf_device_map.items()}
+        else:
             model = model.to(_device(model_cfg))
     model.eval()
     model.requires_grad_(False)
@@ -272,6 +309,6 @@ def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = No
     sites = Sites(model)
     info.update(model_type=model.config.model_type, family=sites.family.name, num_layers=sites.num_layers,
                 hidden_size=model.config.hidden_size, num_parameters=sum(p.numel() for p in model.parameters()),
-                device=str(next(model.parameters()).device), torch_dtype=str(next(model.parameters()).dtype),
+                device=str(offload.execution_device(model)), torch_dtype=str(next(model.parameters()).dtype),
                 attention_observable=sites.attention_observable)
     return LoadedModel(model=model, tokenizer=tokenizer, sites=sites, bos=bos, info=info)

@@ -54,6 +54,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from outlierlab.errors import UnsupportedArchitecture  # noqa: F401 (re-exported)
+from outlierlab.models import offload
 from outlierlab.models.families import (  # noqa: F401 (FAMILIES, Family, supported_model_types re-exported)
     FAMILIES,
     NORM_ROLES,
@@ -116,7 +117,8 @@ class WeightView:
 
     def as_out_in(self) -> torch.Tensor:
         """The matrix as [out, in] (a view, no copy)."""
-        return self.param.data.t() if self.transposed else self.param.data
+        data = offload.values(self.param)
+        return data.t() if self.transposed else data
 
 
 class Sites:
@@ -217,7 +219,7 @@ class Sites:
 
     def norm_gain(self, site: str) -> torch.Tensor:
         """The gain a norm multiplies by, norm_gain_offset + w, as float32 (a new tensor)."""
-        return self.module(site).weight.detach().float() + self.family.norm_gain_offset
+        return offload.values(self.module(site).weight).detach().float() + self.family.norm_gain_offset
 
     def _layer(self, index: int, site: str) -> nn.Module:
         if not 0 <= index < self.num_layers:

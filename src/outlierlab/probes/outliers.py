@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from outlierlab.models import offload
 from outlierlab.probes import detectors
 from outlierlab.probes.stats import Probe
 
@@ -225,7 +226,7 @@ def norm_gains(loaded, sigmas: float = 3.0, top: int = 3) -> list[dict]:
         order = magnitude.argsort(descending=True)[:top].tolist()
         outliers = detectors.sigma_outliers(gain, sigmas, ddof=1)
         rows.append({"name": name, "layer": layer, "kind": name.rpartition(".")[2],
-                     "parametrisation": _parametrisation(gain, module.weight.detach().float().cpu()),
+                     "parametrisation": _parametrisation(gain, offload.values(module.weight).detach().float().cpu()),
                      "median_gain": median, "max_gain": float(gain[order[0]]), "max_channel": order[0],
                      "max_ratio_to_median": float(magnitude[order[0]]) / median,
                      "top": [{"channel": c, "gain": float(gain[c]), "ratio_to_median": float(magnitude[c]) / median}
