@@ -1,0 +1,91 @@
+"""Models bigger than memory (models/offload.py): a tiny model dispatched by accelerate with most of its layers
+offloaded to disk gives the same logits and weight hashes as in memory, under every intervention and after undo."""
+import hydra
+import pytest
+import torch
+from conftest import compose_cfg, weights_hash
+from test_interventions import INTERVENTIONS, MA, SW, intervention_cfg
+
+from outlierlab.evals.ppl import Windows
+from outlierlab.interventions.base import EditSession
+from outlierlab.models.load import byte_tokenizer, load_model
+from outlierlab.probes.activation_means import measure_means
+
+# 6 blocks of ~200 kB (float32) each: a 600 kB budget holds the embedding and block 0; blocks 1-5 (the planted SW and MA in block 1) are on disk.
+TINY_SHAPE = ["model.tiny.num_hidden_layers=6", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=192"]
+BUDGET = "model.max_memory={cpu: 600000}"
+
+
+def write_tiny(directory, model="tiny_llama", shape=TINY_SHAPE):
+    """A tiny random model written as a checkpoint (safetensors + tokenizer), as a real model is on disk."""
+    loaded = load_model(compose_cfg([f"model={model}", *shape]).model, directory / "cache")
+    loaded.model.save_pretrained(directory / "model")
+    byte_tokenizer().save_pretrained(directory / "model")
+    return directory / "model"
+
+
+def path_cfg(source, *overrides):
+    return compose_cfg(["model=path", f"model.source={source}", "model.bos=prepend", *overrides]).model
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(in memory, offloaded) loads of the same checkpoint."""
+    directory = tmp_path_factory.mktemp("offload")
+    source = write_tiny(directory)
+    in_memory = load_model(path_cfg(source), directory / "cache")
+    offloaded = load_model(path_cfg(source, "model.device_map=auto", BUDGET), directory / "cache")
+    return in_memory, offloaded
+
+
+def test_most_layers_are_offloaded_and_nothing_changes(pair):
+    in_memory, offloaded = pair
+    on_disk = [name for name, where in offloaded.info["device_map"].items() if where == "disk"]
+    assert "model.layers" in on_disk or sum(".layers." in name for name in on_disk) >= 4, offloaded.info["device_map"]
+    assert offloaded.sites.down_proj(5).param.device.type == "meta"
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(in_memory.model(ids).logits, offloaded.model(ids).logits)
+    assert weights_hash(in_memory.model) == weights_hash(offloaded.model)
+
+
+def _edited(loaded, name, ids, context):
+    with EditSession(loaded, context) as session:
+        session.apply([hydra.utils.instantiate(intervention_cfg(name))])
+        logits = loaded.model(ids).logits
+        edited_hash = weights_hash(loaded.model)
+        log = session.log
+    return logits, edited_hash, log
+
+
+@pytest.mark.parametrize("name", INTERVENTIONS)
+def test_every_intervention_acts_on_offloaded_weights(name, pair):
+    """Under the edit: logits and weight hash equal the in-memory run's, bit for bit; after undo, the weights are
+    the original ones in both."""
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for loaded in pair:
+        before, logits_before = weights_hash(loaded.model), loaded.model(ids).logits
+        context = {"super_weights": [SW], "massive_activations": [MA], "calibration_ids": ids,
+                   "ma_means": measure_means(loaded, [MA], Windows(ids=ids, meta={}), batch_size=2)}
+        results.append(_edited(loaded, name, ids, context))
+        assert weights_hash(loaded.model) == before
+        assert torch.equal(loaded.model(ids).logits, logits_before)
+    (memory_logits, memory_hash, memory_log), (offload_logits, offload_hash, offload_log) = results
+    assert torch.equal(memory_logits, offload_logits)
+    assert memory_hash == offload_hash
+    assert memory_log == offload_log
+
+
+def test_an_edit_acts_and_the_store_is_untouched(pair):
+    """The failure this module exists for: a write to the meta parameter changed nothing (design.md, "Scale")."""
+    _, offloaded = pair
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+    view = offloaded.sites.down_proj(5)
+    stored = offloaded.sites.down_proj(5).as_out_in().clone()
+    plain = offloaded.model(ids).logits
+    with EditSession(offloaded) as session:
+        session.set(view.param, view.index(2, 3), 50.0)
+        assert not torch.equal(offloaded.model(ids).logits, plain)
+        assert float(offloaded.sites.down_proj(5).as_out_in()[2, 3]) == 50.0
+        assert float(session.original(view.param, view.index(2, 3))) == float(stored[2, 3])
+    assert torch.equal(offloaded.sites.down_proj(5).as_out_in(), stored)
