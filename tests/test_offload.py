@@ -89,3 +89,37 @@ def test_an_edit_acts_and_the_store_is_untouched(pair):
         assert float(offloaded.sites.down_proj(5).as_out_in()[2, 3]) == 50.0
         assert float(session.original(view.param, view.index(2, 3))) == float(stored[2, 3])
     assert torch.equal(offloaded.sites.down_proj(5).as_out_in(), stored)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.max_memory={cpu: 1000}", r"^model\.max_memory=\{'cpu': 1000\} holds 0\.0 MiB, less than one layer"),
+    ("model.max_memory=2GiB", r"^model\.max_memory=2GiB is not a mapping"),
+    ("model.max_memory={gpu: 2GiB}", r"^model\.max_memory: unknown device 'gpu'"),
+    ("model.max_memory={cpu: lots}", r"^model\.max_memory\.cpu=lots is not a size"),
+    ("model.device=tpu", r"^model\.device=tpu is not a device here"),
+    ("model.device_map=everywhere", r"^model\.device_map=everywhere is not one of"),
+    ("model.offload_folder=/dev/null/offload", r"^model\.offload_folder=/dev/null/offload cannot be written"),
+])
+def test_bad_dispatch_input_is_one_line_before_load(override, message, tmp_path, monkeypatch):
+    """Exit 2 with one line, before any weights load (runner preflight)."""
+    import outlierlab.models.load as load
+    from conftest import DATA_DIR
+
+    from outlierlab.errors import ConfigError
+    from outlierlab.runner import preflight
+    source = write_tiny(tmp_path)
+    cfg = compose_cfg(["+exp=prune_sw", "model=path", f"model.source={source}", "model.device_map=auto",
+                       override, "logger=none", f"paths.data_dir={DATA_DIR}",
+                       f"paths.cache_dir={tmp_path / 'cache'}", f"paths.results_dir={tmp_path / 'results'}"])
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(ConfigError, match=message):
+        preflight(cfg)
+
+
+def test_tiny_source_with_device_map_is_refused(tmp_path):
+    from outlierlab.errors import ConfigError
+    from outlierlab.models.load import check_dispatch
+    from outlierlab.models.source import resolve_source
+    cfg = compose_cfg(["model=tiny_llama", "model.device_map=auto"])
+    with pytest.raises(ConfigError, match="needs weights on disk"):
+        check_dispatch(cfg.model, resolve_source(cfg.model, tmp_path), tmp_path)

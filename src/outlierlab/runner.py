@@ -28,6 +28,7 @@ from outlierlab.models.load import (
     BOS_POLICIES,
     DTYPES,
     LoadedModel,
+    check_dispatch,
     check_layout,
     load_model,
     model_shape,
@@ -165,6 +166,7 @@ def preflight(cfg: DictConfig) -> Plan:
     source = resolve_source(model, cfg.paths.cache_dir) if cfg.exp.get("load_model", True) else None
     if source is not None:
         family = check_layout(model, source)
+        check_dispatch(model, source, cfg.paths.cache_dir)
         if (cfg.eval.get("ppl") or cfg.eval.get("zeroshot")) and family is not None and family.encoder:
             raise ConfigError(f"model '{model.name}' is an encoder (no LM head): eval={cfg.eval.name} scores "
                               f"perplexity / zero-shot; use eval=embedding (e.g. +exp=ro_encoder)")

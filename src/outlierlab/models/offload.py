@@ -223,10 +223,13 @@ def execution_device(model: torch.nn.Module) -> torch.device:
 
 
 def folder_key(location: str | Path, dtype: str) -> str:
-    """A key for a checkpoint's offload folder: its weight files' names, sizes and first MiB, and the dtype."""
-    digest = hashlib.sha256(dtype.encode())
-    files = sorted(p for p in Path(location).glob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
-    for path in files if Path(location).is_dir() else [Path(location)]:
+    """A key for a checkpoint's offload folder: where it is, its weight files' names, sizes and first MiB, and the
+    dtype (reading every byte of a 140 GB checkpoint at each run would cost minutes)."""
+    digest = hashlib.sha256(f"{location}:{dtype}".encode())  # a hub id names its weights
+    location = Path(location)
+    files = sorted(p for p in location.glob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")) \
+        if location.is_dir() else [location] if location.is_file() else []
+    for path in files:
         digest.update(f"{path.name}:{path.stat().st_size}".encode())
         with open(path, "rb") as handle:
             digest.update(handle.read(1 << 20))
