@@ -36,6 +36,7 @@ from outlierlab.models.load import (
 from outlierlab.models.sites import family_for
 from outlierlab.models.source import ModelSource, resolve_source
 from outlierlab.override_types import check_override_types
+from outlierlab.probes.layer_major import PASS_ORDERS
 from outlierlab.results import git_state, library_versions, result_path, write_result
 from outlierlab.tables import Table, markdown
 from outlierlab.tables.schema import check_key
@@ -147,6 +148,7 @@ def preflight(cfg: DictConfig) -> Plan:
     model = cfg.model
     _check_choice("model.bos", model.get("bos") or "auto", BOS_POLICIES)  # absent: auto
     _check_choice("model.dtype", model.dtype, tuple(DTYPES))
+    _check_choice("model.pass_order", model.get("pass_order") or "auto", PASS_ORDERS)
     if model.source == "tiny":
         family_for(model.tiny.model_type)
     data_dir = data_directory(cfg.paths.data_dir)

@@ -342,7 +342,7 @@ def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = No
     register_local_model_types()
     dtype = DTYPES[model_cfg.dtype]
     info = {"name": model_cfg.name, "source": str(model_cfg.source), "kind": source.kind, "dtype": str(model_cfg.dtype),
-            "revision": model_cfg.get("revision")}
+            "revision": model_cfg.get("revision"), "pass_order_config": str(model_cfg.get("pass_order") or "auto")}
     if source.kind == "tiny":
         model, tokenizer = _tiny(model_cfg)
         model = model.to(dtype=torch.float32 if dtype == "auto" else dtype)

@@ -11,9 +11,9 @@ the MLP's input projections after the second; o_proj and down_proj are not smoot
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from outlierlab.models.sites import FAMILIES
+from outlierlab.probes.layer_major import observe_windows
 
 # SmoothQuant's smooth.py clamps both maxima and the factors at 1e-5 (avoids 0 ** negative and division by 0).
 EPSILON = 1e-5
@@ -64,8 +64,7 @@ def calibrate_input_maxima(loaded, ids: torch.Tensor, norm_sites: list[str], bat
         return hook
 
     with loaded.sites.hooks({f"{site}.out": fold(site) for site in norm_sites}):
-        for batch in tqdm(ids.split(batch_size), desc="smoothquant calibration", leave=False):
-            loaded.model(batch.to(loaded.device))
+        observe_windows(loaded, ids, batch_size, desc="smoothquant calibration")
     return maxima
 
 
