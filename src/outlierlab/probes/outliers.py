@@ -179,7 +179,7 @@ def effective_gain(module: torch.nn.Module, size: int) -> torch.Tensor:
     """The per-channel gain a norm applies, measured by calling it: for x = (+1, -1, +1, ...) (mean 0, RMS 1),
     (norm(x) - norm(-x)) / 2x is the gain whatever the parametrisation (w, 1 + w, ...) and cancels any bias."""
     parameter = next(module.parameters())
-    x = torch.ones(1, 1, size, dtype=parameter.dtype, device=parameter.device)
+    x = torch.ones(1, 1, size, dtype=parameter.dtype, device=offload.device(parameter))
     x[..., 1::2] = -1.0
     gain = (module(x) - module(-x)) / (2 * x)
     return gain.reshape(-1).float().cpu()
