@@ -9,6 +9,8 @@ Each case is one `python run.py +exp=<exp> model=path model.source=<dir> ...` in
     offload       device_map=auto, max_memory={cpu: model/4}, the rest read from disk; observe-only passes
                   window-major (model.pass_order=window): every offloaded block is read once per window
     layer_major   the same budget, observe-only passes layer-major (each block read once per pass; the default)
+and a `baseline` case per study: the same command on model=tiny_llama (weights of a few hundred kB), i.e. Python,
+torch, the libraries and the study's corpora: the part of the peak that is not the model.
 The study's table (what it found, its PPLs) and the weights' hash must be the same in every mode; the record says
 whether they are. Writes results/bench/offload.json and .md. Timings on a shared machine are noisy: say so.
 """
@@ -57,9 +59,10 @@ def weights_bytes(directory: Path) -> int:
 
 
 def run_case(model: str, exp: str, mode: str, budget: int, results: Path) -> dict:
-    overrides = [f"+exp={exp}", "model=path", f"model.source={MODELS[model]}", "logger=none",
-                 f"paths.results_dir={results}", f"run_tag={mode}", *EXP_ARGS[exp], *MODES[mode]]
-    if mode != "memory":
+    weights = ["model=tiny_llama"] if mode == "baseline" else ["model=path", f"model.source={MODELS[model]}"]
+    overrides = [f"+exp={exp}", *weights, "logger=none", f"paths.results_dir={results}", f"run_tag={mode}",
+                 *EXP_ARGS[exp], *MODES.get(mode, [])]
+    if mode not in ("memory", "baseline"):
         overrides += ["model.device_map=auto", f"model.max_memory={{cpu: {budget}}}"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
     done = subprocess.run(["/usr/bin/time", "-v", sys.executable, str(ROOT / "run.py"), *overrides], cwd=ROOT,
@@ -72,7 +75,8 @@ def run_case(model: str, exp: str, mode: str, budget: int, results: Path) -> dic
     path = re.search(r"result: (\S+)", done.stdout).group(1)
     record = json.loads(Path(path).read_text())
     return {"model": model, "exp": exp, "mode": mode, "peak_rss_mib": round(peak_kb / 1024, 1),
-            "wall_s": round(seconds, 1), "budget_mib": round(budget / 2**20, 1) if mode != "memory" else None,
+            "wall_s": round(seconds, 1),
+            "budget_mib": round(budget / 2**20, 1) if mode not in ("memory", "baseline") else None,
             "passes": record["model"].get("passes"), "device_map": record["model"].get("device_map"),
             "weights_sha256": record["weights_sha256"], "table": record.get("table"), "result": path}
 
@@ -90,17 +94,16 @@ def main() -> None:
         MODELS["llama1b"] = args.write_llama1b
         if not (args.write_llama1b / "config.json").is_file():
             write_llama1b(args.write_llama1b)
-    cases = []
+    cases = [run_case("tiny_llama", exp, "baseline", 0, args.results) for exp in args.exps]
     for model in args.models:
         budget = weights_bytes(MODELS[model]) // 4
         for exp in args.exps:
             for mode in args.modes:
                 cases.append(run_case(model, exp, mode, budget, args.results))
                 print(json.dumps({k: v for k, v in cases[-1].items() if k not in ("table", "device_map")}))
-            same = {json.dumps([c.get("table"), c.get("weights_sha256")], sort_keys=True)
-                    for c in cases if c["model"] == model and c["exp"] == exp}
-            for case in cases:
-                if case["model"] == model and case["exp"] == exp:
+            ours = [c for c in cases if c["model"] == model and c["exp"] == exp]
+            same = {json.dumps([c.get("table"), c.get("weights_sha256")], sort_keys=True) for c in ours}
+            for case in ours:
                     case["same_numbers_in_every_mode"] = len(same) == 1
     record = {"cases": cases, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other "
