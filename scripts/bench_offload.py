@@ -1,4 +1,4 @@
-"""Peak memory and wall time of whole studies on a model held in memory vs offloaded (README "Models bigger than memory").
+"""Peak memory and wall time of whole studies, model in memory vs offloaded (README "Models bigger than memory").
 
     python scripts/bench_offload.py --models smollm2 --exps atlas prune_sw
     python scripts/bench_offload.py --models llama1b --write-llama1b ~/.cache/outlierlab/bench/llama1b   # 4.4 GB

@@ -11,7 +11,8 @@ from outlierlab.interventions.base import EditSession
 from outlierlab.models.load import byte_tokenizer, load_model
 from outlierlab.probes.activation_means import measure_means
 
-# 6 blocks of ~200 kB (float32) each: a 600 kB budget holds the embedding and block 0; blocks 1-5 (the planted SW and MA in block 1) are on disk.
+# 6 blocks of ~200 kB (float32) each: a 600 kB budget holds the embedding and block 0; blocks 1-5 are on disk
+# (the SW and MA planted in block 1 by test_interventions' context among them).
 TINY_SHAPE = ["model.tiny.num_hidden_layers=6", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=192"]
 BUDGET = "model.max_memory={cpu: 600000}"
 

@@ -268,8 +268,8 @@ def _check_device(model_cfg) -> None:
     known = kind in ("auto", "cpu") and not index or kind == "cuda" and (
         not index and torch.cuda.is_available() or index.isdigit() and int(index) < torch.cuda.device_count())
     if not known:
-        raise ConfigError(f"model.device={device} is not a device here (auto, cpu"
-                          f"{', cuda, cuda:0..' + str(torch.cuda.device_count() - 1) if torch.cuda.is_available() else ''})")
+        gpus = f", cuda, cuda:0..{torch.cuda.device_count() - 1}" if torch.cuda.is_available() else ""
+        raise ConfigError(f"model.device={device} is not a device here (auto, cpu{gpus})")
 
 
 def _budget(model_cfg) -> dict:
