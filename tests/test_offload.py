@@ -124,3 +124,14 @@ def test_tiny_source_with_device_map_is_refused(tmp_path):
     cfg = compose_cfg(["model=tiny_llama", "model.device_map=auto"])
     with pytest.raises(ConfigError, match="needs weights on disk"):
         check_dispatch(cfg.model, resolve_source(cfg.model, tmp_path), tmp_path)
+
+
+@pytest.mark.requires("smollm2")
+def test_gguf_dequantization_says_what_it_needs(tmp_path):
+    """The one-time GGUF dequantization is not bounded by a budget; its need is computed before it starts."""
+    from outlierlab.models.load import gguf_float32_bytes
+    from outlierlab.models.source import resolve_source
+    cfg = compose_cfg(["model=smollm2_135m"])
+    needed = gguf_float32_bytes(resolve_source(cfg.model, tmp_path).gguf_path)
+    parameters = 134_515_008  # SmolLM2-135M (tied embedding counted once)
+    assert needed == 4 * parameters
