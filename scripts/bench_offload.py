@@ -100,15 +100,22 @@ def main() -> None:
         for exp in args.exps:
             for mode in args.modes:
                 cases.append(run_case(model, exp, mode, budget, args.results))
-                print(json.dumps({k: v for k, v in cases[-1].items() if k not in ("table", "device_map")}))
-            ours = [c for c in cases if c["model"] == model and c["exp"] == exp]
-            same = {json.dumps([c.get("table"), c.get("weights_sha256")], sort_keys=True) for c in ours}
-            for case in ours:
+                ours = [c for c in cases if c["model"] == model and c["exp"] == exp]
+                same = {json.dumps([c.get("table"), c.get("weights_sha256")], sort_keys=True) for c in ours}
+                for case in ours:
                     case["same_numbers_in_every_mode"] = len(same) == 1
+                print(json.dumps({k: v for k, v in cases[-1].items() if k not in ("table", "device_map")}), flush=True)
+                write(cases, args)  # after every case: a run cut short keeps what it measured
+    print(write(cases, args))
+
+
+def write(cases: list[dict], args) -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     record = {"cases": cases, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "commit": commit.stdout.strip(), "argv": sys.argv[1:],
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other "
-                         "agents: timings are inflated and noisy)", "model_bytes": {m: weights_bytes(MODELS[m])
-                                                                                  for m in args.models}}
+                         "agents: timings are inflated and noisy)",
+              "model_bytes": {m: weights_bytes(MODELS[m]) for m in args.models}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     lines = ["| model | exp | mode | budget MiB | peak RSS MiB | wall s | passes | same numbers |", "|" + "---|" * 8]
@@ -116,10 +123,10 @@ def main() -> None:
         lines.append(f"| {c['model']} | {c['exp']} | {c['mode']} | {c.get('budget_mib') or '-'} | "
                      f"{c.get('peak_rss_mib', 'error')} | {c.get('wall_s', '-')} | "
                      f"{', '.join(sorted(set((c.get('passes') or {}).values()))) or '-'} | "
-                     f"{c.get('same_numbers_in_every_mode')} |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + f"\n\n{record['machine']}; {record['date']}\n")
-    print("\n".join(lines))
-
+                     f"{c.get('same_numbers_in_every_mode', '-')} |")
+    table = "\n".join(lines) + f"\n\n{record['machine']}; {record['date']}; commit {record['commit']}\n"
+    args.out.with_suffix(".md").write_text(table)
+    return table
 
 if __name__ == "__main__":
     main()
