@@ -1,5 +1,7 @@
 """Models bigger than memory (models/offload.py): a tiny model dispatched by accelerate with most of its layers
 offloaded to disk gives the same logits and weight hashes as in memory, under every intervention and after undo."""
+from pathlib import Path
+
 import hydra
 import pytest
 import torch
@@ -135,3 +137,20 @@ def test_gguf_dequantization_says_what_it_needs(tmp_path):
     needed = gguf_float32_bytes(resolve_source(cfg.model, tmp_path).gguf_path)
     parameters = 134_515_008  # SmolLM2-135M (tied embedding counted once)
     assert needed == 4 * parameters
+
+
+def test_whole_matrix_edits_are_kept_on_disk_and_removed(pair, monkeypatch):
+    """A quantized matrix is a patch as large as the weight: it is spilled next to the offload folder, not held in
+    memory, gives the in-memory run's logits, and its file goes with undo."""
+    from outlierlab.models import offload
+    monkeypatch.setattr(offload, "SPILL_BYTES", 0)
+    in_memory, offloaded = pair
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    memory_logits, memory_hash, _ = _edited(in_memory, "quantize_weights", ids, {})
+    spill_dir = Path(offloaded.info["offload_folder"]) / "edits"
+    with EditSession(offloaded) as session:
+        session.apply([hydra.utils.instantiate(intervention_cfg("quantize_weights"))])
+        assert len(list(spill_dir.glob("*.pt"))) >= 5 * 7  # blocks 1-5 on disk, 7 linears each
+        assert torch.equal(offloaded.model(ids).logits, memory_logits)
+        assert weights_hash(offloaded.model) == memory_hash
+    assert not list(spill_dir.glob("*.pt"))

@@ -81,12 +81,9 @@ class EditOverlay(ModelHook):
         for name in self.names(module):
             setattr(_tensor(module, name), _HOME, (weakref.ref(module), name))
 
-    def current(self, module, name: str) -> torch.Tensor:
-        """The tensor a forward uses: the stored one with this module's patches applied (a new tensor)."""
-        tensor = _tensor(module, name)
-        if tensor.device.type == "meta":
-            tensor = self.align.weights_map[name].to(self.align.execution_device)
-        return self._patched(tensor, name)
+    def current(self, name: str) -> torch.Tensor:
+        """The tensor a forward uses: the stored one with this module's patches applied, on the execution device."""
+        return self._patched(self.align.weights_map[name].to(self.align.execution_device), name)
 
     def _patched(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         patches = self.patches.get(name)
@@ -124,8 +121,7 @@ class EditOverlay(ModelHook):
             patch.values = None
         self.patches.setdefault(name, []).append(patch)
         if self.resident:
-            self._set(module, name, self._patched(self.align.weights_map[name].to(self.align.execution_device),
-                                                  name))
+            self._set(module, name, self.current(name))
 
     def remove(self, module, owner) -> None:
         for name, patches in self.patches.items():
@@ -134,10 +130,7 @@ class EditOverlay(ModelHook):
                     patch.spilled.unlink(missing_ok=True)
             patches[:] = [patch for patch in patches if patch.owner is not owner]
             if self.resident:
-                self._set(module, name, self.current_stored(name))
-
-    def current_stored(self, name: str) -> torch.Tensor:
-        return self._patched(self.align.weights_map[name].to(self.align.execution_device), name)
+                self._set(module, name, self.current(name))
 
 
 def install(model: torch.nn.Module, spill_dir: Path | None = None) -> int:
@@ -169,7 +162,7 @@ def values(param: torch.Tensor) -> torch.Tensor:
     if where is None or param.device.type != "meta":
         return param.data
     module, name = where
-    return _overlay(module).current(module, name)
+    return _overlay(module).current(name)
 
 
 def device(param: torch.Tensor) -> torch.device:
@@ -205,7 +198,7 @@ def resident(root: torch.nn.Module):
     held = [(module, _overlay(module)) for module in root.modules() if _overlay(module) is not None]
     for module, overlay in held:
         for name in overlay.names(module):
-            overlay._set(module, name, overlay.current_stored(name))
+            overlay._set(module, name, overlay.current(name))
         overlay.align.offload, overlay.resident = False, True
     try:
         yield
