@@ -109,10 +109,12 @@ def main() -> None:
     print(write(cases, args))
 
 
+COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
 def write(cases: list[dict], args) -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     record = {"cases": cases, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "commit": commit.stdout.strip(), "argv": sys.argv[1:],
+              "commit": COMMIT, "argv": sys.argv[1:],  # the code the cases ran, read when the benchmark started
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other "
                          "agents: timings are inflated and noisy)",
               "model_bytes": {m: weights_bytes(MODELS[m]) for m in args.models}}
