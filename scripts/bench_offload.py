@@ -37,8 +37,8 @@ MODES = {"memory": [], "layer_major": ["model.pass_order=layer"], "offload": ["m
 # Small data so the 1B runs fit a shared 2-core machine: few windows, short sequences.
 EXP_ARGS = {"atlas": ["exp.data.corpus.windows=4", "exp.data.corpus.seqlen=128", "eval.ppl.wikitext2.windows=2",
                       "eval.ppl.wikitext2.seqlen=128", "eval.ppl.c4.windows=2", "eval.ppl.c4.seqlen=128"],
-            "prune_sw": ["eval=wikitext2", "eval.ppl.wikitext2.windows=4", "eval.ppl.wikitext2.seqlen=128",
-                         "exp.super_weights=detect"]}
+            "prune_sw": ["eval.ppl.wikitext2.windows=4", "eval.ppl.wikitext2.seqlen=128", "eval.ppl.c4.windows=2",
+                         "eval.ppl.c4.seqlen=128", "exp.super_weights=detect"]}
 
 
 def write_llama1b(directory: Path) -> None:
