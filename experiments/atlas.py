@@ -82,9 +82,13 @@ def _one_pass(ctx, windows, bos: str) -> tuple:
     # A model whose attention cannot be observed (Falcon) still gets the rest of its atlas; the sinks say why not.
     sinks = SinkRate(loaded.sites, _criterion(SinkCriterion, exp.attention_sinks)) \
         if loaded.sites.attention_observable else None
+
+    def observe(batch):  # before each batch goes through (each block of it, when the pass is layer-major)
+        residual.observe(batch, position_roles(batch, is_delimiter, bos))
+        tokens.observe(batch)
+
     with torch.no_grad(), residual, tokens, channels, sinks or contextlib.nullcontext():
-        observe_windows(loaded, windows.ids, exp.data.corpus.batch_size, desc="atlas: one pass", before=lambda batch: (
-            residual.observe(batch, position_roles(batch, is_delimiter, bos)), tokens.observe(batch)))
+        observe_windows(loaded, windows.ids, exp.data.corpus.batch_size, desc="atlas: one pass", before=observe)
     found = find_massive_activations(residual.summary(), residual.sequences, criterion,
                                      lambda token: loaded.tokenizer.decode([token]))
     return residual, found, tokens.summary(), channels.summary(), sinks.summary() if sinks else _no_sinks(loaded)

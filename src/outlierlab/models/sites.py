@@ -116,7 +116,8 @@ class WeightView:
         return (col, row) if self.transposed else (row, col)
 
     def as_out_in(self) -> torch.Tensor:
-        """The matrix as [out, in] (a view, no copy)."""
+        """The matrix as [out, in]: a view of a weight in memory; of an offloaded one, a copy of it with its edits
+        (models/offload.py). Edits go through WeightEdits.set, never through this tensor."""
         data = offload.values(self.param)
         return data.t() if self.transposed else data
 
