@@ -15,6 +15,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.smollm2, pytest.mark.requires("smoll
 
 # bfloat16 keeps 8 mantissa bits (relative rounding 2**-9 per weight and per activation), compounded over 30 layers:
 # 2% on the intact model's PPL; 5% with the super weight pruned, where the PPL is ~8x higher and more sensitive.
+# Measured here (4 x 128 tokens of WikiText-2): intact 45.135 (float32) vs 45.228 (+0.2%), pruned 371.39 vs 365.56
+# (-1.6%).
 PPL_TOLERANCE = {"intact": 0.02, "pruned": 0.05}
 
 
