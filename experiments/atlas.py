@@ -19,11 +19,11 @@ import contextlib
 
 import torch
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
 from outlierlab.errors import ConfigError
 from outlierlab.models import massive
 from outlierlab.models.coords import SuperWeight
+from outlierlab.probes.layer_major import observe_windows
 from outlierlab.probes.massive_activations import (
     MACriterion,
     delimiter_mask,
@@ -87,12 +87,14 @@ def _one_pass(ctx, windows, bos: str) -> tuple:
     sinks = SinkRate(loaded.sites, _criterion(SinkCriterion, exp.attention_sinks)) \
         if loaded.sites.attention_observable else None
     experts = ExpertProfile(loaded.sites) if loaded.sites.moe_layers else None
+
+    def observe(batch):  # before each batch goes through (each block of it, when the pass is layer-major)
+        residual.observe(batch, position_roles(batch, is_delimiter, bos))
+        tokens.observe(batch)
+
     with torch.no_grad(), residual, tokens, channels, sinks or contextlib.nullcontext(), \
             experts or contextlib.nullcontext():
-        for batch in tqdm(windows.ids.split(exp.data.corpus.batch_size), desc="atlas: one pass"):
-            residual.observe(batch, position_roles(batch, is_delimiter, bos))
-            tokens.observe(batch)
-            loaded.model(batch.to(loaded.device))
+        observe_windows(loaded, windows.ids, exp.data.corpus.batch_size, desc="atlas: one pass", before=observe)
     found = find_massive_activations(residual.summary(), residual.sequences, criterion,
                                      lambda token: loaded.tokenizer.decode([token]))
     return (residual, found, tokens.summary(), channels.summary(), sinks.summary() if sinks else _no_sinks(loaded),

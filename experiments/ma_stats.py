@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
 from outlierlab.errors import ConfigError
+from outlierlab.probes.layer_major import observe_windows
 from outlierlab.probes.massive_activations import (
     MACriterion,
     activation_slices,
@@ -76,9 +76,8 @@ def stream(ctx, windows, criterion: MACriterion, bos: str) -> ResidualStats:
     is_delimiter = delimiter_mask(loaded.tokenizer, list(cfg.delimiters))
     stats = ResidualStats(loaded.sites, k=cfg.k, exceedance=criterion.exceedance(), moments=True)
     with stats:
-        for batch in tqdm(windows.ids.split(cfg.data.corpus.batch_size), desc="ma_stats"):
-            stats.observe(batch, position_roles(batch, is_delimiter, bos))
-            loaded.model(batch.to(loaded.device))
+        observe_windows(loaded, windows.ids, cfg.data.corpus.batch_size, desc="ma_stats",
+                        before=lambda batch: stats.observe(batch, position_roles(batch, is_delimiter, bos)))
     return stats
 
 

@@ -30,6 +30,7 @@ from outlierlab.models.load import (
     BOS_POLICIES,
     DTYPES,
     LoadedModel,
+    check_dispatch,
     check_layout,
     expert_layout,
     load_model,
@@ -38,6 +39,7 @@ from outlierlab.models.load import (
 from outlierlab.models.sites import family_for
 from outlierlab.models.source import ModelSource, resolve_source
 from outlierlab.override_types import check_override_types
+from outlierlab.probes.layer_major import PASS_ORDERS
 from outlierlab.results import git_state, library_versions, result_path, write_result
 from outlierlab.tables import Table, markdown
 from outlierlab.tables.schema import check_key
@@ -178,6 +180,7 @@ def preflight(cfg: DictConfig) -> Plan:
     model = cfg.model
     _check_choice("model.bos", model.get("bos") or "auto", BOS_POLICIES)  # absent: auto
     _check_choice("model.dtype", model.dtype, tuple(DTYPES))
+    _check_choice("model.pass_order", model.get("pass_order") or "auto", PASS_ORDERS)
     if model.source == "tiny":
         family_for(model.tiny.model_type)
     data_dir = data_directory(cfg.paths.data_dir)
@@ -197,6 +200,7 @@ def preflight(cfg: DictConfig) -> Plan:
     source = resolve_source(model, cfg.paths.cache_dir) if cfg.exp.get("load_model", True) else None
     if source is not None:
         family = check_layout(model, source)
+        check_dispatch(model, source, cfg.paths.cache_dir)
         if (cfg.eval.get("ppl") or cfg.eval.get("zeroshot")) and family is not None and family.encoder:
             raise ConfigError(f"model '{model.name}' is an encoder (no LM head): eval={cfg.eval.name} scores "
                               f"perplexity / zero-shot; use eval=embedding (e.g. +exp=ro_encoder)")

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from outlierlab.errors import ConfigError
 from outlierlab.evals.data import Corpus, DataError, check_corpus
+from outlierlab.models import offload
 
 SAMPLING = ("sequential", "random")
 BOS_CHOICES = ("model", "prepend", "none")  # "model": the model's own policy (model.bos)
@@ -104,7 +105,7 @@ def perplexity(model: torch.nn.Module, windows: Windows, batch_size: int = 1, de
     Windows go through the model `batch_size` at a time (padding-free: all have seqlen tokens); each window's NLL
     is computed on its own, so the result equals batch 1 to float rounding of the forward (and the log-softmax
     buffer is one window's). `tokens_per_s` counts input tokens (windows x seqlen) over the evaluation's wall time."""
-    device = next(model.parameters()).device
+    device = offload.execution_device(model)  # also when the first parameter is offloaded (meta)
     nll_total, scored = 0.0, 0
     window_nll = []
     start = time.perf_counter()

@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from outlierlab.models import offload
+
 
 @torch.no_grad()
 def mean_next_token_probs(model: torch.nn.Module, windows, batch_size: int = 1, desc: str = "token probs"):
     """Mean over every position but the last of each window of softmax(logits): a [vocab] float64 tensor."""
-    device = next(model.parameters()).device
+    device = offload.execution_device(model)  # also when the first parameter is offloaded (meta)
     total, positions = None, 0
     for batch in tqdm(windows.ids.split(batch_size), desc=desc, leave=False):
         probs = model(batch.to(device)).logits[:, :-1].float().softmax(dim=-1)

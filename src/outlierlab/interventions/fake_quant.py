@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from outlierlab.interventions.base import EditSession, Intervention
+from outlierlab.models import offload
 from outlierlab.quant.rtn import fake_quantize_activation
 
 
@@ -49,7 +50,7 @@ class W8A8(Intervention):
             if self.weight_bits is not None and id(module.weight) not in quantized_weights:
                 # A tied LM head shares the embedding matrix: quantize it once.
                 quantized_weights.add(id(module.weight))
-                session.set(module.weight, (Ellipsis,), quantize_rtn(module.weight.data, self.weight_bits))
+                session.set(module.weight, (Ellipsis,), quantize_rtn(offload.values(module.weight), self.weight_bits))
             if self.activation_bits is not None:
                 bits = self.activation_bits
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from outlierlab.interventions.base import EditSession, Intervention
+from outlierlab.models import offload
 from outlierlab.models.sites import NORM_ROLES
 from outlierlab.probes.channel_outliers import TAILS, GammaCriterion, gamma_outliers, kind, norm_outlier_channels
 
@@ -110,20 +111,20 @@ class ResetNormGamma(Intervention):
             if not chosen:
                 continue
             module = sites.module(norm)
-            index = torch.tensor(chosen, dtype=torch.long, device=module.weight.device)
+            index = torch.tensor(chosen, dtype=torch.long, device=offload.device(module.weight))
             gain = sites.norm_gain(norm)
             keep = torch.ones_like(gain, dtype=torch.bool)
             keep[index] = False
             target = {"one": 1.0, "zero": 0.0}.get(self.value) if self.value != "mean" else float(gain[keep].mean())
             before = gain[index].tolist()
             session.set(module.weight, (index,), torch.full((len(chosen),), target - offset,
-                                                            dtype=module.weight.dtype, device=module.weight.device))
+                                                            dtype=module.weight.dtype, device=index.device))
             entry = {"channels": chosen, "gain_before": [round(v, 4) for v in before], "gain_after": round(target, 6)}
             if self.bias and getattr(module, "bias", None) is not None:
-                beta = module.bias.detach().float()
+                beta = offload.values(module.bias).detach().float()
                 value = float(beta[keep.to(beta.device)].mean()) if self.value == "mean" else 0.0
                 session.set(module.bias, (index,), torch.full((len(chosen),), value, dtype=module.bias.dtype,
-                                                              device=module.bias.device))
+                                                              device=index.device))
                 entry["bias_after"] = value
             edited[norm] = entry
         session.log.append({"edit": "reset_norm_gamma", "channels_rule": self.channels, "value": self.value,

@@ -10,6 +10,7 @@ import math
 import torch
 
 from outlierlab.interventions.base import EditSession, Intervention
+from outlierlab.models import offload
 from outlierlab.models.coords import SuperWeight
 
 
@@ -36,7 +37,7 @@ class ScaleSuperWeights(Intervention):
         for weight in _super_weights(session):
             view = session.sites.super_weight_view(weight)  # down_proj, or an expert's slice of the fused one
             index = view.index(weight.row, weight.col)
-            original = view.param.data[index].clone()
+            original = offload.values(view.param)[index].clone()
             session.set(view.param, index, original * self.scale)
             session.log.append({"edit": "scale_super_weight", "super_weight": str(weight), "scale": self.scale,
                                 "original": float(original)})
@@ -89,7 +90,7 @@ class PruneLargestWeights(Intervention):
         # Each matrix offers its own top-k; the global top-k is taken over those candidates.
         values, owners, flats = [], [], []
         for number, (_, param) in enumerate(matrices):
-            magnitude = param.data.abs().float().clone()
+            magnitude = offload.values(param).abs().float().clone()
             for index in protected.get(id(param), []):
                 magnitude[index] = -1.0
             top = magnitude.reshape(-1).topk(min(k, magnitude.numel()))
@@ -104,7 +105,7 @@ class PruneLargestWeights(Intervention):
         per_matrix = {}
         for number in chosen_owner.unique().tolist():
             name, param = matrices[number]
-            flat = chosen_flat[chosen_owner == number].to(param.device)
+            flat = chosen_flat[chosen_owner == number].to(offload.device(param))
             session.set(param, torch.unravel_index(flat, param.shape), 0.0)
             per_matrix[name] = int(flat.numel())
         session.log.append({"edit": "prune_largest", "k": k, "fraction_of_scope": k / in_scope, "scope": self.scope,
@@ -126,7 +127,7 @@ class RestoreSuperActivation(Intervention):
         for (layer, expert), weights in by_matrix.items():
             view = session.sites.super_weight_view(weights[0])
             deltas = [(w.row, w.col, session.original(view.param, view.index(w.row, w.col)) -
-                       view.param.data[view.index(w.row, w.col)]) for w in weights]
+                       offload.values(view.param)[view.index(w.row, w.col)]) for w in weights]
             inputs: list[torch.Tensor] = []  # down_proj's input of this forward, held until its output hook
             # An expert's points hold only its routed tokens [n, channels]: its peak is over those, batch-wide.
             site = f"layers.{layer}.mlp." + ("down_proj" if expert is None else f"experts.{expert}.down_proj")

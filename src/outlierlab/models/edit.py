@@ -7,10 +7,16 @@ the interventions' `EditSession` (interventions/base.py), which adds what interv
         edits.set(param, (row, col), 0.0)
         model(ids)
     # weights are bit-identical to before
+
+On a model offloaded by accelerate (models/offload.py) an offloaded parameter lives on the `meta` device: `set`
+records a patch that every forward applies after the weight is loaded, `undo` removes this session's patches, and
+`original` reads the stored weight; the store itself is never written.
 """
 from __future__ import annotations
 
 import torch
+
+from outlierlab.models import offload
 
 
 class WeightEdits:
@@ -23,20 +29,32 @@ class WeightEdits:
         self._originals: dict[tuple[int, tuple], torch.Tensor] = {}
         self._handles = []
         self._batch_dependent: list = []  # hooks whose result for one sequence depends on the others in its batch
+        self._offloaded = False  # whether an edit was recorded as a patch of an offloaded weight
 
     def set(self, param: torch.Tensor, index: tuple, values) -> None:
         """param.data[index] = values, remembering the original elements."""
         with torch.no_grad():
             # One copy, kept on the CPU: a whole-matrix edit (quantization) must not double the accelerator's memory.
-            saved = param.data[index].to("cpu", copy=True)
+            saved = offload.values(param)[index].to("cpu", copy=True)
+            self._originals.setdefault((self._param_key(param), self._index_key(index)), saved)
+            if offload.home(param) is not None:
+                offload.patch(param, index, values, owner=self)
+                self._offloaded = True
+                return
             self._saved.append((param, index, saved))
-            self._originals.setdefault((id(param), self._index_key(index)), saved)
             param.data[index] = values
 
     def original(self, param: torch.Tensor, index: tuple) -> torch.Tensor:
         """The value at `index` before this session touched it."""
-        saved = self._originals.get((id(param), self._index_key(index)))
-        return param.data[index].clone() if saved is None else saved.to(param.device, copy=True)
+        saved = self._originals.get((self._param_key(param), self._index_key(index)))
+        current = offload.values(param)
+        return current[index].clone() if saved is None else saved.to(current.device, copy=True)
+
+    @staticmethod
+    def _param_key(param: torch.Tensor):
+        # An offloaded parameter is a new meta tensor after every forward: it is known by its module and name.
+        where = offload.home(param)
+        return id(param) if where is None else (id(where[0]), where[1])
 
     @staticmethod
     def _index_key(index: tuple) -> tuple:
@@ -67,6 +85,9 @@ class WeightEdits:
         with torch.no_grad():
             for param, index, saved in reversed(self._saved):
                 param.data[index] = saved
+        if self._offloaded:
+            offload.unpatch(self.loaded.model, owner=self)
+            self._offloaded = False
         self._saved.clear()
         self._originals.clear()
 

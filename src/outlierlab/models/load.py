@@ -22,7 +22,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from outlierlab.errors import SourceError, UnsupportedArchitecture
+from outlierlab.errors import ConfigError, SourceError, UnsupportedArchitecture
+from outlierlab.models import offload
 from outlierlab.models.sites import Sites, family_for
 from outlierlab.models.source import ModelSource, file_sha256, resolve_source
 
@@ -62,7 +63,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go (the first parameter's execution device, also when it is offloaded)."""
+        return offload.execution_device(self.model)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` under this model's BOS policy."""
@@ -128,8 +130,17 @@ def _gguf_cache_dir(source: ModelSource, sha256: str, cache_root: Path) -> Path:
     return cache_root / "gguf" / f"{Path(source.gguf_file).stem}-{sha256[:16]}-transformers{transformers.__version__}"
 
 
+def gguf_float32_bytes(path: Path) -> int:
+    """Memory the one-time dequantization takes: transformers holds the whole model in float32 (read from the
+    GGUF's tensor table, without reading the tensors)."""
+    from gguf import GGUFReader
+    return sum(int(tensor.n_elements) for tensor in GGUFReader(path).tensors) * 4
+
+
 def _gguf_to_cache(source: ModelSource, target: Path) -> None:
-    log.info("dequantizing %s once (cached at %s)", source.gguf_path, target)
+    # Said before it starts: the dequantization is not tensor by tensor, so a memory budget does not bound it.
+    log.warning("dequantizing %s once (cached at %s): this needs about %.2f GiB of memory", source.gguf_path,
+                target, gguf_float32_bytes(source.gguf_path) / 2**30)
     model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
     # The weights are already dequantized floats; drop the GGUF marker so they can be saved as plain safetensors.
@@ -232,12 +243,125 @@ def model_shape(model_cfg, source: ModelSource) -> tuple[int, int, int]:
     return config.num_hidden_layers, hidden, intermediate
 
 
+def _plain(value):
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def max_memory(model_cfg) -> dict | None:
+    """model.max_memory as accelerate takes it (HF semantics: {device: size}; GPU indices as ints), or None."""
+    budget = _plain(model_cfg.get("max_memory"))
+    if budget is None:
+        return None
+    return {int(device) if str(device).isdigit() else str(device): size for device, size in budget.items()}
+
+
+def offload_folder(model_cfg, source: ModelSource, cache_dir: str | Path) -> Path:
+    """model.offload_folder, or one under the cache keyed by the weights (models/offload.folder_key): reused."""
+    if model_cfg.get("offload_folder"):
+        return Path(str(model_cfg.offload_folder)).expanduser()
+    weights = source.gguf_path if source.kind == "gguf" else source.location
+    return Path(cache_dir).expanduser() / "offload" / offload.folder_key(weights, str(model_cfg.dtype))
+
+
+def dispatch_kwargs(model_cfg, source: ModelSource, cache_dir: str | Path) -> dict:
+    """from_pretrained's device_map / max_memory / offload_folder for a dispatched model."""
+    folder = offload_folder(model_cfg, source, cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs = {"device_map": _plain(model_cfg.device_map), "offload_folder": str(folder)}
+    if max_memory(model_cfg) is not None:
+        kwargs["max_memory"] = max_memory(model_cfg)
+    return kwargs
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _devices_here() -> list:
+    return ["cpu", "disk", *range(torch.cuda.device_count())]
+
+
+def _check_device(model_cfg) -> None:
+    device = str(model_cfg.get("device", "auto"))
+    kind, _, index = device.partition(":")
+    known = kind in ("auto", "cpu") and not index or kind == "cuda" and (
+        not index and torch.cuda.is_available() or index.isdigit() and int(index) < torch.cuda.device_count())
+    if not known:
+        gpus = f", cuda, cuda:0..{torch.cuda.device_count() - 1}" if torch.cuda.is_available() else ""
+        raise ConfigError(f"model.device={device} is not a device here (auto, cpu{gpus})")
+
+
+def _budget(model_cfg) -> dict:
+    """model.max_memory checked: a mapping of devices present here to sizes accelerate can read (bytes)."""
+    from accelerate.utils import convert_file_size_to_int
+    from omegaconf import OmegaConf
+    budget = model_cfg.get("max_memory")
+    if budget is None:
+        return {}
+    if not OmegaConf.is_dict(budget) and not isinstance(budget, dict):
+        raise ConfigError(f"model.max_memory={budget} is not a mapping {{device: size}}, e.g. {{cpu: 2GiB}}")
+    if not model_cfg.get("device_map"):
+        raise ConfigError("model.max_memory is set but model.device_map is null (use model.device_map=auto)")
+    sizes = {}
+    for device, size in max_memory(model_cfg).items():
+        if device not in _devices_here():
+            raise ConfigError(f"model.max_memory: unknown device '{device}' (devices here: "
+                              f"{', '.join(map(str, _devices_here()))})")
+        try:
+            sizes[device] = convert_file_size_to_int(size)
+        except ValueError:
+            sizes[device] = -1
+        if sizes[device] <= 0:
+            raise ConfigError(f"model.max_memory.{device}={size} is not a size (e.g. 2GiB, 500MB, 10**9)")
+    return sizes
+
+
+def _largest_block_bytes(model_cfg, source: ModelSource) -> int:
+    """Bytes of the largest decoder block in the model's dtype, from the model built on the meta device."""
+    config = model_config(model_cfg, source)
+    dtype = DTYPES[model_cfg.dtype]
+    dtype = getattr(torch, str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")) \
+        if dtype == "auto" else dtype
+    with torch.device("meta"):
+        model = auto_class(config).from_config(config)
+    size = torch.tensor([], dtype=dtype).element_size()
+    return max(sum(p.numel() for p in block.parameters()) * size for block in Sites(model).layers)
+
+
+def check_dispatch(model_cfg, source: ModelSource, cache_dir: str | Path) -> None:
+    """model.device / device_map / max_memory / offload_folder, checked before any weights load."""
+    _check_device(model_cfg)
+    device_map = model_cfg.get("device_map")
+    sizes = _budget(model_cfg)
+    if not device_map:
+        return
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise ConfigError(f"model.device_map={device_map} is not one of: {', '.join(DEVICE_MAPS)} (or a mapping "
+                          "{module: device})")
+    if source.kind == "tiny":
+        raise ConfigError("model.device_map needs weights on disk; model.source=tiny builds them in memory (write "
+                          "the model with save_pretrained and use model=path)")
+    held = sum(size for device, size in sizes.items() if device != "disk")
+    if sizes and source.kind != "gguf":
+        block = _largest_block_bytes(model_cfg, source)
+        if held < block:
+            raise ConfigError(f"model.max_memory={_plain(model_cfg.max_memory)} holds {held / 2**20:.1f} MiB, less "
+                              f"than one layer of this model ({block / 2**20:.1f} MiB in {model_cfg.dtype})")
+    folder = offload_folder(model_cfg, source, cache_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ConfigError(f"model.offload_folder={folder} cannot be written ({error.strerror or error})") from None
+
+
 def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = None) -> LoadedModel:
     source = source or resolve_source(model_cfg, cache_dir)
     register_local_model_types()
     dtype = DTYPES[model_cfg.dtype]
     info = {"name": model_cfg.name, "source": str(model_cfg.source), "kind": source.kind, "dtype": str(model_cfg.dtype),
-            "revision": model_cfg.get("revision")}
+            "revision": model_cfg.get("revision"), "pass_order_config": str(model_cfg.get("pass_order") or "auto")}
     if source.kind == "tiny":
         model, tokenizer = _tiny(model_cfg)
         model = model.to(dtype=torch.float32 if dtype == "auto" else dtype)
@@ -264,7 +388,9 @@ def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = No
                 info.update(directory=location, package=_package_release(source.details["uri"]))
         device_map = model_cfg.get("device_map")
         if device_map:
-            kwargs["device_map"] = device_map
+            kwargs.update(dispatch_kwargs(model_cfg, source, cache_dir))
+            info.update(device_map_config=_plain(device_map), max_memory=_plain(model_cfg.get("max_memory")),
+                        offload_folder=kwargs["offload_folder"])
         if model_cfg.get("attn_implementation"):
             kwargs["attn_implementation"] = model_cfg.attn_implementation
         model_class = AutoModelForCausalLM
@@ -279,7 +405,10 @@ def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = No
             location, dtype=dtype, trust_remote_code=model_cfg.get("trust_remote_code", False), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, revision=kwargs.get("revision"),
                                                   trust_remote_code=model_cfg.get("trust_remote_code", False))
-        if not device_map:
+        if device_map:
+            info["offloaded_modules"] = offload.install(model, Path(kwargs["offload_folder"]) / "edits")
+            info["device_map"] = {name: str(where) for name, where in model.hf_device_map.items()}
+        else:
             model = model.to(_device(model_cfg))
     model.eval()
     model.requires_grad_(False)
@@ -292,6 +421,6 @@ def load_model(model_cfg, cache_dir: str | Path, source: ModelSource | None = No
     sites = Sites(model)
     info.update(model_type=model.config.model_type, family=sites.family.name, num_layers=sites.num_layers,
                 hidden_size=model.config.hidden_size, num_parameters=sum(p.numel() for p in model.parameters()),
-                device=str(next(model.parameters()).device), torch_dtype=str(next(model.parameters()).dtype),
+                device=str(offload.execution_device(model)), torch_dtype=str(next(model.parameters()).dtype),
                 attention_observable=sites.attention_observable)
     return LoadedModel(model=model, tokenizer=tokenizer, sites=sites, bos=bos, info=info)

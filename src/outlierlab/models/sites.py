@@ -70,6 +70,7 @@ from transformers.pytorch_utils import Conv1D
 
 from outlierlab.errors import UnsupportedArchitecture  # noqa: F401 (re-exported)
 from outlierlab.models import experts as fused
+from outlierlab.models import offload
 from outlierlab.models.families import (  # noqa: F401 (FAMILIES, Family, supported_model_types re-exported)
     ATTENTION_NORM_ROLES,
     FAMILIES,
@@ -145,8 +146,10 @@ class WeightView:
         return index if self.expert is None else (self.expert, *index)
 
     def as_out_in(self) -> torch.Tensor:
-        """The matrix as [out, in] (a view, no copy)."""
-        matrix = self.param.data if self.expert is None else self.param.data[self.expert]
+        """The matrix as [out, in]: a view of a weight in memory; of an offloaded one, a copy of it with its edits
+        (models/offload.py). Edits go through WeightEdits.set, never through this tensor."""
+        data = offload.values(self.param)
+        matrix = data if self.expert is None else data[self.expert]
         return matrix.t() if self.transposed else matrix
 
     def stored(self, out_in: torch.Tensor) -> torch.Tensor:
@@ -338,7 +341,7 @@ class Sites:
 
     def norm_gain(self, site: str) -> torch.Tensor:
         """The gain a norm multiplies by, norm_gain_offset + w, as float32 (a new tensor): the one gain reading."""
-        return self.module(site).weight.detach().float() + self.family.norm_gain_offset
+        return offload.values(self.module(site).weight).detach().float() + self.family.norm_gain_offset
 
     def _layer(self, index: int, site: str) -> nn.Module:
         if not 0 <= index < self.num_layers:

@@ -21,10 +21,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from outlierlab.models.hashing import weights_sha256
 from outlierlab.models.massive import MassiveActivation
+from outlierlab.probes.layer_major import observe_windows
 from outlierlab.probes.stats import Probe
 
 CACHE_VERSION = "ma_means/v1"
@@ -91,10 +91,8 @@ def measure_means(loaded, locations: list[MassiveActivation], windows, batch_siz
         if max(location.positions) >= seqlen:
             raise ValueError(f"massive activation position {max(location.positions)} is beyond the calibration "
                              f"windows' {seqlen} tokens")
-    device = loaded.device
     with ActivationMeans(loaded.sites, locations) as probe:
-        for batch in tqdm(windows.ids.split(batch_size), desc="MA means (calibration)", leave=False):
-            loaded.model(batch.to(device))
+        observe_windows(loaded, windows.ids, batch_size, desc="MA means (calibration)")
     return probe.summary()
 
 

@@ -23,17 +23,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from outlierlab.probes import detectors
+from outlierlab.probes.layer_major import observe_windows
 from outlierlab.probes.stats import Probe
 
 
 @torch.no_grad()
 def forward_windows(loaded, ids: torch.Tensor, batch_size: int = 1, desc: str = "probe") -> None:
-    """Run [n, seqlen] token windows through the model (for the probes hooked around this call)."""
-    for batch in tqdm(ids.split(batch_size), desc=desc, leave=False):
-        loaded.model(batch.to(loaded.device))
+    """Run [n, seqlen] token windows through the model (for the probes hooked around this call; layer-major when
+    the model is offloaded: probes/layer_major.py)."""
+    observe_windows(loaded, ids, batch_size, desc)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import statistics
 import torch
 from tqdm.auto import tqdm
 
+from outlierlab.models import offload
 from outlierlab.models.edit import WeightEdits
 from outlierlab.models.coords import SuperWeight
 from outlierlab.probes.stats import DownProjStats, ResidualStats
@@ -168,7 +169,7 @@ def _candidate(loaded, spike: dict, ratios: dict, tokens: list[str]) -> dict:
     spike it makes alone (w * x[col] / y[row])."""
     weight = SuperWeight(spike["layer"], spike["row"], spike["col"])
     view = loaded.sites.down_proj(weight.layer)
-    matrix = view.param.data
+    matrix = offload.values(view.param)
     value = float(matrix[view.index(weight.row, weight.col)])
     return {"coord": weight.coord, "label": str(weight), "value": value,
             "magnitude_rank": int((matrix.abs() > abs(value)).sum()) + 1,
@@ -237,7 +238,7 @@ def describe_weights(loaded, weights: list[SuperWeight], prompt: str = DEFAULT_P
     described = []
     for weight in weights:
         view = loaded.sites.down_proj(weight.layer)
-        matrix = view.param.data
+        matrix = offload.values(view.param)
         value = float(matrix[view.index(weight.row, weight.col)])
         rows, cols = channels[weight.layer]
         output = seen[("out", weight.layer)][:, rows.index(weight.row)]

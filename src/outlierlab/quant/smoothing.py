@@ -12,9 +12,9 @@ second norm feeds the router and every expert: all of them are scaled, so routin
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from outlierlab.models.sites import FAMILIES, WeightView
+from outlierlab.probes.layer_major import observe_windows
 from outlierlab.quant.targets import weight_view
 
 # SmoothQuant's smooth.py clamps both maxima and the factors at 1e-5 (avoids 0 ** negative and division by 0).
@@ -70,8 +70,7 @@ def calibrate_input_maxima(loaded, ids: torch.Tensor, norm_sites: list[str], bat
         return hook
 
     with loaded.sites.hooks({f"{site}.out": fold(site) for site in norm_sites}):
-        for batch in tqdm(ids.split(batch_size), desc="smoothquant calibration", leave=False):
-            loaded.model(batch.to(loaded.device))
+        observe_windows(loaded, ids, batch_size, desc="smoothquant calibration")
     return maxima
 
 
