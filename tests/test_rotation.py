@@ -100,3 +100,68 @@ def test_layer_norm_families_are_refused_in_one_line(name, tmp_path):
 def test_bad_arguments_are_refused_when_built(kwargs, key):
     with pytest.raises(ValueError, match=key):
         Rotate(**kwargs)
+
+
+def test_a_planted_super_weight_is_detected_and_no_longer_after_rotation(tmp_path):
+    """Positive: the planted super weight is found in the original basis; negative: in the rotated basis its row is
+    spread over every output channel, so no single weight makes the down_proj spike."""
+    from conftest import plant_super_weight
+
+    from outlierlab.studies.rotation import super_weights
+    loaded = _load(["model=tiny_llama"], tmp_path)
+    plant_super_weight(loaded, layer=1, row=7, col=11)
+    detection = dict(compose_cfg(["+exp=rotation", "model=tiny_llama"]).exp.detection)
+    assert super_weights(loaded, detection)["detected"] == [[1, 7, 11]]
+    with EditSession(loaded) as session:
+        session.apply([Rotate(seed=0)])
+        rotated = super_weights(loaded, detection)
+    assert rotated["detected"] == []
+    assert rotated["largest_down_proj"][1]["row"] != 7 or rotated["largest_down_proj"][1]["col"] != 11
+
+
+SMALL_ROTATION = ["exp.data.probe.windows=2", "exp.data.probe.seqlen=32", "exp.calibration.windows=2",
+                  "exp.calibration.seqlen=32", "~exp.settings.w8a8", "~exp.settings.w4a8", "~exp.methods.smoothquant",
+                  "~exp.methods.sw_aware"]
+
+
+def test_rotation_study_end_to_end_on_a_tiny_model(tmp_path):
+    from conftest import SMALL_EVAL
+
+    from outlierlab.runner import execute
+    cfg = compose_cfg(["+exp=rotation", "model=tiny_gemma", f"paths.results_dir={tmp_path}", "logger=none",
+                       *SMALL_EVAL, *SMALL_ROTATION])
+    record = execute(cfg)
+    assert record["weights_restored"]
+    protocol = record["quant_protocol"]
+    assert protocol["weights"] == "per_channel" and protocol["activations"] == "per_token"
+    rows = {row["variant"]: row for row in record["table"]["rows"]}
+    assert set(rows) == {"original", "rotated", "w4a4_naive", "w4a4_rotated", "w4a4_rotated_sw_aware", "prune_sw",
+                         "prune_largest", "rotated_prune_largest"}
+    assert rows["rotated"]["wikitext2"] == pytest.approx(rows["original"]["wikitext2"], rel=1e-4)
+    assert rows["w4a4_naive"]["wikitext2"] != rows["original"]["wikitext2"]
+    original, rotated = record["atlas"]["original"]["ma_token"], record["atlas"]["rotated"]["ma_token"]
+    assert rotated["norm"] == pytest.approx(original["norm"], rel=1e-4)  # the MA token's norm survives rotation
+    assert record["table"]["reference"]["values"]["w4a4_rotated"]["wikitext2"] == 6.4
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model=tiny_gpt2"], "rotation on model tiny_gpt2: family gpt2 uses LayerNorm"),
+    (["model=tiny_opt"], "family opt uses LayerNorm"),
+    (["model=tiny_llama", "exp.settings.w4a4=[4,9]"], r"exp.settings.w4a4=\[4, 9\] must be"),
+    (["model=tiny_llama", "exp.settings.w4a4=[1,4]"], r"exp.settings.w4a4=\[1, 4\] must be"),
+    (["model=tiny_llama", "exp.interventions.rotate.seed=1.5"], "seed=1.5 must be an integer"),
+    (["model=tiny_llama", "exp.interventions.rotate.seed=abc"], "seed='abc' must be an integer"),
+])
+def test_bad_rotation_config_is_one_line_before_loading(overrides, message):
+    from outlierlab.errors import ConfigError
+    from outlierlab.runner import preflight
+    with pytest.raises(ConfigError, match=message):
+        preflight(compose_cfg(["+exp=rotation", *overrides]))
+
+
+def test_a_refused_family_exits_2_with_one_line(tmp_path):
+    from conftest import ROOT
+    from test_end_to_end import run_cli
+    done = run_cli(["+exp=rotation", "model=tiny_gpt2"], tmp_path, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}")
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
+    assert "LayerNorm" in done.stderr and not (tmp_path / "results").exists()

@@ -127,7 +127,8 @@ FAMILIES: tuple[Family, ...] = (
         name="gpt2", model_types=("gpt2",),
         layers="transformer.h", attn="attn", norm1="ln_1", norm2="ln_2",
         down_proj="mlp.c_proj", embed="transformer.wte", final_norm="transformer.ln_f", down_proj_transposed=True,
-        up_proj="mlp.c_fc", o_proj="attn.c_proj", layer_norm=True, smooth_groups=(("norm1", ("attn.c_attn",)), ("norm2", ("mlp.c_fc",))),
+        up_proj="mlp.c_fc", o_proj="attn.c_proj", smooth_groups=(("norm1", ("attn.c_attn",)), ("norm2", ("mlp.c_fc",))),
+        layer_norm=True,
     ),
     Family(
         # OPT-125m, 1.3b, ... normalize before each sublayer (do_layer_norm_before).

@@ -42,14 +42,16 @@ def reference_block(entries: list[dict]) -> Reference | None:
 def caption(cfg, protocol: dict, calibration: dict) -> str:
     settings = ", ".join(f"{name} = W{s['weight_bits']}A{s['activation_bits']}"
                          for name, s in protocol["settings"].items())
-    return (f"{cfg.model.name}, PPL ({cfg.eval.name} protocols, {', '.join(f'{k} {v.windows} x {v.seqlen}' for k, v in cfg.eval.ppl.items())}). "
+    protocols = ", ".join(f"{key} {p.windows} x {p.seqlen}" for key, p in cfg.eval.ppl.items())
+    return (f"{cfg.model.name}, PPL ({cfg.eval.name} protocols, {protocols}). "
             f"Simulated quantization of every decoder-block linear: weights {protocol['weights_zero_point']} RTN "
             f"{protocol['weights']}, activations {protocol['activations_zero_point']} dynamic RTN "
             f"{protocol['activations']}; {settings}. rotated = QuaRot-style fused randomized Hadamard of the residual "
-            f"stream + online Hadamard before down_proj; sw_aware = z-score clipping (z {cfg.exp.quant.sw_aware.clip_zscore}) "
-            f"with the super weights restored + the largest |x| per token held out; SmoothQuant alpha "
-            f"{cfg.exp.interventions.smoothquant.alpha} calibrated on {calibration['windows']} x {calibration['seqlen']} "
-            f"C4 tokens. prune_largest = zero the largest |w| over all down_projs. Paper columns: other models.")
+            f"stream + online Hadamard before down_proj; sw_aware = z-score clipping "
+            f"(z {cfg.exp.quant.sw_aware.clip_zscore}) with the super weights restored + the largest |x| per token "
+            f"held out; SmoothQuant alpha {cfg.exp.interventions.smoothquant.alpha} calibrated on "
+            f"{calibration['windows']} x {calibration['seqlen']} C4 tokens. prune_largest = zero the largest |w| over "
+            "all down_projs. Paper columns: other models.")
 
 
 def survival_rows(record: dict) -> list[dict]:
@@ -63,7 +65,8 @@ def survival_rows(record: dict) -> list[dict]:
                      "token_norm": token["norm"], "token_max_abs": token["max_abs"],
                      "token_top_share": token["top_share_of_norm"],
                      "int8_features": len(atlas["channel_outliers"]["features"]),
-                     "kurtosis_residual": kurtosis["residual"]["mean"], "kurtosis_qkv_in": kurtosis["qkv_input"]["mean"],
+                     "kurtosis_residual": kurtosis["residual"]["mean"],
+                     "kurtosis_qkv_in": kurtosis["qkv_input"]["mean"],
                      "kurtosis_down_in": kurtosis["down_proj_input"]["mean"],
                      "sink_rate": atlas["attention_sinks"]["sink_rate"],
                      "sw_detected": len(atlas["super_weights"]["detected"]),
@@ -96,7 +99,8 @@ def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
                "paper MA criterion on the residual stream; MA token = the token and layer of the largest |h| on the "
                "detection prompt (original model); int8: LLM.int8 features at the norm outputs; kurtosis: pooled, "
                "mean over layers; sink rate: Gu et al. 2024; SW: data-free detection.")
-    written += write_table(Table(SURVIVAL, rows, index=["model", "basis"], caption=caption), out_dir / f"{EXP}_survival")
+    survival = Table(SURVIVAL, rows, index=["model", "basis"], caption=caption)
+    written += write_table(survival, out_dir / f"{EXP}_survival")
     reference = [{key: entry.get(key) for key in ("source", "model", "setting", "method", "wikitext2", "ppl",
                                                   "zero_shot_mean", "row")} for entry in found[0].record["reference"]]
     written += write_table(Table(REFERENCE, reference, caption="Published numbers beside ours (issue 25's quotes); "

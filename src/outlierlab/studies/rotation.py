@@ -24,7 +24,8 @@ from outlierlab.probes.outliers import ChannelCriterion, ChannelOutliers, SinkCr
 from outlierlab.probes.stats import ResidualStats
 from outlierlab.probes.super_weight import detect_super_weights
 
-KURTOSIS_SITES = {"residual": "layers.{i}.out", "qkv_input": "layers.{i}.attn.in", "down_proj_input": "layers.{i}.mlp.act.out"}
+KURTOSIS_SITES = {"residual": "layers.{i}.out", "qkv_input": "layers.{i}.attn.in",
+                  "down_proj_input": "layers.{i}.mlp.act.out"}
 
 
 def _spec(spec: dict) -> dict:
