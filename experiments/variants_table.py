@@ -4,7 +4,7 @@ For each variant trained by +exp=pretrain at one size preset:
 1. load its checkpoint as a user would (model.source=<checkpoint dir>), with the BOS policy it was trained with;
 2. one pass over the held-out validation windows: validation loss, layer-wise residual top-k / median (paper MA),
    attention-output max |x| and kurtosis (paper QT);
-3. the same windows under simulated W8A8 (per-tensor RTN of linear weights and inputs), undone afterwards;
+3. the same windows under simulated W8A8 (RTN of linear weights and inputs, exp.w8a8's protocol), undone afterwards;
 4. one row per variant, paper QT Table 2 (OPT-125m) beside ours.
 """
 from __future__ import annotations
@@ -97,7 +97,8 @@ def run(ctx) -> dict:
     caption = (f"{size.name} preset ({', '.join(devices)}; steps {sorted(set(steps.values()))}), "
                f"{exp.val_windows} held-out windows x {size.seqlen} tokens. inf-norm and kurtosis: attention "
                f"outputs (after o_proj); max |h|: residual stream, peak layer; massive: |h| > {exp.massive.abs_min} "
-               f"and >= {exp.massive.ratio_min}x median (paper MA). W8A8: per-tensor symmetric RTN. Paper columns: "
+               f"and >= {exp.massive.ratio_min}x median (paper MA). W8A8: symmetric RTN, "
+               f"{W8A8(**exp.w8a8).protocol}. Paper columns: "
                f"{reference['source']} - a different model, data and scale.")
     model = {"name": cfg.model.name, "kind": "trained checkpoints", "dtype": "float32",
              "checkpoints": str(exp.checkpoints), "variants": list(details)}

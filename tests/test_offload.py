@@ -6,7 +6,7 @@ import hydra
 import pytest
 import torch
 from conftest import compose_cfg, weights_hash
-from test_interventions import INTERVENTIONS, MA, SW, intervention_cfg
+from test_interventions import DENSE_INTERVENTIONS, MA, SW, intervention_cfg
 
 from outlierlab.evals.ppl import Windows
 from outlierlab.interventions.base import EditSession
@@ -60,7 +60,7 @@ def _edited(loaded, name, ids, context):
     return logits, edited_hash, log
 
 
-@pytest.mark.parametrize("name", INTERVENTIONS)
+@pytest.mark.parametrize("name", DENSE_INTERVENTIONS)  # experts: tests/test_moe.py
 def test_every_intervention_acts_on_offloaded_weights(name, pair):
     """Under the edit: logits and weight hash equal the in-memory run's, bit for bit; after undo, the weights are
     the original ones in both."""

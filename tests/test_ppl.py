@@ -134,14 +134,14 @@ def test_hook_interventions_treat_each_sequence_of_a_batch_on_its_own(tiny_llama
 
 
 def test_a_batch_dependent_hook_keeps_evaluation_at_batch_one(tiny_llama):
-    """W8A8 takes one activation range per input tensor, i.e. over the whole batch: batching would change its
-    PPL, so the run context evaluates one window at a time while it is on."""
+    """W8A8 with activations=batch takes one activation range over the whole batch tensor: batching would change
+    its PPL, so the run context evaluates one window at a time while it is on."""
     from outlierlab.interventions.base import EditSession
     from outlierlab.interventions.fake_quant import W8A8
     from outlierlab.runner import RunContext
     windows = long_windows(tiny_llama)
     with EditSession(tiny_llama) as session:
-        session.apply([W8A8(weight_bits=None, activation_bits=3)])
+        session.apply([W8A8(weight_bits=None, activation_bits=3, activations="batch")])
         assert not session.batch_invariant
         one = perplexity(tiny_llama.model, windows, batch_size=1)["ppl"]
         assert not math.isclose(perplexity(tiny_llama.model, windows, batch_size=7)["ppl"], one, rel_tol=1e-6)
@@ -150,6 +150,6 @@ def test_a_batch_dependent_hook_keeps_evaluation_at_batch_one(tiny_llama):
     ctx = RunContext(cfg, tiny_llama, plan=None, corpora={})
     proto = cfg.eval.ppl.wikitext2
     assert ctx.ppl_batch_size(proto) == proto.batch_size > 1
-    with ctx.edit([W8A8(weight_bits=None, activation_bits=3)], {}):
+    with ctx.edit([W8A8(weight_bits=None, activation_bits=3, activations="batch")], {}):
         assert ctx.ppl_batch_size(proto) == 1
     assert ctx.ppl_batch_size(proto) == proto.batch_size

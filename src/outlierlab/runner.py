@@ -343,6 +343,7 @@ def execute(cfg: DictConfig) -> dict:
         "evaluations": context.evaluated_protocols(),
         "environment": {**library_versions(), **lock_status()}, "git": git_state(Path(__file__).resolve().parents[2]),
         "overrides": _hydra_overrides(), "config": OmegaConf.to_container(cfg, resolve=True), "cell": cell,
+        "quantization": {name: i.protocol for name, i in plan.interventions.items() if i.protocol},
         **outcome,
     }
     path = write_result(record, plan.output)

@@ -23,6 +23,10 @@ from outlierlab.models.edit import WeightEdits
 class Intervention(ABC):
     """One edit. Subclasses validate their arguments in __init__ (before any weights load)."""
 
+    # A quantizer's protocol ({"weights": "per_channel", "activations": "per_token", ...}): the runner records it
+    # with every result, so a W8A8 number always says what W8A8 meant. None: not a quantizer.
+    protocol: dict | None = None
+
     @abstractmethod
     def apply(self, session: "EditSession") -> None:
         """Edit `session.loaded` through `session.set` / `session.add_hook`."""

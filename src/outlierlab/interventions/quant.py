@@ -65,6 +65,12 @@ class QuantizeWeights(Intervention):
         self.bits, self.block, self.zero_point = bits, self._spec.label(), zero_point
         self.clip_zscore, self.restore_super_weights, self.match = clip_zscore, restore_super_weights, match
 
+    @property
+    def protocol(self) -> dict:
+        granularity = f"per_{self.block}" if self.block in ("channel", "tensor") else f"blocks_{self.block}"
+        return {"weights": granularity, "bits": self.bits, "zero_point": self.zero_point,
+                "clip_zscore": self.clip_zscore, "restore_super_weights": self.restore_super_weights}
+
     def apply(self, session: EditSession) -> None:
         protected: dict[tuple, list[tuple[SuperWeight, tuple[int, int]]]] = {}
         if self.restore_super_weights:
@@ -106,6 +112,11 @@ class QuantizeActivations(Intervention):
         check_match(match)
         self.bits, self.granularity, self.zero_point, self.holdout, self.match = (bits, granularity, zero_point,
                                                                                    holdout, match)
+
+    @property
+    def protocol(self) -> dict:
+        return {"activations": f"per_{self.granularity}", "bits": self.bits, "zero_point": self.zero_point,
+                "range": "dynamic", "holdout": self.holdout}
 
     def apply(self, session: EditSession) -> None:
         stats: dict[str, dict] = {}

@@ -69,6 +69,9 @@ class Family:
     experts: str | None = None
     router: str | None = None
     shared_expert: str | None = None
+    # The norms are LayerNorms (subtract the channel mean, add a bias): a rotation of the residual stream does not
+    # commute with them (interventions/rotation.py refuses these families; RMSNorm families are rotated).
+    layer_norm: bool = False
 
     def matches(self, config) -> bool:
         """The config's type is one of this entry's and every `when` condition holds (an absent attribute reads
@@ -115,7 +118,7 @@ _LLAMA_PATHS = dict(layers="model.layers", attn="self_attn", norm1="input_layern
 _LLAMA_SMOOTH = (("norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj")),
                  ("norm2", ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj")))
 _OPT_PATHS = dict(layers="model.decoder.layers", attn="self_attn", down_proj="fc2", embed="model.decoder.embed_tokens",
-                  up_proj="fc1", o_proj="self_attn.out_proj", flat_mlp=True)
+                  up_proj="fc1", o_proj="self_attn.out_proj", flat_mlp=True, layer_norm=True)
 # Llama-like attention and norms around a sparse MLP (`mlp.experts`, `mlp.gate`); dense blocks of these families keep
 # Llama's mlp.gate_proj / up_proj / down_proj. SmoothQuant: Llama's table; in a sparse block the MLP norm's readers are
 # the router, every expert's gate_up_proj and the shared expert (Sites.moe_input_weights).
@@ -123,11 +126,12 @@ _MOE_PATHS = dict(_LLAMA_PATHS, experts="mlp.experts", router="mlp.gate", smooth
 _NEOX_PATHS = dict(layers="gpt_neox.layers", attn="attention", norm1="input_layernorm", norm2="post_attention_layernorm",
                    down_proj="mlp.dense_4h_to_h", up_proj="mlp.dense_h_to_4h", o_proj="attention.dense",
                    embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
-                   smooth_groups=(("norm1", ("attention.query_key_value",)), ("norm2", ("mlp.dense_h_to_4h",))))
+                   smooth_groups=(("norm1", ("attention.query_key_value",)), ("norm2", ("mlp.dense_h_to_4h",))),
+                   layer_norm=True)
 _FALCON_NORM_PER_SUBLAYER_SMOOTH = (("norm1", ("self_attention.query_key_value",)), ("norm2", ("mlp.dense_h_to_4h",)))
 _FALCON_PATHS = dict(layers="transformer.h", attn="self_attention", down_proj="mlp.dense_4h_to_h",
                      embed="transformer.word_embeddings", final_norm="transformer.ln_f", up_proj="mlp.dense_h_to_4h",
-                     o_proj="self_attention.dense")
+                     o_proj="self_attention.dense", layer_norm=True)
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -158,6 +162,7 @@ FAMILIES: tuple[Family, ...] = (
         layers="transformer.h", attn="attn", norm1="ln_1", norm2="ln_2",
         down_proj="mlp.c_proj", embed="transformer.wte", final_norm="transformer.ln_f", down_proj_transposed=True,
         up_proj="mlp.c_fc", o_proj="attn.c_proj", smooth_groups=(("norm1", ("attn.c_attn",)), ("norm2", ("mlp.c_fc",))),
+        layer_norm=True,
     ),
     Family(
         # OPT-125m, 1.3b, ... normalize before each sublayer (do_layer_norm_before).
@@ -219,7 +224,7 @@ FAMILIES: tuple[Family, ...] = (
         layers="encoder.layer", attn="attention.self", norm1=None, norm2=None,
         norm_after_attn="attention.output.LayerNorm", norm_after_mlp="output.LayerNorm",
         down_proj="output.dense", embed="embeddings.word_embeddings", final_norm=None,
-        up_proj="intermediate.dense", o_proj="attention.output.dense",
+        up_proj="intermediate.dense", o_proj="attention.output.dense", layer_norm=True,
     ),
 )
 
