@@ -62,6 +62,7 @@ class Plan:
     data_dir: str | None
     output: Path
     recipe: object
+    git: dict = field(default_factory=dict)  # the checkout when the run started (results.git_state)
 
 
 def _available(directory: Path) -> str:
@@ -148,12 +149,11 @@ def _check_table_keys(cfg: DictConfig) -> None:
             raise ConfigError(f"{where}: {name!r}: {error}") from None
 
 
-def _check_clean_tree(cfg: DictConfig, output: Path) -> None:
+def _check_clean_tree(cfg: DictConfig, output: Path, state: dict) -> None:
     """A record in the repository's tracked results/ must name the code that made it: from a tree with uncommitted
     changes to tracked files it is refused unless allow_dirty=true (the record then stores the diff)."""
     if cfg.get("allow_dirty") or not inside(output, REPO / "results"):
         return
-    state = git_state(REPO, diff=False)
     if state.get("dirty"):
         raise ConfigError(f"paths.results_dir={cfg.paths.results_dir}: the repository's results/ takes records made "
                           f"from a clean tree, and tracked files have uncommitted changes (git status): commit "
@@ -202,7 +202,9 @@ def preflight(cfg: DictConfig) -> Plan:
             check(cfg, plan)
         except (ValueError, KeyError, TypeError) as error:
             raise ConfigError(str(error).splitlines()[0].strip("'\"")) from None
-    _check_clean_tree(cfg, output)  # last: a config error is named first
+    # The code as the run starts is the code that makes the record (a commit or an edit during a long run is not).
+    plan.git = git_state(REPO)
+    _check_clean_tree(cfg, output, plan.git)  # last: a config error is named first
     return plan
 
 
@@ -327,7 +329,7 @@ def execute(cfg: DictConfig) -> dict:
         "wall_time_s": round(time.time() - started, 2),
         "weights_sha256": weights_before, "weights_restored": weights_before == weights_after,
         "evaluations": context.evaluated_protocols(),
-        "environment": {**library_versions(), **lock_status()}, "git": git_state(REPO),
+        "environment": {**library_versions(), **lock_status()}, "git": plan.git,
         "overrides": _hydra_overrides(), "config": OmegaConf.to_container(cfg, resolve=True), "cell": cell,
         **outcome,
     }
