@@ -114,27 +114,32 @@ def test_committed_records_reproduce(path, tmp_path):
     assert reproduce.main([str(path), "--allow-other-commit", "--allow-dirty", "--keep", str(tmp_path)]) == 0
 
 
-def test_a_dirty_tree_records_its_diff(tmp_path):
+def test_a_dirty_tree_records_the_diff_of_its_code(tmp_path):
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
     git("init", "-q")
-    (tmp_path / "code.py").write_text("x = 1\n")
-    git("add", "code.py")
+    (tmp_path / "src").mkdir()
+    for name in ("src/code.py", "README.md"):
+        (tmp_path / name).write_text("x = 1\n")
+    git("add", "src/code.py", "README.md")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
     assert git_state(tmp_path) == {"commit": git_state(tmp_path)["commit"], "dirty": False}
-    (tmp_path / "code.py").write_text("x = 2\n")
-    (tmp_path / "untracked.py").write_text("")  # untracked files are not the code that ran
+    (tmp_path / "README.md").write_text("prose\n")  # not code: the records it could make are the same
+    (tmp_path / "src" / "untracked.py").write_text("")  # untracked files are not the code that ran
+    assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "src" / "code.py").write_text("x = 2\n")
     state = git_state(tmp_path)
-    assert state["dirty"] and state["changed"] == ["code.py"] and "+x = 2" in state["diff"]
-    assert not state["diff_truncated"] and len(state["diff_sha256"]) == 64
+    assert state["dirty"] and state["changed"] == ["src/code.py"] and "+x = 2" in state["diff"]
+    assert "prose" not in state["diff"] and not state["diff_truncated"] and len(state["diff_sha256"]) == 64
 
 
 def test_a_dirty_tree_may_not_write_into_the_tracked_results(monkeypatch):
     from outlierlab import runner
     from outlierlab.errors import ConfigError
-    monkeypatch.setattr(runner, "git_state", lambda *a, **k: {"commit": "a" * 40, "dirty": True})
+    monkeypatch.setattr(runner, "git_state", lambda *a, **k: {"commit": "a" * 40, "dirty": True,
+                                                              "changed": ["src/outlierlab/runner.py"]})
     cfg = compose_cfg(["+exp=prune_sw", "model=tiny_llama", f"paths.results_dir={ROOT / 'results'}"])
-    with pytest.raises(ConfigError, match="clean tree.*allow_dirty=true"):
+    with pytest.raises(ConfigError, match=r"clean tree.*\(src/outlierlab/runner.py\).*allow_dirty=true"):
         runner.preflight(cfg)
     runner.preflight(compose_cfg(["+exp=prune_sw", "model=tiny_llama", f"paths.results_dir={ROOT / 'results'}",
                                   "allow_dirty=true"]))

@@ -9,7 +9,8 @@ whether the new numbers agree with the record within its recorded uncertainty.
 The command is the record's own: `python run.py <record["overrides"]>` at the repository root, with the results
 written to a scratch folder (paths.results_dir), no logger, and this machine's data and cache (paths.*). A record is compared only when the code that made it
 is the code here: a record from a dirty tree (its code cannot be named), a record from another commit whose code
-differs (src/, conf/, experiments/, run.py, requirements/), or a working tree with uncommitted changes is refused
+differs (results.CODE: src/, conf/, experiments/, run.py, scripts/, requirements/, pyproject.toml), or a working tree
+with uncommitted changes to that code is refused
 with the reason, unless --allow-dirty / --allow-other-commit say to try anyway.
 
 Agreement, per number (every numeric leaf the record holds, timings and host details aside):
@@ -31,9 +32,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from outlierlab.results import REPO, git_state, read_result
+from outlierlab.results import CODE, REPO, git_state, read_result
 
-CODE = ("src", "conf", "experiments", "run.py", "requirements")  # what makes a record; a change elsewhere does not
 Z_STDERR = 1.96
 # Leaves that say when, where or how fast, not what was measured.
 VOLATILE = {"started_at", "created", "wall_time_s", "eval_seconds", "tokens_per_s", "seconds", "environment", "git",
@@ -82,8 +82,8 @@ def check_provenance(record: dict, allow_dirty: bool = False, allow_other_commit
         warnings.append("the record was made from a dirty tree")
     if here.get("dirty"):
         if not allow_dirty:
-            raise Refused("this working tree has uncommitted changes to tracked files: the rerun's code would not "
-                          "be the record's (commit first, or --allow-dirty)")
+            raise Refused("this working tree has uncommitted changes to its code: the rerun's code would not be the "
+                          "record's (commit first, or --allow-dirty)")
         warnings.append("this working tree is dirty")
     source = str((record.get("model") or {}).get("source") or "")
     if source and "://" not in source and source != "tiny" and not (REPO / source).expanduser().exists():

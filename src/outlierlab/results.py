@@ -3,8 +3,8 @@
 Non-finite numbers (a pruned model's PPL can be inf or NaN) are stored as the strings "inf", "-inf", "nan" so the
 files stay standard JSON; `read_result` turns them back into floats.
 
-A record names the code that made it (`git_state`: commit, dirty flag and, from a dirty tree, the diff of tracked
-files, size-capped) and holds no host path: `portable_paths` writes the data directory as `data://`, the cache as
+A record names the code that made it (`git_state`: commit, dirty flag and, from a dirty tree, the diff of the
+tracked code files, size-capped) and holds no host path: `portable_paths` writes the data directory as `data://`, the cache as
 `cache://`, an installed package's file as `pkg://<package>/...`, the repository as a relative path and the home
 directory as `~`.
 """
@@ -37,23 +37,25 @@ def library_versions() -> dict:
 
 
 REPO = Path(__file__).resolve().parents[2]
+# What makes a record: a change elsewhere (README, tests, results/ itself, which every run writes) leaves it clean.
+CODE = ("src", "conf", "experiments", "run.py", "scripts", "requirements", "pyproject.toml")
 DIFF_LIMIT = 200_000  # characters of `git diff HEAD` a dirty record keeps (its sha256 covers the whole diff)
 
 
 def git_state(directory: str | Path = ".", diff: bool = True) -> dict:
-    """{commit, dirty} of the checkout at `directory`; when dirty (tracked files changed), also the changed files
-    and the diff against HEAD (capped at DIFF_LIMIT characters, `diff_truncated` says so; `diff_sha256` is of all of
-    it), so the code that made a record can still be named."""
+    """{commit, dirty} of the checkout at `directory`; dirty = uncommitted changes to tracked files under CODE. When
+    dirty, also the changed files and their diff against HEAD (capped at DIFF_LIMIT characters, `diff_truncated` says
+    so; `diff_sha256` is of all of it), so the code that made a record can still be named."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=30)
     try:
         commit = git("rev-parse", "HEAD")
         if commit.returncode != 0:
             return {"commit": None}
-        changed = git("status", "--porcelain", "--untracked-files=no").stdout.splitlines()
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", *CODE).stdout.splitlines()
         state = {"commit": commit.stdout.strip(), "dirty": bool(changed)}
         if changed and diff:
-            text = git("diff", "HEAD").stdout
+            text = git("diff", "HEAD", "--", *CODE).stdout
             state.update(changed=[line[3:] for line in changed], diff=text[:DIFF_LIMIT],
                          diff_truncated=len(text) > DIFF_LIMIT,
                          diff_sha256=hashlib.sha256(text.encode()).hexdigest())

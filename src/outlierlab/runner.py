@@ -151,14 +151,14 @@ def _check_table_keys(cfg: DictConfig) -> None:
 
 def _check_clean_tree(cfg: DictConfig, output: Path, state: dict) -> None:
     """A record in the repository's tracked results/ must name the code that made it: from a tree with uncommitted
-    changes to tracked files it is refused unless allow_dirty=true (the record then stores the diff)."""
+    changes to its code (results.CODE) it is refused unless allow_dirty=true (the record then stores the diff)."""
     if cfg.get("allow_dirty") or not inside(output, REPO / "results"):
         return
     if state.get("dirty"):
         raise ConfigError(f"paths.results_dir={cfg.paths.results_dir}: the repository's results/ takes records made "
-                          f"from a clean tree, and tracked files have uncommitted changes (git status): commit "
-                          f"first, write elsewhere (paths.results_dir=/your/results), or allow_dirty=true (the "
-                          f"record then stores the diff)")
+                          f"from a clean tree, and the code has uncommitted changes ({', '.join(state['changed'][:3])}"
+                          f"{', ...' if len(state['changed']) > 3 else ''}): commit first, write elsewhere "
+                          f"(paths.results_dir=/your/results), or allow_dirty=true (the record then stores the diff)")
 
 
 def preflight(cfg: DictConfig) -> Plan:
