@@ -148,3 +148,15 @@ def test_a_dirty_tree_may_not_write_into_the_tracked_results(monkeypatch):
 def test_records_hold_no_host_paths(tiny_record):
     text = tiny_record.read_text()
     assert str(ROOT) not in text and str(DATA_DIR.resolve()) not in text and os.path.expanduser("~") + "/" not in text
+
+
+def test_status_lists_the_records_to_regenerate_with_their_cost(tmp_path, capsys):
+    clean = {"record_format": RECORD_FORMAT, "git": {"commit": "a" * 40, "dirty": False}, "wall_time_s": 10.0,
+             "environment": {"lock": {"matches": True}}}
+    stale = {"git": {"commit": "b" * 40, "dirty": True}, "wall_time_s": 3600.0, "environment": {}}
+    write_result(clean, tmp_path / "exp" / "m" / "clean.json")
+    write_result(stale, tmp_path / "exp" / "m" / "stale.json")
+    assert reproduce.main([str(tmp_path / "exp" / "*" / "*.json"), "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "stale.json | dirty, format 1, no lock status | bbbbbbb | 3600.0 |" in out and "clean.json" not in out
+    assert "1 of 2 records to regenerate, 1.0 h recorded" in out

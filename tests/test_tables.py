@@ -190,3 +190,13 @@ def test_the_bootstrap_is_seeded_and_covers_the_point_estimate():
     assert low < math.exp(sum(nll) / len(nll)) < high and ppl_interval(nll) == [low, high]
     assert all(map(math.isnan, ppl_interval([3.0])))  # one window: no interval
     assert ratio_interval(nll, nll) == [1.0, 1.0] and ppl_interval([3.0, math.inf])[1] == math.inf
+
+
+def test_the_sweep_table_keeps_every_cell_s_uncertainty(tmp_path):
+    from outlierlab.reports.sweep import tables
+    from outlierlab.results import write_result
+    table = Table([Column("variant", "variant"), Column("ppl", "ppl"), Column("acc", "acc")],
+                  [{"variant": "a", "ppl": 2.5, "ppl_ci": [2.0, 3.0], "acc": 50.0, "acc_se": 5.0}], index="variant")
+    write_result({"table": table.to_dict()}, tmp_path / "results" / "exp" / "m" / "quick.json")
+    markdown_path, _ = tables(tmp_path / "results", tmp_path / "tables")
+    assert "| 2.500 [2.000, 3.000] | 50.000 ± 5.000 |" in markdown_path.read_text()

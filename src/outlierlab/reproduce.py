@@ -5,6 +5,7 @@ whether the new numbers agree with the record within its recorded uncertainty.
     python -m outlierlab.reproduce --all                      # every record under results/
     python -m outlierlab.reproduce 'results/sw_index/*/*.json' --keep /tmp/rerun
     python -m outlierlab.reproduce results/x.json --against /tmp/rerun/x.json   # compare two records, no rerun
+    python -m outlierlab.reproduce --all --status          # which records are dirty / stale, and their cost
 
 The command is the record's own: `python run.py <record["overrides"]>` at the repository root, with the results
 written to a scratch folder (paths.results_dir), no logger, and this machine's data and cache (paths.*). A record is compared only when the code that made it
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from outlierlab.results import CODE, REPO, git_state, read_result
+from outlierlab.runner import RECORD_FORMAT
 
 Z_STDERR = 1.96
 # Leaves that say when, where or how fast, not what was measured.
@@ -264,6 +266,30 @@ def reproduce(path: Path, args) -> int:
     return 1
 
 
+def status(record: dict) -> list[str]:
+    """Why a committed record is not yet one this code can stand behind: dirty, older format, not the lock."""
+    problems = ["dirty"] if (record.get("git") or {}).get("dirty") else []
+    if record.get("record_format", 1) < RECORD_FORMAT:
+        problems.append(f"format {record.get('record_format', 1)}")
+    lock = (record.get("environment") or {}).get("lock")
+    problems += ["no lock status"] if not lock else [] if lock.get("matches") else ["not the lock"]
+    return problems
+
+
+def status_table(paths: list[Path]) -> str:
+    """A markdown list of records to regenerate, with their recorded wall time (the cost of doing it)."""
+    lines = ["| record | to fix | commit | recorded wall s |", "|---|---|---|---|"]
+    stale, seconds = 0, 0.0
+    for path in paths:
+        record = read_result(path)
+        problems = status(record)
+        if problems:
+            stale, seconds = stale + 1, seconds + (record.get("wall_time_s") or 0)
+            lines.append(f"| {os.path.relpath(path)} | {', '.join(problems)} | {str((record.get('git') or {}).get('commit'))[:7]} | "
+                         f"{record.get('wall_time_s')} |")
+    return "\n".join(lines + [f"\n{stale} of {len(paths)} records to regenerate, {seconds / 3600:.1f} h recorded"])
+
+
 def records(patterns: list[str], every: bool) -> list[Path]:
     if every:
         patterns = [str(REPO / "results" / "*" / "*" / "*.json")]
@@ -281,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of 'equal' (default 1e-4)")
     parser.add_argument("--keep", help="write the reruns here (default: a temporary folder)")
     parser.add_argument("--against", help="compare with this record instead of rerunning (e.g. a kept rerun)")
+    parser.add_argument("--status", action="store_true", help="rerun nothing: list the records that are dirty, of "
+                        "an older format or not made with the lock, with their recorded wall time")
     args = parser.parse_args(argv)
     paths = records(args.records, args.all)
     if not paths:
@@ -289,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: no such record: {', '.join(missing)}", file=sys.stderr)
         return 2
+    if args.status:
+        print(status_table(paths))
+        return 0
     codes = [reproduce(path, args) for path in paths]
     if len(paths) > 1:
         print(f"{codes.count(0)} agree, {codes.count(1)} differ, {codes.count(2)} refused or failed "
