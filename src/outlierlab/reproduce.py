@@ -8,11 +8,11 @@ whether the new numbers agree with the record within its recorded uncertainty.
     python -m outlierlab.reproduce --all --status          # which records are dirty / stale, and their cost
 
 The command is the record's own: `python run.py <record["overrides"]>` at the repository root, with the results
-written to a scratch folder (paths.results_dir), no logger, and this machine's data and cache (paths.*). A record is compared only when the code that made it
-is the code here: a record from a dirty tree (its code cannot be named), a record from another commit whose code
-differs (results.CODE: src/, conf/, experiments/, run.py, scripts/, requirements/, pyproject.toml), or a working tree
-with uncommitted changes to that code is refused
-with the reason, unless --allow-dirty / --allow-other-commit say to try anyway.
+written to a scratch folder (paths.results_dir), no logger, and this machine's data and cache (paths.*). A record is
+compared only when the code that made it is the code here: a record from a dirty tree (its code cannot be named), a
+record from another commit whose code differs (results.CODE: src/, conf/, experiments/, run.py, scripts/,
+requirements/, pyproject.toml), a working tree with uncommitted changes to that code, or a model checkpoint that is
+not here is refused with the reason, unless --allow-dirty / --allow-other-commit say to try anyway.
 
 Agreement, per number (every numeric leaf the record holds, timings and host details aside):
     equal              |new - old| <= rtol |old| (+ atol): float rounding of the same computation
@@ -129,13 +129,13 @@ def rerun(record: dict, scratch: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ comparison
 
 def _leaves(value, path: str = ""):
-    """(dotted path, value, the dict holding it, its key) of every leaf; path components that are file paths are
-    shortened to the file name (a data file is named by its sha256, not by where it lies)."""
+    """(dotted path, value, the dict holding it, its key) of every leaf; the data files of a protocol are named by
+    file name (a data file is known by its sha256, not by where it lies)."""
     if isinstance(value, dict):
         for key, item in value.items():
             if key in VOLATILE:
                 continue
-            name = key.rsplit("/", 1)[-1]
+            name = key.rsplit("/", 1)[-1] if path.endswith(".files") else key
             dotted = f"{path}.{name}" if path else name
             if dotted not in VOLATILE_PATHS:
                 yield from _leaves_in(item, dotted, value, key)
@@ -285,8 +285,8 @@ def status_table(paths: list[Path]) -> str:
         problems = status(record)
         if problems:
             stale, seconds = stale + 1, seconds + (record.get("wall_time_s") or 0)
-            lines.append(f"| {os.path.relpath(path)} | {', '.join(problems)} | {str((record.get('git') or {}).get('commit'))[:7]} | "
-                         f"{record.get('wall_time_s')} |")
+            commit = str((record.get("git") or {}).get("commit"))[:7]
+            lines.append(f"| {os.path.relpath(path)} | {', '.join(problems)} | {commit} | {record.get('wall_time_s')} |")
     return "\n".join(lines + [f"\n{stale} of {len(paths)} records to regenerate, {seconds / 3600:.1f} h recorded"])
 
 

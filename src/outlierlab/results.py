@@ -4,9 +4,9 @@ Non-finite numbers (a pruned model's PPL can be inf or NaN) are stored as the st
 files stay standard JSON; `read_result` turns them back into floats.
 
 A record names the code that made it (`git_state`: commit, dirty flag and, from a dirty tree, the diff of the
-tracked code files, size-capped) and holds no host path: `portable_paths` writes the data directory as `data://`, the cache as
-`cache://`, an installed package's file as `pkg://<package>/...`, the repository as a relative path and the home
-directory as `~`.
+tracked code files, size-capped) and holds no host path: `portable_paths` writes the data directory as `data://`,
+the cache as `cache://`, an installed package's file as `pkg://<package>/...`, the repository as a relative path and
+the home directory as `~`.
 """
 from __future__ import annotations
 
@@ -75,7 +75,8 @@ def host_roots(data_dir: str | None = None, cache_dir: str | None = None) -> lis
     roots = [(str(Path(p).resolve()) + "/", "pkg://") for p in packages]
     for directory, token in ((data_dir, "data://"), (cache_dir, "cache://")):
         if directory:  # as configured ("../shared/data/...") and resolved
-            roots += [(str(directory).rstrip("/") + "/", token), (str(Path(directory).expanduser().resolve()) + "/", token)]
+            resolved = str(Path(directory).expanduser().resolve())
+            roots += [(str(directory).rstrip("/") + "/", token), (resolved + "/", token)]
     roots += [(str(REPO) + "/", ""), (str(Path.home().resolve()) + "/", "~/")]
     unresolved = [(prefix.replace(str(Path.home().resolve()), str(Path.home())), token) for prefix, token in roots]
     return sorted(set(roots + unresolved), key=lambda pair: -len(pair[0]))

@@ -323,8 +323,8 @@ def execute(cfg: DictConfig) -> dict:
     outcome = plan.recipe(context)
     weights_after = weights_sha256(loaded.model) if loaded else None
     record = {
-        "record_format": RECORD_FORMAT, "exp": cfg.exp.name, "model": loaded.info if loaded else {"name": cfg.model.name}, "run_tag": cfg.run_tag,
-        "eval": cfg.eval.name,
+        "record_format": RECORD_FORMAT, "exp": cfg.exp.name,
+        "model": loaded.info if loaded else {"name": cfg.model.name}, "run_tag": cfg.run_tag, "eval": cfg.eval.name,
         "started_at": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
         "wall_time_s": round(time.time() - started, 2),
         "weights_sha256": weights_before, "weights_restored": weights_before == weights_after,

@@ -87,7 +87,8 @@ def check(readme: Path) -> tuple[list[str], int]:
     for _, relative, body, _ in TABLE.findall(text):
         ties += 1
         if body.strip() != markdown(table_of(record(relative))).strip():
-            problems.append(f"{readme.name}: the table of {relative} is not the record's (python scripts/make_tables.py)")
+            problems.append(f"{readme.name}: the table of {relative} is not the record's "
+                            f"(python scripts/make_tables.py --only prose)")
     return problems, ties
 
 
