@@ -160,3 +160,16 @@ def test_status_lists_the_records_to_regenerate_with_their_cost(tmp_path, capsys
     out = capsys.readouterr().out
     assert "stale.json | dirty, format 1, no lock status | bbbbbbb | 3600.0 |" in out and "clean.json" not in out
     assert "1 of 2 records to regenerate, 1.0 h recorded" in out
+
+
+def test_committed_records_of_the_current_format_are_clean_and_hold_no_host_path():
+    """New records come from clean commits without host paths (the older ones: python -m outlierlab.reproduce --all
+    --status lists them to regenerate)."""
+    home = os.path.expanduser("~") + "/"
+    for path in sorted((ROOT / "results").glob("*/*/*.json")):
+        record = json.loads(path.read_text())
+        if record.get("record_format", 1) < RECORD_FORMAT:
+            continue
+        assert record["git"]["dirty"] is False, f"{path}: made from a dirty tree"
+        text = path.read_text()
+        assert str(ROOT) not in text and home not in text and "site-packages" not in text, f"{path}: a host path"
