@@ -47,6 +47,9 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "scripts")]
 
 import bench_ways
 
+from outlierlab.environment import lock_status
+from outlierlab.results import git_state, library_versions
+
 CASES = ("plain", "ours_residual", "ours", "ours_all", "nnsight", "host_copy", "hidden_states")
 # Shapes for --shape: random weights built from a transformers config (no download). Llama-7B: arXiv 2302.13971.
 SHAPES = {
@@ -288,14 +291,6 @@ def machine(device: str) -> dict:
     return info
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def memory_child(args) -> dict:
     """In a fresh process: load, run `args.memory_child` sequences through every probe, report peak memory."""
     loaded, _ = load(args)
@@ -344,7 +339,9 @@ def markdown(record: dict) -> str:
               f"{record['machine']['torch_threads']} torch threads on {record['machine']['cpu_count']} CPUs "
               f"({record['machine'].get('gpu') or record['machine']['cpu']}); load average "
               f"{load_before[0]:.1f} before, {load_after[0]:.1f} after; {record['created']}; commit "
-              f"{(record['git_commit'] or 'unknown')[:10]}."), "",
+              f"{(record['git']['commit'] or 'unknown')[:10]}{' (dirty tree)' if record['git'].get('dirty') else ''}; "
+              f"environment {'equals' if (record['environment'].get('lock') or {}).get('matches') else 'differs from'} "
+              f"the lock."), "",
              "| case | median ms | min-max ms | x plain (median of paired ratios) | p25-p75 | tokens/s | MFU |",
              "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
@@ -401,7 +398,8 @@ def main(argv=None) -> dict | None:
               "parameters": sum(p.numel() for p in loaded.model.parameters()),
               "forward_flops": forward_flops(loaded, args.seqlen, args.batch), "peak_tflops": peak,
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "git_commit": git_commit(), "machine": machine(device),
+              "git": git_state(ROOT), "environment": {**library_versions(), **lock_status()},
+              "machine": machine(device),
               "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
               "cases": rows, "unavailable": unavailable, "ppl_eval": ppl_eval, "memory": memory}
     out = Path(args.out)

@@ -26,8 +26,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("studies", "train", "finetune"),  # builders the recipes call
     ("reports",),  # tables and figures from results/
     ("runner", "sweep"),  # preflight, run, record; sweep cell identity
-    ("launcher", "hydra_plugins", "gpu_check"),  # commands that drive runs: the SLURM launcher (preflights each
-    # cell), the prepared GPU check (runs studies in subprocesses)
+    # commands that drive runs: the SLURM launcher (preflights each cell), the prepared GPU check (runs studies in
+    # subprocesses), reproduce (reruns a record)
+    ("launcher", "hydra_plugins", "gpu_check", "reproduce"),
     ("experiments",),  # recipes
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

@@ -146,3 +146,6 @@ def test_bench_runs_and_writes_its_table(tmp_path):
     assert first["probe_state"] == second["probe_state"]
     table = (tmp_path / "cpu.md").read_text()
     assert "| ours_all |" in table and "| nnsight |" in table and (tmp_path / "cpu.json").is_file()
+    # which code and which environment: the commit, the dirty flag (with the diff), the lock
+    assert len(record["git"]["commit"]) == 40 and isinstance(record["git"]["dirty"], bool)
+    assert "lock" in record["environment"] and "the lock." in table

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from outlierlab.evals.ppl import ppl_interval, ratio_interval
 from outlierlab.results import read_result
 from outlierlab.studies.variants import VariantTable, paper_reference
-from outlierlab.tables import SCHEMA, Column, Reference, Table, latex, markdown
+from outlierlab.tables import SCHEMA, Column, Reference, Table, interval_key, latex, markdown, stderr_key
 from outlierlab.tables.render import cells
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,13 +79,14 @@ def test_a_display_label_is_refused_as_a_data_key(label):
 
 def test_every_stored_table_is_typed_and_keyed_by_data_keys():
     """Every committed result's table is outlierlab.table/1; no row key is a display label (unless it is its own
-    key, e.g. "wikitext2"), every row key is a column's key."""
+    key, e.g. "wikitext2"), every row key is a column's key or its uncertainty companion (<key>_ci, <key>_se)."""
     paths = sorted((ROOT / "results").glob("*/*/*.json"))
     tables = [(path, read_result(path)["table"]) for path in paths if read_result(path).get("table")]
     assert len(tables) > 40
     for path, stored in tables:
         table = Table.from_dict(stored)
         keys = {c.key for c in table.columns if not c.reference}
+        keys |= {companion(key) for key in keys for companion in (interval_key, stderr_key)}
         labels = {c.label for c in table.columns} - {c.key for c in table.columns}
         for row in table.rows:
             assert set(row) <= keys, (path, set(row) - keys)
@@ -166,3 +168,42 @@ def test_a_repeated_column_key_is_refused_and_an_integer_spec_shows_floats_too()
         Table([Column("variant", "variant"), Column("c4", "c4"), Column("c4", "C4 again")], [])
     table = Table([Column("steps", "steps", fmt="d")], [{"steps": 12}, {"steps": 12.5}])
     assert [line[0] for line in cells(table)] == ["12", "12.500"]
+
+
+def test_every_measured_cell_shows_its_uncertainty_and_the_paper_s_cells_none():
+    def evaluated(nll, acc):
+        return {"ppl": {"wikitext2": {"ppl": math.exp(sum(nll) / len(nll)), "window_nll": nll,
+                                      "ppl_ci": ppl_interval(nll)}},
+                "zeroshot": {"tasks": {"piqa": {"acc": acc, "acc_stderr": 0.05}}, "mean": acc, "mean_stderr": 0.05}}
+    table = VariantTable(["wikitext2"], zeroshot=True, tasks=["piqa"],
+                         reference=paper_reference({"source": "p", "values": {"original": {"wikitext2": 5.68}}}))
+    table.add("original", evaluated([3.0, 3.2, 3.4, 3.1], 0.6))
+    table.add("prune", evaluated([4.0, 4.3, 4.1, 4.2], 0.5))
+    rows = {row["variant"]: row for row in table.table("c").rows}
+    low, high = rows["prune"]["x_original_ci"]  # paired: the same windows resampled for both variants
+    (p_low, p_high), (o_low, o_high) = rows["prune"]["wikitext2_ci"], rows["original"]["wikitext2_ci"]
+    assert low < rows["prune"]["x_original"] < high and high / low < (p_high / o_low) / (p_low / o_high)
+    assert rows["original"]["x_original_ci"] == [1.0, 1.0]
+    text = markdown(table.table("c"))
+    low, high = rows["prune"]["wikitext2_ci"]
+    assert f"| {rows['prune']['wikitext2']:.3f} [{low:.3f}, {high:.3f}] |" in text
+    assert "| 50.000 ± 5.000 |" in text and "| 5.680 " in text  # lm-eval's stderr x100; the paper's plain
+    assert r"$\pm$" in latex(table.table("c"))
+
+
+def test_the_bootstrap_is_seeded_and_covers_the_point_estimate():
+    nll = [3.0, 3.5, 2.8, 3.9, 3.1, 3.3]
+    low, high = ppl_interval(nll)
+    assert low < math.exp(sum(nll) / len(nll)) < high and ppl_interval(nll) == [low, high]
+    assert all(map(math.isnan, ppl_interval([3.0])))  # one window: no interval
+    assert ratio_interval(nll, nll) == [1.0, 1.0] and ppl_interval([3.0, math.inf])[1] == math.inf
+
+
+def test_the_sweep_table_keeps_every_cell_s_uncertainty(tmp_path):
+    from outlierlab.reports.sweep import tables
+    from outlierlab.results import write_result
+    table = Table([Column("variant", "variant"), Column("ppl", "ppl"), Column("acc", "acc")],
+                  [{"variant": "a", "ppl": 2.5, "ppl_ci": [2.0, 3.0], "acc": 50.0, "acc_se": 5.0}], index="variant")
+    write_result({"table": table.to_dict()}, tmp_path / "results" / "exp" / "m" / "quick.json")
+    markdown_path, _ = tables(tmp_path / "results", tmp_path / "tables")
+    assert "| 2.500 [2.000, 3.000] | 50.000 ± 5.000 |" in markdown_path.read_text()

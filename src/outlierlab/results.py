@@ -2,14 +2,22 @@
 
 Non-finite numbers (a pruned model's PPL can be inf or NaN) are stored as the strings "inf", "-inf", "nan" so the
 files stay standard JSON; `read_result` turns them back into floats.
+
+A record names the code that made it (`git_state`: commit, dirty flag and, from a dirty tree, the diff of the
+tracked code files, size-capped) and holds no host path: `portable_paths` writes the data directory as `data://`,
+the cache as `cache://`, an installed package's file as `pkg://<package>/...`, the repository as a relative path and
+the home directory as `~`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import platform
+import site
 import subprocess
+import sysconfig
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -28,17 +36,65 @@ def library_versions() -> dict:
     return versions
 
 
-def git_state(directory: str | Path = ".") -> dict:
+REPO = Path(__file__).resolve().parents[2]
+# What makes a record: a change elsewhere (README, tests, results/ itself, which every run writes) leaves it clean.
+CODE = ("src", "conf", "experiments", "run.py", "scripts", "requirements", "pyproject.toml")
+DIFF_LIMIT = 200_000  # characters of `git diff HEAD` a dirty record keeps (its sha256 covers the whole diff)
+
+
+def git_state(directory: str | Path = ".", diff: bool = True) -> dict:
+    """{commit, dirty} of the checkout at `directory`; dirty = uncommitted changes to tracked files under CODE. When
+    dirty, also the changed files and their diff against HEAD (capped at DIFF_LIMIT characters, `diff_truncated` says
+    so; `diff_sha256` is of all of it), so the code that made a record can still be named."""
     def git(*args):
-        return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=10)
+        return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=30)
     try:
         commit = git("rev-parse", "HEAD")
         if commit.returncode != 0:
             return {"commit": None}
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
-        return {"commit": commit.stdout.strip(), "dirty": dirty}
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", *CODE).stdout.splitlines()
+        state = {"commit": commit.stdout.strip(), "dirty": bool(changed)}
+        if changed and diff:
+            text = git("diff", "HEAD", "--", *CODE).stdout
+            state.update(changed=[line[3:] for line in changed], diff=text[:DIFF_LIMIT],
+                         diff_truncated=len(text) > DIFF_LIMIT,
+                         diff_sha256=hashlib.sha256(text.encode()).hexdigest())
+        return state
     except (OSError, subprocess.SubprocessError):
         return {"commit": None}
+
+
+def inside(path: str | Path, directory: str | Path) -> bool:
+    return Path(path).resolve().is_relative_to(Path(directory).resolve())
+
+
+def host_roots(data_dir: str | None = None, cache_dir: str | None = None) -> list[tuple[str, str]]:
+    """(absolute prefix, portable prefix) pairs, the most specific first: installed packages, data, cache, the
+    repository, home."""
+    packages = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
+    roots = [(str(Path(p).resolve()) + "/", "pkg://") for p in packages]
+    for directory, token in ((data_dir, "data://"), (cache_dir, "cache://")):
+        if directory:  # as configured ("../shared/data/...") and resolved
+            resolved = str(Path(directory).expanduser().resolve())
+            roots += [(str(directory).rstrip("/") + "/", token), (resolved + "/", token)]
+    roots += [(str(REPO) + "/", ""), (str(Path.home().resolve()) + "/", "~/")]
+    unresolved = [(prefix.replace(str(Path.home().resolve()), str(Path.home())), token) for prefix, token in roots]
+    return sorted(set(roots + unresolved), key=lambda pair: -len(pair[0]))
+
+
+def portable_paths(value, roots: list[tuple[str, str]]):
+    """`value` with every host path inside one of `roots` (host_roots) made portable, in strings and dict keys."""
+    if isinstance(value, str):
+        for prefix, token in roots:
+            if value == prefix.rstrip("/"):  # the directory itself
+                return token or "."
+            value = value.replace(prefix, token)
+        return value
+    if isinstance(value, dict):
+        return {portable_paths(k, roots): portable_paths(v, roots) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_paths(v, roots) for v in value]
+    return value
 
 
 def to_jsonable(value):

@@ -40,11 +40,22 @@ from outlierlab.models.sites import family_for
 from outlierlab.models.source import ModelSource, resolve_source
 from outlierlab.override_types import check_override_types
 from outlierlab.probes.layer_major import PASS_ORDERS
-from outlierlab.results import git_state, library_versions, result_path, write_result
+from outlierlab.results import (
+    REPO,
+    git_state,
+    host_roots,
+    inside,
+    library_versions,
+    portable_paths,
+    result_path,
+    write_result,
+)
 from outlierlab.tables import Table, markdown
 from outlierlab.tables.schema import check_key
 
-EXP_DIR = Path(__file__).resolve().parents[2] / "conf" / "exp"
+EXP_DIR = REPO / "conf" / "exp"
+# 2: no host paths, the diff of a dirty tree, PPL intervals (records without the field predate all three)
+RECORD_FORMAT = 2
 
 
 @dataclass
@@ -56,6 +67,7 @@ class Plan:
     data_dir: str | None
     output: Path
     recipe: object
+    git: dict = field(default_factory=dict)  # the checkout when the run started (results.git_state)
 
 
 def _available(directory: Path) -> str:
@@ -171,6 +183,18 @@ def _check_writable(results_dir, folder: Path) -> None:
                           f"({error.strerror or error}: {error.filename or folder})") from None
 
 
+def _check_clean_tree(cfg: DictConfig, output: Path, state: dict) -> None:
+    """A record in the repository's tracked results/ must name the code that made it: from a tree with uncommitted
+    changes to its code (results.CODE) it is refused unless allow_dirty=true (the record then stores the diff)."""
+    if cfg.get("allow_dirty") or not inside(output, REPO / "results"):
+        return
+    if state.get("dirty"):
+        raise ConfigError(f"paths.results_dir={cfg.paths.results_dir}: the repository's results/ takes records made "
+                          f"from a clean tree, and the code has uncommitted changes ({', '.join(state['changed'][:3])}"
+                          f"{', ...' if len(state['changed']) > 3 else ''}): commit first, write elsewhere "
+                          f"(paths.results_dir=/your/results), or allow_dirty=true (the record then stores the diff)")
+
+
 def preflight(cfg: DictConfig) -> Plan:
     if "exp" not in cfg or cfg.exp is None:
         raise ConfigError(f"no experiment selected: append +exp=NAME (available: {_available(EXP_DIR)})")
@@ -216,6 +240,9 @@ def preflight(cfg: DictConfig) -> Plan:
             check(cfg, plan)
         except (ValueError, KeyError, TypeError) as error:
             raise ConfigError(str(error).splitlines()[0].strip("'\"")) from None
+    # The code as the run starts is the code that makes the record (a commit or an edit during a long run is not).
+    plan.git = git_state(REPO)
+    _check_clean_tree(cfg, output, plan.git)  # after every config check: a config error is named first
     _check_writable(cfg.paths.results_dir, output.parent)  # last: input found bad above leaves no folder
     return plan
 
@@ -335,17 +362,18 @@ def execute(cfg: DictConfig) -> dict:
     outcome = plan.recipe(context)
     weights_after = weights_sha256(loaded.model) if loaded else None
     record = {
-        "exp": cfg.exp.name, "model": loaded.info if loaded else {"name": cfg.model.name}, "run_tag": cfg.run_tag,
-        "eval": cfg.eval.name,
+        "record_format": RECORD_FORMAT, "exp": cfg.exp.name,
+        "model": loaded.info if loaded else {"name": cfg.model.name}, "run_tag": cfg.run_tag, "eval": cfg.eval.name,
         "started_at": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
         "wall_time_s": round(time.time() - started, 2),
         "weights_sha256": weights_before, "weights_restored": weights_before == weights_after,
         "evaluations": context.evaluated_protocols(),
-        "environment": {**library_versions(), **lock_status()}, "git": git_state(Path(__file__).resolve().parents[2]),
+        "environment": {**library_versions(), **lock_status()}, "git": plan.git,
         "overrides": _hydra_overrides(), "config": OmegaConf.to_container(cfg, resolve=True), "cell": cell,
         "quantization": {name: i.protocol for name, i in plan.interventions.items() if i.protocol},
         **outcome,
     }
+    record = portable_paths(record, host_roots(cfg.paths.data_dir, cfg.paths.cache_dir))
     path = write_result(record, plan.output)
     sweep.note_cell("done", result=path, key=cell["key"])
     print(f"\n{cfg.exp.name} on {cfg.model.name} ({record['model'].get('dtype')}, eval={cfg.eval.name})")

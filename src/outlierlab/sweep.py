@@ -26,7 +26,7 @@ from outlierlab.results import read_result, write_result
 log = logging.getLogger(__name__)
 
 # Config keys that say where things are or how they are reported, not what the result is.
-IGNORED = ("paths.results_dir", "paths.cache_dir", "paths.data_dir", "logger", "overwrite")
+IGNORED = ("paths.results_dir", "paths.cache_dir", "paths.data_dir", "logger", "overwrite", "allow_dirty")
 CELL_FILE = "cell.json"
 
 

@@ -6,6 +6,12 @@ different number. Two ways to cut windows, both config:
     random      seeded random windows inside documents long enough to hold one (GPTQ's C4 protocol)
 With BOS policy "prepend" every window is BOS + (seqlen - 1) text tokens; with "none" it is seqlen text tokens.
 Either way seqlen - 1 tokens per window are scored.
+
+Uncertainty: every window scores the same number of tokens, so PPL = exp(mean of the per-window NLLs) and a
+percentile bootstrap over windows (BOOTSTRAP: seeded, recorded in the result as `ci_method`) gives its interval
+(`ppl_ci`); `ratio_interval` is the paired bootstrap of PPL_a / PPL_b over the same windows (same resampled indices
+for both), the interval of "x original". Windows are not independent draws from one text (sequential windows are
+consecutive), so read the interval as the spread over these windows, not a guarantee.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import random
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -98,13 +105,53 @@ def build_windows(protocol, corpus: Corpus, loaded) -> Windows:
     return Windows(ids=ids_tensor, meta=meta)
 
 
+BOOTSTRAP = {"method": "percentile bootstrap over windows", "level": 0.95, "resamples": 2000, "seed": 0}
+
+
+def _exp(values: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.exp(values)
+
+
+def _resampled_means(window_nll, indices: np.ndarray) -> np.ndarray:
+    return np.asarray(window_nll, dtype=np.float64)[indices].mean(axis=1)
+
+
+def _indices(count: int, method: dict) -> np.ndarray:
+    return np.random.default_rng(method["seed"]).integers(0, count, size=(method["resamples"], count))
+
+
+def _percentiles(samples: np.ndarray, method: dict) -> list[float]:
+    if np.isnan(samples).any():  # a NaN window: no interval
+        return [math.nan, math.nan]
+    tail = 50 * (1 - method["level"])  # no interpolation between order statistics: an inf bound stays inf
+    return [float(v) for v in np.percentile(samples, [tail, 100 - tail], method="inverted_cdf")]
+
+
+def ppl_interval(window_nll: list[float], method: dict = BOOTSTRAP) -> list[float]:
+    """[low, high] of exp(mean window NLL) by a seeded percentile bootstrap over windows."""
+    if len(window_nll) < 2:
+        return [math.nan, math.nan]
+    return _percentiles(_exp(_resampled_means(window_nll, _indices(len(window_nll), method))), method)
+
+
+def ratio_interval(window_nll: list[float], baseline_nll: list[float], method: dict = BOOTSTRAP) -> list[float]:
+    """[low, high] of PPL / baseline PPL by a paired bootstrap: both resampled at the same windows."""
+    if len(window_nll) != len(baseline_nll) or len(window_nll) < 2:
+        return [math.nan, math.nan]
+    indices = _indices(len(window_nll), method)
+    difference = _resampled_means(window_nll, indices) - _resampled_means(baseline_nll, indices)
+    return _percentiles(_exp(difference), method)
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: Windows, batch_size: int = 1, desc: str = "ppl") -> dict:
     """exp(mean NLL of every scored token); inf and NaN are results, not errors.
 
     Windows go through the model `batch_size` at a time (padding-free: all have seqlen tokens); each window's NLL
     is computed on its own, so the result equals batch 1 to float rounding of the forward (and the log-softmax
-    buffer is one window's). `tokens_per_s` counts input tokens (windows x seqlen) over the evaluation's wall time."""
+    buffer is one window's). `tokens_per_s` counts input tokens (windows x seqlen) over the evaluation's wall time.
+    `ppl_ci` is the bootstrap interval over windows (method in `ci_method`)."""
     device = offload.execution_device(model)  # also when the first parameter is offloaded (meta)
     nll_total, scored = 0.0, 0
     window_nll = []
@@ -121,6 +168,7 @@ def perplexity(model: torch.nn.Module, windows: Windows, batch_size: int = 1, de
     seconds = time.perf_counter() - start
     mean_nll = nll_total / scored
     ppl = math.exp(mean_nll) if mean_nll < 709.0 else (math.nan if math.isnan(mean_nll) else math.inf)
-    return {"ppl": ppl, "nll": mean_nll, "tokens_scored": scored, "window_nll": window_nll,
+    return {"ppl": ppl, "ppl_ci": ppl_interval(window_nll), "ci_method": BOOTSTRAP, "nll": mean_nll,
+            "tokens_scored": scored, "window_nll": window_nll,
             "batch_size": batch_size, "eval_seconds": seconds, "tokens_per_s": windows.ids.numel() / seconds,
             **windows.meta}

@@ -157,7 +157,8 @@ def build_tasks(names, data_dir: str | None, cache_dir: str | Path):
 
 
 def evaluate_zeroshot(loaded, suite, tasks_and_status, label: str = "zero-shot") -> dict:
-    """Accuracy of every task of the suite; `mean` averages acc over the tasks that ran."""
+    """Accuracy of every task of the suite with lm-eval's stderr (`acc_stderr`); `mean` averages acc over the tasks
+    that ran, `mean_stderr` is its standard error."""
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
     manager, tasks, status = tasks_and_status
@@ -179,10 +180,19 @@ def evaluate_zeroshot(loaded, suite, tasks_and_status, label: str = "zero-shot")
     for name, reason in status.items():
         if name not in tasks:
             results["tasks"][name] = {"acc": None, "data": reason}
-    accuracies = [t["acc"] for t in results["tasks"].values() if t["acc"] is not None]
-    results["mean"] = sum(accuracies) / len(accuracies) if accuracies else None
+    ran = [t for t in results["tasks"].values() if t["acc"] is not None]
+    results["mean"] = sum(t["acc"] for t in ran) / len(ran) if ran else None
+    results["mean_stderr"] = mean_stderr([t.get("acc_stderr") for t in ran])
     results["mean_over"] = [n for n, t in results["tasks"].items() if t["acc"] is not None]
     return results
+
+
+def mean_stderr(stderrs: list[float | None]) -> float | None:
+    """The standard error of the mean accuracy over tasks from lm-eval's per-task stderrs (tasks independent):
+    sqrt(sum se_i^2) / k; None if a task has none."""
+    if not stderrs or any(se is None for se in stderrs):
+        return None
+    return sum(se * se for se in stderrs) ** 0.5 / len(stderrs)
 
 
 def _lm_eval_version() -> str:

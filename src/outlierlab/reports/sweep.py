@@ -10,7 +10,7 @@ from pathlib import Path
 
 from outlierlab.reports import register, table_of
 from outlierlab.results import read_result
-from outlierlab.tables import Column, Table, write_table
+from outlierlab.tables import Column, Table, interval_key, stderr_key, write_table
 
 NOT_EXPERIMENTS = ("tables", "figures", "sweeps")
 
@@ -18,6 +18,18 @@ NOT_EXPERIMENTS = ("tables", "figures", "sweeps")
 def _key(column: Column) -> str:
     """A cell's column in the combined table: the paper's numbers keep their own key beside ours."""
     return f"reference_{column.key}" if column.reference else column.key
+
+
+def _cells(table: Table, row: dict) -> dict:
+    """A row's values by combined key, each with its uncertainty companion (`<key>_ci` / `<key>_se`)."""
+    cells = {}
+    for column in table.columns:
+        cells[_key(column)] = table.value(row, column)
+        uncertainty = table.uncertainty(row, column)
+        if uncertainty is not None:
+            kind, value = uncertainty
+            cells[(interval_key if kind == "ci" else stderr_key)(_key(column))] = value
+    return cells
 
 
 def tables(results_dir: Path, out_dir: Path) -> list[Path]:
@@ -33,8 +45,7 @@ def tables(results_dir: Path, out_dir: Path) -> list[Path]:
             for column in table.columns:
                 columns.setdefault(_key(column), Column(_key(column), column.label, column.unit, column.fmt))
             # A cell table with its own model column (atlas, variants_table) names each row's model: it wins.
-            rows += [{"model": path.parent.name, "run_tag": path.stem,
-                      **{_key(column): table.value(row, column) for column in table.columns}} for row in table.rows]
+            rows += [{"model": path.parent.name, "run_tag": path.stem, **_cells(table, row)} for row in table.rows]
         if cells:
             caption = (f"{exp_dir.name}: every cell of results/{exp_dir.name}/<model>/<run_tag>.json ({cells} results), "
                        f"one block of rows per cell")

@@ -1,7 +1,9 @@
 """The variant table of every edit-and-evaluate study (prune_sw, ma_intervene, sw_quant_activations, ...): one row
 per variant (interventions applied to the original model, then undone) with its PPL per protocol, zero-shot accuracy
 x100, the ratio to the original, a note for a variant that could not run, and the paper's numbers from the table's
-reference block beside ours.
+reference block beside ours. Every measured cell carries its uncertainty (tables/schema.py): PPL its bootstrap
+interval over windows (`<protocol>_ci`), x original the paired bootstrap interval over the same windows
+(`x_original_ci`), accuracies lm-eval's stderr (`<task>_se`, `zero_shot_mean_se`).
 
     table = VariantTable(protocols, zeroshot=suite is not None, reference=paper_reference(cfg.reference))
     details = table.evaluate(ctx, exp.variants, context, skip={NoSuperWeights: "skipped: no super weight"})
@@ -11,8 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from outlierlab.evals.ppl import ratio_interval
 from outlierlab.tables import Column, Reference, Table, ratio_to_baseline
-from outlierlab.tables.schema import row_id
+from outlierlab.tables.schema import interval_key, row_id, stderr_key
 
 ZERO_SHOT = Column("zero_shot_mean", "zero-shot mean")
 RATIO = Column("x_original", "x original")
@@ -48,13 +51,23 @@ def add_reference_ratio(reference: Reference | None, rows: list[dict], key: str,
 
 
 def scores(evaluated: dict, protocols: list[str], tasks: bool = False) -> dict:
-    """{protocol: PPL, (task: acc x100,) zero_shot_mean: mean acc x100} of one evaluation ({"ppl", "zeroshot"})."""
-    row = {key: evaluated["ppl"][key]["ppl"] for key in protocols}
+    """{protocol: PPL, (task: acc x100,) zero_shot_mean: mean acc x100} of one evaluation ({"ppl", "zeroshot"}),
+    with each value's uncertainty where the evaluation has it: <protocol>_ci, <task>_se, zero_shot_mean_se."""
+    row = {}
+    for key in protocols:
+        row[key] = evaluated["ppl"][key]["ppl"]
+        if evaluated["ppl"][key].get("ppl_ci") is not None:
+            row[interval_key(key)] = evaluated["ppl"][key]["ppl_ci"]
     zeroshot = evaluated.get("zeroshot")
     if zeroshot:
         if tasks:
-            row.update({task: percent(result["acc"]) for task, result in zeroshot["tasks"].items()})
+            for task, result in zeroshot["tasks"].items():
+                row[task] = percent(result["acc"])
+                if result.get("acc_stderr") is not None:
+                    row[stderr_key(task)] = percent(result["acc_stderr"])
         row[ZERO_SHOT.key] = percent(zeroshot["mean"])
+        if zeroshot.get("mean_stderr") is not None:
+            row[stderr_key(ZERO_SHOT.key)] = percent(zeroshot["mean_stderr"])
     return row
 
 
@@ -69,10 +82,12 @@ class VariantTable:
     paper_zeroshot: bool = True  # the paper reports a zero-shot mean
     paper_ratio: bool = False  # also the paper's own ratio to its original
     rows: list[dict] = field(default_factory=list)
+    window_nll: dict[str, list] = field(default_factory=dict)  # the first protocol's per-window NLL by variant
 
     def add(self, variant: str, evaluated: dict, **extra) -> dict:
         row = {"variant": variant, **scores(evaluated, self.protocols, tasks=self.tasks is not None), **extra}
         self.rows.append(row)
+        self.window_nll[variant] = evaluated["ppl"][self.protocols[0]].get("window_nll")
         return row
 
     def skip(self, variant: str, note: str) -> None:
@@ -114,8 +129,13 @@ class VariantTable:
         return [*head, *zeroshot, *ours_after, *paper, *paper_zeroshot, *ratio]
 
     def table(self, caption: str, extra: list[Column] = (), optional: list[Column] = ()) -> Table:
-        """The Table, with x_original for every row with PPL (and the paper's, when `paper_ratio`)."""
+        """The Table, with x_original and its paired interval for every row with PPL (and the paper's ratio, when
+        `paper_ratio`)."""
         ratio_to_baseline(self.rows, self.protocols[0])
+        baseline = self.window_nll.get("original")
+        for row in self.rows:
+            if RATIO.key in row and baseline and self.window_nll.get(row["variant"]):
+                row[interval_key(RATIO.key)] = ratio_interval(self.window_nll[row["variant"]], baseline)
         paper_ratio = self.paper_ratio and add_reference_ratio(self.reference, self.rows, self.protocols[0])
         return Table(self.columns(extra, optional, paper_ratio), self.rows, index="variant", reference=self.reference,
                      caption=caption)

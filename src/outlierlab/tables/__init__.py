@@ -4,6 +4,7 @@ outlierlab.studies.variants.VariantTable."""
 from outlierlab.tables.render import (
            format_cell,
            format_number,
+           format_uncertain,
            latex,
            markdown,
            write_table,
@@ -15,8 +16,10 @@ from outlierlab.tables.schema import (
            Table,
            check_key,
            columns,
+           interval_key,
            ratio_to_baseline,
+           stderr_key,
 )
 
-__all__ = ["SCHEMA", "Column", "Reference", "Table", "check_key", "columns", "format_cell", "format_number", "latex",
-           "markdown", "ratio_to_baseline", "write_table"]
+__all__ = ["SCHEMA", "Column", "Reference", "Table", "check_key", "columns", "format_cell", "format_number",
+           "format_uncertain", "interval_key", "latex", "markdown", "ratio_to_baseline", "stderr_key", "write_table"]

@@ -33,8 +33,20 @@ def format_cell(value, column: Column) -> str:
         return format_number(value)
 
 
+def format_uncertain(value, uncertainty: tuple[str, object] | None, column: Column) -> str:
+    """A value with its uncertainty (Table.uncertainty): "30.6 [29.1, 32.0]" or "45.0 ± 15.7"."""
+    text = format_cell(value, column)
+    if uncertainty is None or value is None:
+        return text
+    kind, spread = uncertainty
+    if kind == "ci":
+        return f"{text} [{format_cell(spread[0], column)}, {format_cell(spread[1], column)}]"
+    return f"{text} ± {format_cell(spread, column)}"
+
+
 def cells(table: Table) -> list[list[str]]:
-    return [[format_cell(table.value(row, column), column) for column in table.columns] for row in table.rows]
+    return [[format_uncertain(table.value(row, column), table.uncertainty(row, column), column)
+             for column in table.columns] for row in table.rows]
 
 
 def _md_cell(text: str) -> str:
@@ -51,7 +63,7 @@ def markdown(table: Table) -> str:
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$"}
 
 
 def _latex_escape(text: str) -> str:

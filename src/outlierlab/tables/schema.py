@@ -12,6 +12,10 @@ A column's `key` is data (snake_case, stable); its `label` is display only and n
 of the `index` key(s) ("original"; "INT4/128x128" for index ["bits", "block"]). A reference column takes its value
 from `reference.values[<row id>][<key>]`, so the paper's numbers sit beside ours without being copied into our rows.
 `to_dict()` is what a result JSON stores under "table".
+
+A measured value may carry its uncertainty in a companion key of the same row: `<key>_ci` = [low, high] (an interval,
+shown "30.6 [29.1, 32.0]") or `<key>_se` = a standard error (shown "45.0 ± 15.7"). `Table.uncertainty` finds it;
+reference columns (the paper's numbers) have none.
 """
 from __future__ import annotations
 
@@ -20,6 +24,14 @@ from dataclasses import dataclass, field, replace
 
 SCHEMA = "outlierlab.table/1"
 KEY = re.compile(r"[a-z0-9][a-z0-9_-]*")  # lm-eval task names may hold a "-"; no space, capital or symbol
+
+
+def interval_key(key: str) -> str:
+    return f"{key}_ci"
+
+
+def stderr_key(key: str) -> str:
+    return f"{key}_se"
 
 
 def row_id(row: dict, index: list[str]) -> str | None:
@@ -116,6 +128,15 @@ class Table:
         if column.reference:
             return self.reference.value(self.row_id(row), column.key)
         return row.get(column.key)
+
+    def uncertainty(self, row: dict, column: Column) -> tuple[str, object] | None:
+        """("ci", [low, high]) or ("se", stderr) of a cell of ours, or None."""
+        if column.reference:
+            return None
+        for kind, key in (("ci", interval_key(column.key)), ("se", stderr_key(column.key))):
+            if row.get(key) is not None:
+                return kind, row[key]
+        return None
 
     def with_caption(self, caption: str) -> Table:
         return replace(self, caption=caption)
