@@ -156,8 +156,6 @@ def test_whole_matrix_edits_are_kept_on_disk_and_removed(pair, monkeypatch):
     assert not list(spill_dir.glob("*.pt"))
 
 
-
-
 @pytest.fixture(scope="module")
 def all_on_disk(pair, tmp_path_factory):
     """The same checkpoint with everything on disk, the embedding too: the model's first parameter is on `meta`
