@@ -154,3 +154,62 @@ def test_whole_matrix_edits_are_kept_on_disk_and_removed(pair, monkeypatch):
         assert torch.equal(offloaded.model(ids).logits, memory_logits)
         assert weights_hash(offloaded.model) == memory_hash
     assert not list(spill_dir.glob("*.pt"))
+
+
+@pytest.fixture(scope="module")
+def all_on_disk(pair, tmp_path_factory):
+    """The same checkpoint with everything on disk, the embedding too: the model's first parameter is on `meta`
+    (as the embedding offloaded to the CPU is when a GPU computes)."""
+    directory = tmp_path_factory.mktemp("all_on_disk")
+    source = pair[0].info["source"]
+    return load_model(path_cfg(source, "model.device_map=auto", "model.max_memory={cpu: 1}"), directory / "cache")
+
+
+@pytest.fixture
+def loglikelihoods(monkeypatch):
+    """Every (log-likelihood, is-greedy) lm-eval's HFLM computes, one per request, in order."""
+    from lm_eval.models.huggingface import HFLM
+    scores, score = [], HFLM._loglikelihood_tokens
+
+    def recorded(self, requests, *args, **kwargs):
+        result = score(self, requests, *args, **kwargs)
+        scores.extend(result)
+        return result
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", recorded)
+    return scores
+
+
+@pytest.fixture(scope="module")
+def zeroshot_suite(tmp_path_factory):
+    """Two lm-eval tasks on local data, 5 examples each, built once (building lm-eval's task index takes seconds)."""
+    from conftest import DATA_DIR
+    from omegaconf import OmegaConf
+
+    from outlierlab.evals.zeroshot import build_tasks
+    suite = OmegaConf.create({"tasks": ["arc_easy", "piqa"], "limit": 5, "batch_size": 4})
+    return suite, build_tasks(suite.tasks, str(DATA_DIR), tmp_path_factory.mktemp("zeroshot"))
+
+
+def _zeroshot(loaded, zeroshot_suite, scores, edit=None):
+    """(accuracies, per-request log-likelihoods) of the lm-eval bridge, under `edit` if one is named."""
+    from outlierlab.evals.zeroshot import evaluate_zeroshot
+    scores.clear()
+    with EditSession(loaded, {"super_weights": [SW]}) as session:
+        session.apply([hydra.utils.instantiate(intervention_cfg(edit))] if edit else [])
+        result = evaluate_zeroshot(loaded, *zeroshot_suite)
+    return {name: task["acc"] for name, task in result["tasks"].items()}, list(scores)
+
+
+@pytest.mark.requires("data")
+def test_zeroshot_acts_on_offloaded_weights(pair, all_on_disk, zeroshot_suite, loglikelihoods):
+    """The lm-eval bridge on offloaded models, plain and under edits of disk-offloaded blocks: every request's
+    log-likelihood and the accuracies equal the in-memory run's, bit for bit, and each edit changes them."""
+    in_memory, blocks_on_disk = pair
+    assert all_on_disk.model.device.type == "meta" and all_on_disk.device.type == "cpu"
+    plain = _zeroshot(in_memory, zeroshot_suite, loglikelihoods)
+    assert len(plain[1]) == 5 * 4 + 5 * 2  # arc_easy: 4 choices, piqa: 2, for 5 examples each
+    for edit in (None, "zero_sw", "quantize_weights"):  # the SW is in block 1, on disk; quantize: every block
+        memory = plain if edit is None else _zeroshot(in_memory, zeroshot_suite, loglikelihoods, edit)
+        assert edit is None or memory[1] != plain[1], f"{edit} changed no log-likelihood"
+        for offloaded in (blocks_on_disk, all_on_disk):
+            assert _zeroshot(offloaded, zeroshot_suite, loglikelihoods, edit) == memory, edit

@@ -166,6 +166,8 @@ def evaluate_zeroshot(loaded, suite, tasks_and_status, label: str = "zero-shot")
     if tasks:
         model = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=suite.batch_size,
                      add_bos_token=loaded.bos == "prepend")
+        # HFLM sends inputs to model.device, the first parameter's: `meta` when that one is offloaded to disk.
+        model._device = loaded.device
         print(f"{label}: lm-eval on {', '.join(tasks)} (limit {suite.limit})")
         output = evaluator.simple_evaluate(model=model, tasks=list(tasks.values()), num_fewshot=0,
                                            limit=suite.limit, task_manager=manager, random_seed=0,

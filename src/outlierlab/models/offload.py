@@ -168,7 +168,9 @@ def values(param: torch.Tensor) -> torch.Tensor:
 def device(param: torch.Tensor) -> torch.device:
     """Where a forward computes with `param` (its execution device when offloaded, never meta)."""
     where = home(param)
-    return _overlay(where[0]).align.execution_device if where and param.device.type == "meta" else param.device
+    if where and param.device.type == "meta":  # accelerate names it as it was given: "cpu", 0, or a device
+        return torch.device(_overlay(where[0]).align.execution_device)
+    return param.device
 
 
 def patch(param: torch.Tensor, index: tuple, values_, owner) -> None:
