@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY_MOE, compose_cfg, weights_hash
 
+from outlierlab.errors import UnsupportedArchitecture
 from outlierlab.evals.ppl import Windows
 from outlierlab.interventions.base import EditSession
 from outlierlab.interventions.experts import NoSuperExperts, PruneExperts
@@ -164,9 +165,22 @@ def test_all_experts_point_holds_every_experts_rows_in_expert_order(moe):
 
 
 INTERVENTIONS = sorted(p.stem for p in (ROOT / "conf" / "intervention").glob("*.yaml"))
+# Edits that refuse a mixture of experts in one line (what they would need is not built): tested below.
+REFUSE_MOE = {"rotate": "is a mixture of experts"}
 
 
-@pytest.mark.parametrize("name", INTERVENTIONS)
+@pytest.mark.parametrize("name", sorted(REFUSE_MOE))
+def test_an_edit_that_cannot_act_on_experts_refuses_in_one_line_and_leaves_the_model(name, tmp_path):
+    loaded = load_model(compose_cfg(["model=tiny_qwen3_moe"]).model, tmp_path)
+    before = weights_hash(loaded.model)
+    intervention = hydra.utils.instantiate(compose_cfg([f"+intervention@edit={name}"]).edit)
+    with pytest.raises(UnsupportedArchitecture, match=REFUSE_MOE[name]) as refused:
+        with EditSession(loaded, {}) as session:
+            session.apply([intervention])
+    assert "\n" not in str(refused.value) and weights_hash(loaded.model) == before
+
+
+@pytest.mark.parametrize("name", [name for name in INTERVENTIONS if name not in REFUSE_MOE])
 def test_every_intervention_yaml_on_an_moe_model_is_undone_bit_exactly(name, tmp_path):
     """On a mixture of experts (a dense first layer, then fused experts), with a super weight inside an expert and a
     super expert: weights, hooks and logits are as before once the session ends; RTN and the SW edits reach the fused
