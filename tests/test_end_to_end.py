@@ -65,6 +65,9 @@ def test_multirun_over_models(tmp_path):
     (["+exp=prune_sw", "model=tiny_llama", "seed=abc"], "seed=abc: seed must be an integer"),
     (["+exp=prune_sw", "model=tiny_llama", "eval.ppl.c4.windows=many"], "eval.ppl.c4.windows must be an integer"),
     (["+exp=prune_sw", "model=tiny_llama", "exp.interventions.zero_sw.scale=big"], "must be a number"),
+    # model=path's name comes from its source: naming it is checked after the source, not refused as missing.
+    (["+exp=prune_sw", "model=path", "model.source=/nonexistent/dir", "model.name=mine"],
+     "model.source=/nonexistent/dir: not a Hugging Face model directory"),
     # model.source alone keeps the default YAML's registry: stop, and say how to run other weights.
     (["+exp=sw_index", "model.source=/elsewhere/other.gguf"], "use model=path model.source=/elsewhere/other.gguf"),
 ])

@@ -56,7 +56,10 @@ def check_override_types(overrides: list[str], conf_dir: Path) -> str | None:
         return None
     reference = _reference(conf_dir, groups)
     for text, override in values:
-        default = OmegaConf.select(reference, override.key_or_group, default=_MISSING, throw_on_missing=False)
+        # A default that cannot be resolved without the command's values (model=path's name from its source)
+        # reads as None: anything fits.
+        default = OmegaConf.select(reference, override.key_or_group, default=_MISSING, throw_on_missing=False,
+                                   throw_on_resolution_failure=False)
         if default is _MISSING:
             continue  # a key the defaults do not have: Hydra itself reports it
         value = override.value()
