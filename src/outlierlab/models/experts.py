@@ -21,6 +21,8 @@ tap sees only its routed tokens, in token order; a returned tensor replaces thos
 from __future__ import annotations
 
 import torch
+
+from outlierlab.errors import UnsupportedArchitecture
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _grouped_linear
 
@@ -45,7 +47,8 @@ def observable_experts_forward(self, hidden_states: torch.Tensor, top_k_index: t
                                top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' grouped_mm_experts_forward (5.23) without expert parallelism, with the taps above."""
     if self._is_expert_parallel:  # experts sharded over devices: transformers' sentinel handling is not mirrored here
-        raise NotImplementedError("per-expert observation of expert-parallel experts is not supported")
+        raise UnsupportedArchitecture("per-expert observation of expert-parallel experts (sharded over devices) is not "
+                                      "supported: load the model without expert parallelism")
     taps = _taps(self)
     num_top_k, num_tokens, hidden_dim = top_k_index.size(-1), hidden_states.size(0), hidden_states.size(-1)
     if taps:
