@@ -21,10 +21,10 @@ tap sees only its routed tokens, in token order; a returned tensor replaces thos
 from __future__ import annotations
 
 import torch
-
-from outlierlab.errors import UnsupportedArchitecture
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _grouped_linear
+
+from outlierlab.errors import UnsupportedArchitecture
 
 OBSERVABLE = "outlierlab_observable"
 ROUTER_POINTS = ("weights", "experts")
