@@ -22,8 +22,8 @@ from outlierlab.probes.channel_outliers import (
     gamma_outliers,
     gamma_outliers_record,
 )
-from outlierlab.studies.variants import ZERO_SHOT, scores
-from outlierlab.tables import Column, Table, columns, ratio_to_baseline
+from outlierlab.studies.variants import ZERO_SHOT, ratios_with_intervals, scores, window_nll
+from outlierlab.tables import Column, Table, columns
 
 
 def criteria(cfg) -> tuple[OutlierCriterion, GammaCriterion]:
@@ -92,6 +92,18 @@ def _columns(ctx) -> list[Column]:
                    *([("zero_shot_mean", "zero-shot mean")] if ctx.cfg.eval.get("zeroshot") else []))
 
 
+def w8a8_protocol(exp) -> str:
+    """What exp.w8a8 quantizes, read from its interventions' config (the caption states the protocol that ran)."""
+    parts = []
+    for name in exp.w8a8:
+        step = exp.interventions[name]
+        if "granularity" in step:
+            parts.append(f"INT{step.bits} activations per {step.granularity}")
+        elif "block" in step:
+            parts.append(f"INT{step.bits} weights per {'output channel' if step.block == 'channel' else step.block}")
+    return " + ".join(parts) or "none"
+
+
 def _caption(ctx, gammas, details, outlier, gamma_rule, probe) -> str:
     offset = ctx.loaded.sites.family.norm_gain_offset
     consistent = {role: found["consistent"] for role, found in gammas.items()}
@@ -103,8 +115,7 @@ def _caption(ctx, gammas, details, outlier, gamma_rule, probe) -> str:
             f"{outlier.median_ratio:g} x the token's median |x|) in >= {outlier.layer_share:.0%} of the layers, "
             f"over every norm output and linear input; outlier ch./site: mean number of such channels per "
             f"hidden-size site; measured on {probe['windows']} x {probe['seqlen']} tokens of {probe['dataset']} "
-            f"{probe['split']}. PPL {ctx.cfg.eval.name}; W8A8 = INT8 weights per channel + per-tensor INT8 "
-            f"activations. BERT Busters' outlier dims (both tails, >= {gamma_rule.layer_share:.0%} of layers): "
+            f"{probe['split']}. PPL {ctx.cfg.eval.name}; W8A8 = {w8a8_protocol(ctx.cfg.exp)}. BERT Busters' outlier dims (both tails, >= {gamma_rule.layer_share:.0%} of layers): "
             + "; ".join(f"{role} {chs}" for role, chs in consistent.items()))
 
 
@@ -119,7 +130,7 @@ def run(ctx) -> dict:
     for variant, names in exp.variants.items():
         details[variant] = ctx.evaluate(list(names), {}, label=variant, observe=observe(variant))
         rows.append(row_for(variant, details[variant], protocols, hidden_size))
-    ratio_to_baseline(rows, protocols[0])
+    ratios_with_intervals(rows, window_nll(details, protocols[0]), protocols[0])
     original = details.get("original", {}).get("channels")
     overlap = coincidence(gammas, original["summary"]) if original else None
     # the same against the relative rule's outlier channels (for models whose norm outputs are far below |x| = 6)

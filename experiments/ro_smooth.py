@@ -16,7 +16,8 @@ from outlierlab.models import massive
 from outlierlab.probes.activation_means import measure_means
 from outlierlab.probes.channel_outliers import forward_windows
 from outlierlab.probes.ma_birth import SiteExtremes, criterion_from, first_appearance
-from outlierlab.tables import Table, columns, ratio_to_baseline
+from outlierlab.studies.variants import ratios_with_intervals, scores, window_nll
+from outlierlab.tables import Table, columns
 
 SOURCES = ("auto", "registry", "detect")
 
@@ -72,12 +73,13 @@ def detect(ctx) -> tuple[list[massive.MassiveActivation], dict]:
 
 
 def _row(variant: str, detail: dict, protocols: list[str]) -> dict:
-    """Where the edit acted, PPL per protocol, and the largest |mean MA value| at the last block output."""
+    """Where the edit acted, PPL per protocol (with its interval over windows), and the largest |mean MA value| at the
+    last block output."""
     edits = [e for e in detail["edits"] if e.get("edit") == "smooth_massive_activation"]
     row = {"variant": variant,
            "edited_at": (", ".join(f"{e['where']} ({len(e['sites'])} sites, {e['value']})" for e in edits)
                          or ("; ".join(e["edit"] for e in detail["edits"]) or "-"))}
-    row.update({key: detail["ppl"][key]["ppl"] for key in protocols})
+    row.update(scores(detail, protocols))
     trace = detail.get("ma_trace")
     if trace:
         row["abs_ma_last_layer"] = max(abs(v) for location in trace["mean"] for r in location[-1] for v in r)
@@ -125,7 +127,7 @@ def run(ctx) -> dict:
             rows.append({"variant": variant, "note": "skipped: no massive activation"})
             continue
         rows.append(_row(variant, details[variant], protocols))
-    ratio_to_baseline(rows, protocols[0])
+    ratios_with_intervals(rows, window_nll(details, protocols[0]), protocols[0])
     shown = columns("variant", ("edited_at", "edited at"), *protocols, ("x_original", "x original"),
                     ("abs_ma_last_layer", "|MA| last layer"), *(["note"] if any("note" in row for row in rows) else []))
     return {"massive_activations": {"used": [m.describe() for m in found], "origin": origin, "birth": birth},

@@ -35,6 +35,16 @@ def _run(tmp_path, source, exp, *extra):
         "index"] == ["variant"] else record["table"]["rows"]
 
 
+def _has_paired_intervals(rows: dict, variants: list[str]) -> None:
+    """Every compared number carries its interval: PPL over windows, x original paired over the same windows."""
+    for variant in ["original", *variants]:
+        low, high = rows[variant]["wikitext2_ci"]
+        assert low <= rows[variant]["wikitext2"] <= high
+    for variant in variants:
+        low, high = rows[variant]["x_original_ci"]
+        assert low < high and low <= rows[variant]["x_original"] <= high
+
+
 def test_ro_gamma_removes_a_planted_channel_outlier_and_the_control_does_not(tmp_path):
     source = _saved(tmp_path, lambda loaded: plant_gain(loaded, "norm2", 7, 60.0))
     record, rows = _run(tmp_path, source, "ro_gamma", "exp.w8a8_protocols=[wikitext2]")
@@ -46,6 +56,8 @@ def test_ro_gamma_removes_a_planted_channel_outlier_and_the_control_does_not(tmp
     assert rows["original"]["w8a8_wikitext2"] > 1
     assert record["coincidence"]["norm2"]["also_activation_outliers"] == 4
     assert record["coincidence_relative"]["norm2"]["also_activation_outliers"] == 4
+    _has_paired_intervals(rows, ["reset_one", "reset_mean", "random_one"])
+    assert "INT8 activations per token" in record["table"]["caption"]  # the protocol that ran, not a fixed text
     written = reports.run_builders("tables", tmp_path / "results", tmp_path / "out", only=["ro"])
     written += reports.run_builders("figures", tmp_path / "results", tmp_path / "out", only=["ro"])
     assert {p.name for p in written} >= {"ro_gamma_planted_quick.md", "ro_gamma_planted_quick.png"}
@@ -63,6 +75,7 @@ def test_ro_locate_and_ro_smooth_on_a_planted_mlp(tmp_path):
     assert rows["birth_clip"]["edited_at"] == "birth (1 sites, clip)"
     assert rows["skip_clip"]["edited_at"] == "skip (1 sites, clip)"  # layer 3, the only later one
     assert rows["birth_clip"]["wikitext2"] != rows["original"]["wikitext2"]
+    _has_paired_intervals(rows, ["birth_clip", "skip_clip"])
     written = reports.run_builders("figures", tmp_path / "results", tmp_path / "out", only=["ro"])
     assert {p.name for p in written} >= {"ro_locate_planted_quick.png", "ro_smooth_planted_quick.png"}
 

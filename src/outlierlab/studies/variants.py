@@ -50,6 +50,22 @@ def add_reference_ratio(reference: Reference | None, rows: list[dict], key: str,
     return added
 
 
+def ratios_with_intervals(rows: list[dict], window_nll: dict[str, list | None], key: str) -> None:
+    """x original = row[key] / the original row's, and its paired bootstrap interval over the same windows
+    (`x_original_ci`) for every row whose per-window NLL of protocol `key` is in `window_nll` (by variant)."""
+    ratio_to_baseline(rows, key)
+    baseline = window_nll.get("original")
+    for row in rows:
+        if RATIO.key in row and baseline and window_nll.get(row["variant"]):
+            row[interval_key(RATIO.key)] = ratio_interval(window_nll[row["variant"]], baseline)
+
+
+def window_nll(details: dict[str, dict], key: str) -> dict[str, list | None]:
+    """{variant: per-window NLL of protocol `key`} of ctx.evaluate's results by variant."""
+    return {variant: evaluated["ppl"][key].get("window_nll") for variant, evaluated in details.items()
+            if key in evaluated.get("ppl", {})}
+
+
 def scores(evaluated: dict, protocols: list[str], tasks: bool = False) -> dict:
     """{protocol: PPL, (task: acc x100,) zero_shot_mean: mean acc x100} of one evaluation ({"ppl", "zeroshot"}),
     with each value's uncertainty where the evaluation has it: <protocol>_ci, <task>_se, zero_shot_mean_se."""
@@ -131,11 +147,7 @@ class VariantTable:
     def table(self, caption: str, extra: list[Column] = (), optional: list[Column] = ()) -> Table:
         """The Table, with x_original and its paired interval for every row with PPL (and the paper's ratio, when
         `paper_ratio`)."""
-        ratio_to_baseline(self.rows, self.protocols[0])
-        baseline = self.window_nll.get("original")
-        for row in self.rows:
-            if RATIO.key in row and baseline and self.window_nll.get(row["variant"]):
-                row[interval_key(RATIO.key)] = ratio_interval(self.window_nll[row["variant"]], baseline)
+        ratios_with_intervals(self.rows, self.window_nll, self.protocols[0])
         paper_ratio = self.paper_ratio and add_reference_ratio(self.reference, self.rows, self.protocols[0])
         return Table(self.columns(extra, optional, paper_ratio), self.rows, index="variant", reference=self.reference,
                      caption=caption)
