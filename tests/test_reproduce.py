@@ -67,18 +67,54 @@ def test_timings_and_host_details_are_not_compared():
     assert [c.path for c in reproduce.compare(recorded, {"ppl": {"ppl": 2.0}})] == ["ppl.ppl"]
 
 
-def test_records_whose_code_cannot_be_named_are_refused():
+def test_records_whose_code_cannot_be_named_are_refused(monkeypatch):
     here = {"commit": "a" * 40, "dirty": False}
     with pytest.raises(reproduce.Refused, match="dirty tree.*--allow-dirty"):
         reproduce.check_provenance({"git": {"commit": "a" * 40, "dirty": True}}, here=here)
     with pytest.raises(reproduce.Refused, match="uncommitted changes"):
         reproduce.check_provenance({"git": {"commit": "a" * 40, "dirty": False}}, here={**here, "dirty": True})
-    with pytest.raises(reproduce.Refused, match="not in this repository.*--allow-other-commit"):
+    with pytest.raises(reproduce.Refused, match="does not have.*--here"):
         reproduce.check_provenance({"git": {"commit": "f" * 40, "dirty": False}}, here=here)
-    assert reproduce.check_provenance({"git": {"commit": "a" * 40, "dirty": False}}, here=here) == []
-    warnings = reproduce.check_provenance({"git": {"commit": "f" * 40, "dirty": True}}, allow_dirty=True,
-                                          allow_other_commit=True, here=here)
-    assert len(warnings) == 2
+    assert reproduce.check_provenance({"git": {"commit": "a" * 40, "dirty": False}}, here=here) == (None, [])
+    checkout, warnings = reproduce.check_provenance({"git": {"commit": "f" * 40, "dirty": True}}, allow_dirty=True,
+                                                    here_code=True, here=here)
+    assert checkout is None and len(warnings) == 2
+
+
+def test_a_record_of_other_code_reruns_at_its_own_commit(monkeypatch):
+    """The code moved on since the record: the rerun uses the record's commit (a worktree), not this checkout's,
+    so this checkout's uncommitted changes do not matter; --here uses this checkout's code and says so."""
+    here = {"commit": "a" * 40, "dirty": True}
+    monkeypatch.setattr(reproduce, "_code_changes", lambda commit: ["src/outlierlab/runner.py"])
+    made = {"git": {"commit": "b" * 40, "dirty": False}}
+    assert reproduce.check_provenance(made, here=here) == ("b" * 40, [])
+    checkout, (warning, dirty) = reproduce.check_provenance(made, here_code=True, allow_dirty=True, here=here)
+    assert checkout is None and "rerun with this checkout's code: 1 code files changed" in warning
+    monkeypatch.setattr(reproduce, "_code_changes", lambda commit: [])  # same code: rerun here
+    assert reproduce.check_provenance(made, here={**here, "dirty": False}) == (None, [])
+
+
+def test_the_rerun_worktree_is_the_records_commit_and_is_removed():
+    head = git_state(ROOT, diff=False)["commit"]
+    with reproduce.checkout_at(head) as root:
+        assert root != ROOT and (root / "run.py").is_file()
+        assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip() == head
+        assert not (root / "outputs").exists() or (root / "outputs").resolve() == (ROOT / "outputs").resolve()
+    assert not root.exists()
+    assert str(root) not in subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
+
+
+def test_a_tiny_record_reproduces_at_its_commit_in_a_worktree(tiny_record, tmp_path, monkeypatch, capsys):
+    record = read_result(tiny_record)
+    head = git_state(ROOT, diff=False)["commit"]
+    record["git"] = {"commit": head, "dirty": False}  # as if made at HEAD from a clean tree
+    write_result(record, tmp_path / "at_head.json")
+    here = git_state(ROOT, diff=False)
+    monkeypatch.setattr(reproduce, "git_state", lambda *a, **k: {**here, "commit": "0" * 40})  # the code moved on
+    monkeypatch.setattr(reproduce, "_code_changes", lambda commit: ["src/outlierlab/runner.py"])
+    assert reproduce.main([str(tmp_path / "at_head.json"), "--keep", str(tmp_path / "rerun")]) == 0
+    out = capsys.readouterr().out
+    assert f"rerun at the record's commit {head[:10]}" in out and "agrees:" in out
 
 
 def test_a_refused_record_exits_2_with_the_reason(tmp_path, capsys):
@@ -110,8 +146,8 @@ def _committed_records():
 
 @pytest.mark.parametrize("path", _committed_records())
 def test_committed_records_reproduce(path, tmp_path):
-    # The code may have moved on since the record's commit: that is what this checks (--allow-other-commit).
-    assert reproduce.main([str(path), "--allow-other-commit", "--allow-dirty", "--keep", str(tmp_path)]) == 0
+    # Today's code still gives the recorded numbers (--here: this checkout's code, whatever commit made the record).
+    assert reproduce.main([str(path), "--here", "--allow-dirty", "--keep", str(tmp_path)]) == 0
 
 
 def test_a_dirty_tree_records_the_diff_of_its_code(tmp_path):

@@ -5,14 +5,17 @@ whether the new numbers agree with the record within its recorded uncertainty.
     python -m outlierlab.reproduce --all                      # every record under results/
     python -m outlierlab.reproduce 'results/sw_index/*/*.json' --keep /tmp/rerun
     python -m outlierlab.reproduce results/x.json --against /tmp/rerun/x.json   # compare two records, no rerun
+    python -m outlierlab.reproduce results/x.json --here      # rerun with this checkout's code, not the record's
     python -m outlierlab.reproduce --all --status          # which records are dirty / stale, and their cost
 
-The command is the record's own: `python run.py <record["overrides"]>` at the repository root, with the results
-written to a scratch folder (paths.results_dir), no logger, and this machine's data and cache (paths.*). A record is
-compared only when the code that made it is the code here: a record from a dirty tree (its code cannot be named), a
-record from another commit whose code differs (results.CODE: src/, conf/, experiments/, run.py, scripts/,
-requirements/, pyproject.toml), a working tree with uncommitted changes to that code, or a model checkpoint that is
-not here is refused with the reason, unless --allow-dirty / --allow-other-commit say to try anyway.
+The command is the record's own: `python run.py <record["overrides"]>`, with the results written to a scratch folder
+(paths.results_dir), no logger, and this machine's data, cache and checkpoints (paths.*). The code is the record's
+own too: when the record's commit is not this checkout's and the code differs (results.CODE: src/, conf/,
+experiments/, run.py, scripts/, requirements/, pyproject.toml), the rerun runs in a temporary git worktree at the
+record's commit, so a record stays reproducible after the code moves on; `--here` reruns it with this checkout's code
+instead (does today's code still give the recorded numbers?). Refused, with the reason: a record from a dirty tree
+(its code cannot be named; --allow-dirty tries anyway), a commit this repository does not have, a dirty checkout when
+the rerun would use this checkout's code, or a model checkpoint that is not here.
 
 Agreement, per number (every numeric leaf the record holds, timings and host details aside):
     equal              |new - old| <= rtol |old| (+ atol): float rounding of the same computation
@@ -30,8 +33,11 @@ import os
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from outlierlab.results import CODE, REPO, git_state, read_result
 from outlierlab.runner import RECORD_FORMAT
@@ -71,10 +77,11 @@ def _code_changes(commit: str) -> list[str] | None:
     return None if done.returncode != 0 else done.stdout.split()
 
 
-def check_provenance(record: dict, allow_dirty: bool = False, allow_other_commit: bool = False,
-                     here: dict | None = None) -> list[str]:
-    """Raise Refused when the record's code is not this code (unless allowed); return the warnings of what was
-    allowed. `here` is this checkout's git_state (default: read it)."""
+def check_provenance(record: dict, allow_dirty: bool = False, here_code: bool = False,
+                     here: dict | None = None) -> tuple[str | None, list[str]]:
+    """Which code reruns the record: (None = this checkout's, or the commit to check out), and the warnings of what
+    was allowed. Raise Refused when the record's code cannot be named or is not here. `here_code`: use this checkout's
+    code even when the record's commit has other code; `here` is this checkout's git_state (default: read it)."""
     made, here = record.get("git") or {}, here if here is not None else git_state(REPO, diff=False)
     warnings = []
     if made.get("dirty"):
@@ -82,11 +89,6 @@ def check_provenance(record: dict, allow_dirty: bool = False, allow_other_commit
             raise Refused(f"made from a dirty tree at {str(made.get('commit'))[:10]}: the code that made it cannot be "
                           f"named (rerun it at a clean commit, or --allow-dirty to compare anyway)")
         warnings.append("the record was made from a dirty tree")
-    if here.get("dirty"):
-        if not allow_dirty:
-            raise Refused("this working tree has uncommitted changes to its code: the rerun's code would not be the "
-                          "record's (commit first, or --allow-dirty)")
-        warnings.append("this working tree is dirty")
     source = str((record.get("model") or {}).get("source") or "")
     if source and "://" not in source and source != "tiny" and not (REPO / source).expanduser().exists():
         raise Refused(f"its model, {source}, is not here (a checkpoint: make it first with the command that made "
@@ -94,30 +96,67 @@ def check_provenance(record: dict, allow_dirty: bool = False, allow_other_commit
     commit = made.get("commit")
     if commit is None:
         raise Refused("the record names no commit")
+    checkout = None
     if commit != here.get("commit"):
         changed = _code_changes(commit)
+        if changed is None and not here_code:
+            raise Refused(f"made at commit {commit[:10]}, which this repository does not have (fetch it, or --here "
+                          f"to rerun with this checkout's code)")
         if changed is None or changed:
             reason = ("its commit is not in this repository" if changed is None
                       else f"{len(changed)} code files changed since ({', '.join(changed[:3])}...)")
-            if not allow_other_commit:
-                raise Refused(f"made at commit {commit[:10]}, this checkout is {str(here.get('commit'))[:10]}: "
-                              f"{reason} (check out {commit[:10]}, or --allow-other-commit)")
-            warnings.append(f"made at {commit[:10]}: {reason}")
-    return warnings
+            if here_code:
+                warnings.append(f"made at {commit[:10]}, rerun with this checkout's code: {reason}")
+            elif not made.get("dirty"):
+                checkout = commit
+    if checkout is None and here.get("dirty"):
+        if not allow_dirty:
+            raise Refused("this working tree has uncommitted changes to its code: the rerun's code would not be the "
+                          "record's (commit first, or --allow-dirty)")
+        warnings.append("this working tree is dirty")
+    return checkout, warnings
 
 
 # ------------------------------------------------------------------------------------------------ the rerun
 
-def rerun(record: dict, scratch: Path) -> Path:
-    """Run the record's command again with results in `scratch`; the path of the new record."""
+def _this_machine_paths() -> dict[str, str]:
+    """paths.data_dir / cache_dir / checkpoints_dir as this checkout resolves them, absolute (a worktree elsewhere
+    must read the same data and write no checkpoint into this repository's outputs/ by accident: it reads them)."""
+    paths = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "config.yaml").paths, resolve=True)
+    return {f"OUTLIERLAB_{key.upper()}": str((REPO / Path(value).expanduser()).resolve())
+            for key, value in paths.items() if key != "results_dir" and value is not None}
+
+
+@contextmanager
+def checkout_at(commit: str | None):
+    """This repository's root (commit None), or a temporary git worktree at `commit` (removed afterwards) where the
+    model sources the record names relative to the repository (outputs/...) are linked to this checkout's."""
+    if commit is None:
+        yield REPO
+        return
+    root = Path(tempfile.mkdtemp(prefix=f"outlierlab-at-{commit[:10]}-")) / "checkout"
+    subprocess.run(["git", "worktree", "add", "--detach", str(root), commit], cwd=REPO, check=True,
+                   capture_output=True)
+    try:
+        if (REPO / "outputs").exists():
+            (root / "outputs").symlink_to(REPO / "outputs")
+        print(f"rerun at the record's commit {commit[:10]} (a temporary worktree)", flush=True)
+        yield root
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(root)], cwd=REPO, capture_output=True)
+
+
+def rerun(record: dict, scratch: Path, root: Path = REPO) -> Path:
+    """Run the record's command again with the code at `root`, results in `scratch`; the path of the new record."""
     # Where data, cache and results lie is this machine's (the record holds them portably; the data is checked by
     # its sha256 in the comparison).
     overrides = [o for o in record["overrides"] if not o.lstrip("+~").startswith("paths.")]
     command = [sys.executable, "run.py", *overrides, f"paths.results_dir={scratch / 'results'}",
                "logger=none", f"hydra.run.dir={scratch / 'hydra'}"]
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    environment = {**os.environ, **({} if root == REPO else _this_machine_paths()),
+                   "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
     print("rerun:", " ".join(command[1:]), flush=True)
-    done = subprocess.run(command, cwd=REPO, env=environment)
+    done = subprocess.run(command, cwd=root, env=environment)
     if done.returncode != 0:
         raise RuntimeError(f"the rerun exited with {done.returncode}")
     produced = list((scratch / "results").rglob("*.json"))
@@ -248,15 +287,20 @@ def reproduce(path: Path, args) -> int:
     """0 agrees, 1 differs, 2 refused or failed to run."""
     record = read_result(path)
     try:
-        for warning in check_provenance(record, args.allow_dirty, args.allow_other_commit):
+        commit, warnings = check_provenance(record, args.allow_dirty, args.here)
+        for warning in warnings:
             print(f"warning: {path}: {warning}")
     except Refused as refusal:
         print(f"refused: {path}: {refusal}")
         return 2
     try:
-        comparisons = compare(record, read_result(args.against or rerun(record, _scratch(path, args.keep))),
-                              args.rtol)
-    except RuntimeError as error:
+        if args.against:
+            reproduced = read_result(args.against)
+        else:
+            with checkout_at(commit) as root:
+                reproduced = read_result(rerun(record, _scratch(path, args.keep), root))
+        comparisons = compare(record, reproduced, args.rtol)
+    except (RuntimeError, subprocess.CalledProcessError) as error:
         print(f"failed: {path}: {error}")
         return 2
     if all(c.agrees for c in comparisons):
@@ -303,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="every record under results/<exp>/<model>/")
     parser.add_argument("--allow-dirty", action="store_true", help="compare a record made from a dirty tree, or "
                         "rerun from one")
-    parser.add_argument("--allow-other-commit", action="store_true", help="compare a record made by other code")
+    parser.add_argument("--here", action="store_true", help="rerun with this checkout's code, not the record's "
+                        "commit's (does today's code still give the recorded numbers?)")
     parser.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of 'equal' (default 1e-4)")
     parser.add_argument("--keep", help="write the reruns here (default: a temporary folder)")
     parser.add_argument("--against", help="compare with this record instead of rerunning (e.g. a kept rerun)")
