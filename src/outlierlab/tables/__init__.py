@@ -24,5 +24,5 @@ from outlierlab.tables.schema import (
 )
 
 __all__ = ["COMPANIONS", "SCHEMA", "Column", "Reference", "Table", "check_key", "columns", "format_cell",
-           "format_number", "format_uncertain", "interval_key", "latex", "markdown", "ratio_to_baseline", "std_key", "stderr_key",
-           "write_table"]
+           "format_number", "format_uncertain", "interval_key", "latex", "markdown", "ratio_to_baseline", "std_key",
+           "stderr_key", "write_table"]
