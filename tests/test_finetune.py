@@ -217,15 +217,17 @@ def test_boolq_split_keeps_every_passage_on_one_side():
 @pytest.mark.requires("data")
 def test_finetune_run_writes_a_result_and_a_loadable_checkpoint(tmp_path):
     from outlierlab.runner import execute
-    cfg = compose_cfg(["+exp=finetune", "model=tiny_llama", "finetune/method=lora", "finetune.steps=2",
-                       "exp.atlas.windows=1", "logger=none", "eval.ppl.wikitext2.seqlen=64",
-                       "eval.ppl.wikitext2.windows=2", f"paths.results_dir={tmp_path / 'results'}",
-                       f"paths.checkpoints_dir={tmp_path / 'ck'}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    cfg_overrides = ["+exp=finetune", "model=tiny_llama", "finetune/method=lora", "finetune.steps=2",
+                     "exp.atlas.windows=1", "logger=none", "eval.ppl.wikitext2.seqlen=64",
+                     "eval.ppl.wikitext2.windows=2", f"paths.results_dir={tmp_path / 'results'}",
+                     f"paths.checkpoints_dir={tmp_path / 'ck'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    cfg = compose_cfg(cfg_overrides)
     record = execute(cfg)
     row = record["table"]["rows"][0]
     assert row["method"] == "lora" and row["trainable"] == record["finetune"]["trainable"]["total"] > 0
     assert record["survival"]["sw_total"] == 0  # the random model has no super weight
-    directory = tmp_path / "ck" / "finetune" / "tiny_llama" / "cpt" / "lora"
+    assert record["run_tag"] == "cpt_lora_s0" and record["finetune"]["seed"] == 0
+    directory = tmp_path / "ck" / "finetune" / "tiny_llama" / "cpt" / "lora" / "s0"
     assert json.loads((directory / "outlierlab.json").read_text())["bos"] == "prepend"
     assert (directory / "adapter" / "adapter_config.json").is_file()
     other = compose_cfg(["model=trained", f"model.source={directory}"])
@@ -236,10 +238,14 @@ def test_finetune_run_writes_a_result_and_a_loadable_checkpoint(tmp_path):
     final = torch.load(directory / "checkpoint" / "trainable.pt", weights_only=True)
     assert final and all("lora_" in name for name in final)
     assert weights_sha256(reloaded.model) != weights_sha256(load_model(cfg.model, tmp_path).model)
+    seed1 = execute(compose_cfg([*cfg_overrides, "seed=1"]))  # another seed: its own batches, the same "before"
+    assert seed1["run_tag"] == "cpt_lora_s1" and seed1["finetune"]["seed"] == 1
+    assert seed1["before"]["cached"] and seed1["before"]["ppl"] == record["before"]["ppl"]
+    assert [h["loss"] for h in seed1["history"]] != [h["loss"] for h in record["history"]]
     from outlierlab.reports import run_builders
     tables = run_builders("tables", tmp_path / "results", tmp_path / "tables", ["finetune"])
     assert [p.name for p in tables] == ["finetune_tiny_llama_cpt.md", "finetune_tiny_llama_cpt.tex"]
-    assert "| lora " in tables[0].read_text()
+    assert "| lora   | 2 " in tables[0].read_text()  # one row, n = 2 seeds
     figures = run_builders("figures", tmp_path / "results", tmp_path / "figures", ["finetune"])
     assert {p.suffix for p in figures} == {".png", ".pdf"}
 

@@ -9,7 +9,7 @@ import pytest
 from outlierlab.evals.ppl import ppl_interval, ratio_interval
 from outlierlab.results import read_result
 from outlierlab.studies.variants import VariantTable, paper_reference
-from outlierlab.tables import SCHEMA, Column, Reference, Table, interval_key, latex, markdown, stderr_key
+from outlierlab.tables import COMPANIONS, SCHEMA, Column, Reference, Table, latex, markdown
 from outlierlab.tables.render import cells
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,14 +79,14 @@ def test_a_display_label_is_refused_as_a_data_key(label):
 
 def test_every_stored_table_is_typed_and_keyed_by_data_keys():
     """Every committed result's table is outlierlab.table/1; no row key is a display label (unless it is its own
-    key, e.g. "wikitext2"), every row key is a column's key or its uncertainty companion (<key>_ci, <key>_se)."""
+    key, e.g. "wikitext2"), every row key is a column's key or its uncertainty companion (<key>_ci, _se, _sd)."""
     paths = sorted((ROOT / "results").glob("*/*/*.json"))
     tables = [(path, read_result(path)["table"]) for path in paths if read_result(path).get("table")]
     assert len(tables) > 40
     for path, stored in tables:
         table = Table.from_dict(stored)
         keys = {c.key for c in table.columns if not c.reference}
-        keys |= {companion(key) for key in keys for companion in (interval_key, stderr_key)}
+        keys |= {companion(key) for key in keys for companion in COMPANIONS.values()}
         labels = {c.label for c in table.columns} - {c.key for c in table.columns}
         for row in table.rows:
             assert set(row) <= keys, (path, set(row) - keys)

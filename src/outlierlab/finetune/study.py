@@ -160,6 +160,7 @@ class Study:
                    f"tokens), AdamW lr {cfg.finetune.lr}; PPL = {cfg.eval.name}; W8A8 = {list(cfg.exp.w8a8)}")
         return {
             "finetune": {"method": OmegaConf.to_container(method), "task": OmegaConf.to_container(task),
+                         "seed": int(cfg.exp.seed),  # batches, LoRA init, LISA's schedule: the report's seed axis
                          "settings": {k: v for k, v in OmegaConf.to_container(cfg.finetune, resolve=True).items()
                                       if k not in ("method", "task")},
                          "data": self.data_meta, "test_file": str(self.test_file) if self.test_file else None,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from outlierlab.reports import register, table_of
 from outlierlab.results import read_result
-from outlierlab.tables import Column, Table, interval_key, stderr_key, write_table
+from outlierlab.tables import COMPANIONS, Column, Table, write_table
 
 NOT_EXPERIMENTS = ("tables", "figures", "sweeps")
 
@@ -21,14 +21,14 @@ def _key(column: Column) -> str:
 
 
 def _cells(table: Table, row: dict) -> dict:
-    """A row's values by combined key, each with its uncertainty companion (`<key>_ci` / `<key>_se`)."""
+    """A row's values by combined key, each with its uncertainty companion (`<key>_ci` / `_se` / `_sd`)."""
     cells = {}
     for column in table.columns:
         cells[_key(column)] = table.value(row, column)
         uncertainty = table.uncertainty(row, column)
         if uncertainty is not None:
             kind, value = uncertainty
-            cells[(interval_key if kind == "ci" else stderr_key)(_key(column))] = value
+            cells[COMPANIONS[kind](_key(column))] = value
     return cells
 
 

@@ -10,6 +10,7 @@ from outlierlab.tables.render import (
            write_table,
 )
 from outlierlab.tables.schema import (
+           COMPANIONS,
            SCHEMA,
            Column,
            Reference,
@@ -18,8 +19,10 @@ from outlierlab.tables.schema import (
            columns,
            interval_key,
            ratio_to_baseline,
+           std_key,
            stderr_key,
 )
 
-__all__ = ["SCHEMA", "Column", "Reference", "Table", "check_key", "columns", "format_cell", "format_number",
-           "format_uncertain", "interval_key", "latex", "markdown", "ratio_to_baseline", "stderr_key", "write_table"]
+__all__ = ["COMPANIONS", "SCHEMA", "Column", "Reference", "Table", "check_key", "columns", "format_cell",
+           "format_number", "format_uncertain", "interval_key", "latex", "markdown", "ratio_to_baseline", "std_key",
+           "stderr_key", "write_table"]

@@ -14,7 +14,8 @@ from `reference.values[<row id>][<key>]`, so the paper's numbers sit beside ours
 `to_dict()` is what a result JSON stores under "table".
 
 A measured value may carry its uncertainty in a companion key of the same row: `<key>_ci` = [low, high] (an interval,
-shown "30.6 [29.1, 32.0]") or `<key>_se` = a standard error (shown "45.0 ± 15.7"). `Table.uncertainty` finds it;
+shown "30.6 [29.1, 32.0]"), `<key>_se` = a standard error or `<key>_sd` = a standard deviation (both shown
+"45.0 ± 15.7"; the caption says which). `Table.uncertainty` finds it;
 reference columns (the paper's numbers) have none.
 """
 from __future__ import annotations
@@ -32,6 +33,14 @@ def interval_key(key: str) -> str:
 
 def stderr_key(key: str) -> str:
     return f"{key}_se"
+
+
+def std_key(key: str) -> str:
+    return f"{key}_sd"
+
+
+# uncertainty kind -> its companion key: an interval, a standard error, a standard deviation (over seeds, say)
+COMPANIONS = {"ci": interval_key, "se": stderr_key, "sd": std_key}
 
 
 def row_id(row: dict, index: list[str]) -> str | None:
@@ -130,10 +139,11 @@ class Table:
         return row.get(column.key)
 
     def uncertainty(self, row: dict, column: Column) -> tuple[str, object] | None:
-        """("ci", [low, high]) or ("se", stderr) of a cell of ours, or None."""
+        """("ci", [low, high]), ("se", stderr) or ("sd", std) of a cell of ours, or None."""
         if column.reference:
             return None
-        for kind, key in (("ci", interval_key(column.key)), ("se", stderr_key(column.key))):
+        for kind, companion in COMPANIONS.items():
+            key = companion(column.key)
             if row.get(key) is not None:
                 return kind, row[key]
         return None
