@@ -280,6 +280,11 @@ def test_quant_exps_end_to_end_and_reports(tmp_path):
     assert {p.suffix for p in tables} == {".md", ".tex"} and {p.suffix for p in figures} == {".png", ".pdf"}
     assert all(p.stat().st_size > 0 for p in tables + figures)
     assert run_builders("tables", tmp_path / "empty", tmp_path / "none", only=["sw_quant"]) == []
+    # every compared number carries its interval: PPL over windows, SW-aware / RTN paired over the same windows
+    weights_table = next(p for p in tables if p.name == "sw_quant_weights_tiny_llama.md").read_text()
+    assert "sw_aware / rtn wikitext2" in weights_table
+    tensor_row = next(line for line in weights_table.splitlines() if line.startswith("| INT4  | tensor"))
+    assert tensor_row.count("[") == 5  # rtn and sw_aware on both protocols, and their paired ratio
 
 
 @pytest.mark.smollm2

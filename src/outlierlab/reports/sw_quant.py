@@ -12,9 +12,11 @@ from __future__ import annotations
 from math import isfinite
 from pathlib import Path
 
+from outlierlab.evals.ppl import ratio_interval
 from outlierlab.figures import plt, save_figure
 from outlierlab.reports import by_model, register, results, table_of
 from outlierlab.tables import Column, Reference, Table, write_table
+from outlierlab.tables.schema import interval_key
 
 WEIGHTS, ACTIVATIONS = "sw_quant_weights", "sw_quant_activations"
 METRIC_NAMES = {"wikitext2": "WikiText-2 PPL", "c4": "C4 PPL", "zeroshot_mean": "zero-shot mean (%)"}
@@ -23,11 +25,12 @@ METRIC_NAMES = {"wikitext2": "WikiText-2 PPL", "c4": "C4 PPL", "zeroshot_mean": 
 def _merge_weight_runs(records: list[tuple[Path, dict]]) -> dict:
     """One view of every weight run of a model: original scores, runs by (bits, block, method), axis orders."""
     runs, bits, blocks, methods, files = {}, [], [], [], []
-    original, reference, caption, gguf = {}, None, "", False
+    original, original_ppl, reference, caption, gguf = {}, {}, None, "", False
     for path, record in records:
         files.append(path.name)
         gguf = gguf or record["model"].get("kind") == "gguf"
         original = {**original, **record["original"]["scores"]}
+        original_ppl = {**original_ppl, **(record["original"].get("ppl") or {})}
         reference = reference or record.get("reference")
         caption = table_of(record).caption
         for run in record["runs"]:
@@ -44,6 +47,7 @@ def _merge_weight_runs(records: list[tuple[Path, dict]]) -> dict:
         size.setdefault(block, numel / groups if numel and groups else _nominal_size(block))
     blocks = sorted(blocks, key=lambda block: size[block])
     return {"runs": runs, "bits": bits, "blocks": blocks, "methods": methods, "original": original,
+            "float": {"scores": original, "ppl": original_ppl},
             "reference": reference, "caption": caption, "files": files, "gguf": gguf}
 
 
@@ -70,6 +74,27 @@ def _paper(reference: dict | None) -> tuple[Reference | None, list[Column]]:
     return Reference(source=reference["source"], values=values), columns
 
 
+def _scores(run: dict, method: str, metrics: list[str]) -> dict:
+    """A run's (or the float model's) score per metric, with its interval over windows where the record has one."""
+    row = {}
+    for metric in metrics:
+        row[f"{method}_{metric}"] = run["scores"].get(metric)
+        interval = ((run.get("ppl") or {}).get(metric) or {}).get("ppl_ci")
+        if interval:
+            row[interval_key(f"{method}_{metric}")] = interval
+    return row
+
+
+def _over_rtn(run: dict, rtn: dict | None, method: str, metric: str) -> dict:
+    """PPL of `method` / PPL of plain RTN at the same bits and block, with the paired bootstrap interval over the same
+    windows (what says whether SW-aware beats RTN, rather than two overlapping intervals)."""
+    mine, theirs = ((run.get("ppl") or {}).get(metric) or {}), (((rtn or {}).get("ppl") or {}).get(metric) or {})
+    if method == "rtn" or not mine.get("window_nll") or not theirs.get("window_nll"):
+        return {}
+    return {f"{method}_over_rtn": mine["ppl"] / theirs["ppl"],
+            interval_key(f"{method}_over_rtn"): ratio_interval(mine["window_nll"], theirs["window_nll"])}
+
+
 def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
     for model, records in by_model(results(results_dir, WEIGHTS)).items():
@@ -77,20 +102,22 @@ def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
         metrics = list(merged["original"])
         methods = merged["methods"]
         reference, paper = _paper(merged["reference"])
-        rows = [{"bits": "float", "block": "-",
-                 **{f"{m}_{k}": merged["original"][k] for m in methods for k in metrics}}]
+        rows = [{"bits": "float", "block": "-", **{key: value for m in methods
+                                                    for key, value in _scores(merged["float"], m, metrics).items()}}]
         for bits in merged["bits"]:
             for block in merged["blocks"]:
                 row = {"bits": f"INT{bits}", "block": block}
                 for method in methods:
                     run = merged["runs"].get((bits, block, method))
                     if run:
-                        row.update({f"{method}_{k}": run["scores"].get(k) for k in metrics})
+                        row.update(_scores(run, method, metrics))
                         row[f"{method}_rel_error"] = run["summary"]["mean_relative_error"]
                         row[f"{method}_clipped"] = run["summary"]["clipped"]
+                        row.update(_over_rtn(run, merged["runs"].get((bits, block, "rtn")), method, metrics[0]))
                 rows.append(row)
         columns = [Column("bits", "bits"), Column("block", "block"),
                    *[Column(f"{m}_{k}", f"{m} {k}") for k in metrics for m in methods],
+                   *[Column(f"{m}_over_rtn", f"{m} / rtn {metrics[0]}") for m in methods if m != "rtn"],
                    *[Column(f"{m}_rel_error", f"{m} rel. error") for m in methods],
                    *[Column(f"{m}_clipped", f"{m} clipped") for m in methods if m != "rtn"],
                    *paper]
