@@ -17,7 +17,10 @@ from outlierlab.probes.super_weight import (
     detect_super_weights,
     massive_activation,
 )
+from outlierlab.studies.variants import ratios_with_intervals, scores
 from outlierlab.tables import Table, columns
+
+ORIGINAL = "none (original)"  # the table's row of the unedited model
 
 
 def _detected_note(weight, detected, rejected) -> str:
@@ -83,15 +86,17 @@ def run(ctx) -> dict:
     protocols = list(ctx.cfg.eval.get("ppl") or {}) if cfg.importance else []
     importance = _importance(ctx, candidates, list(detected)) if protocols else {"original": {}}
 
-    def ppl(key: str) -> dict:
-        return {protocol: importance[key][protocol]["ppl"] for protocol in protocols}
-    rows = [{"candidate": "none (original)", **ppl("original")}] if protocols else []
+    def ppl(key: str) -> dict:  # PPL per protocol with its interval over windows
+        return scores({"ppl": importance[key]}, protocols)
+    rows = [{"candidate": ORIGINAL, **ppl("original")}] if protocols else []
     rows += [{**_candidate_row(weight, fact, detected, rejected, registry, activation),
               **(ppl(str(weight)) if protocols else {})} for weight, fact in zip(candidates, facts)]
     if protocols and detected:
         rows.append({"candidate": "all detected", **ppl("all detected")})
-    for row in rows if protocols else []:
-        row["x_original"] = row[protocols[0]] / importance["original"][protocols[0]]["ppl"]
+    if protocols:  # x original with its paired interval over the same windows
+        nll = {(ORIGINAL if key == "original" else key): result[protocols[0]].get("window_nll")
+               for key, result in importance.items()}
+        ratios_with_intervals(rows, nll, protocols[0], index="candidate", baseline=ORIGINAL)
 
     shown = columns("candidate", "value", "rank", ("z_score", "z-score"), ("input_spike", "input spike"),
                     ("output_spike", "output spike"), "detected", "registry", ("row_is_ma_channel", "row = MA channel"),

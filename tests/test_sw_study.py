@@ -53,6 +53,8 @@ def test_sw_index_for_a_model_given_by_path(study):
     original = rows["none (original)"]["wikitext2"]
     assert rows[str(SW)]["x_original"] == pytest.approx(rows[str(SW)]["wikitext2"] / original)
     assert abs(rows[str(SW)]["x_original"] - 1) > 1e-3  # a no-op would give exactly 1
+    low, high = rows[str(SW)]["x_original_ci"]  # paired over the same windows
+    assert low <= rows[str(SW)]["x_original"] <= high and len(rows[str(SW)]["wikitext2_ci"]) == 2
     assert rows["all detected"]["wikitext2"] == rows[str(SW)]["wikitext2"]  # the planted one is all that is detected
     assert record["weights_restored"]
 

@@ -50,14 +50,15 @@ def add_reference_ratio(reference: Reference | None, rows: list[dict], key: str,
     return added
 
 
-def ratios_with_intervals(rows: list[dict], window_nll: dict[str, list | None], key: str) -> None:
-    """x original = row[key] / the original row's, and its paired bootstrap interval over the same windows
-    (`x_original_ci`) for every row whose per-window NLL of protocol `key` is in `window_nll` (by variant)."""
-    ratio_to_baseline(rows, key)
-    baseline = window_nll.get("original")
+def ratios_with_intervals(rows: list[dict], window_nll: dict[str, list | None], key: str, index: str = "variant",
+                          baseline: str = "original") -> None:
+    """x original = row[key] / the baseline row's, and its paired bootstrap interval over the same windows
+    (`x_original_ci`) for every row whose per-window NLL of protocol `key` is in `window_nll` (by row[index])."""
+    ratio_to_baseline(rows, key, index=index, baseline=baseline)
+    base = window_nll.get(baseline)
     for row in rows:
-        if RATIO.key in row and baseline and window_nll.get(row["variant"]):
-            row[interval_key(RATIO.key)] = ratio_interval(window_nll[row["variant"]], baseline)
+        if RATIO.key in row and base and window_nll.get(row[index]):
+            row[interval_key(RATIO.key)] = ratio_interval(window_nll[row[index]], base)
 
 
 def window_nll(details: dict[str, dict], key: str) -> dict[str, list | None]:
