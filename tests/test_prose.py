@@ -42,6 +42,20 @@ def test_a_drifted_number_and_a_stale_table_are_named(tmp_path):
     assert len(prose.check(readme)[0]) == 2 and not prose.render_tables(readme)
 
 
+def test_a_table_file_block_is_the_file_the_reports_wrote(tmp_path):
+    """A table over several records (seeds, a sweep) is rendered from the file the reports built, and held to it."""
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "t.md").write_text("| method | ppl |\n|---|---|\n| a | 1.5 ± 0.1 |\n\ncaption\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- table: tables/t.md -->\n| stale |\n<!-- /table -->\n")
+    problems, ties = prose.check(readme)
+    assert ties == 1 and "is not the record's" in problems[0]
+    assert prose.render_tables(readme) and "| a | 1.5 ± 0.1 |" in readme.read_text()
+    assert prose.check(readme) == ([], 1)
+    (tmp_path / "tables" / "t.md").unlink()
+    assert "No such file" in prose.check(readme)[0][0]
+
+
 def test_every_paper_statement_of_the_readmes_cited_here_is_in_papers_md():
     """The paper numbers results/README compares with, each in shared/docs/papers.md (the project's source)."""
     papers = ROOT.parent / "shared" / "docs" / "papers.md"

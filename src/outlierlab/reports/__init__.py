@@ -88,7 +88,8 @@ def run_builders(kind: str, results_dir: Path, out_dir: Path, only: list[str] | 
     if unknown:
         raise ValueError(f"--only {', '.join(unknown)}: no such report (available: {', '.join(sorted(reports))})")
     written = []
-    for name, report in sorted(reports.items()):
+    # prose last: results/README renders table files the other reports write
+    for name, report in sorted(reports.items(), key=lambda item: (item[0] == "prose", item[0])):
         builder = getattr(report, kind)
         if builder is None or (only and name not in only):
             continue

@@ -6,7 +6,9 @@ Two ties, both checked by `check` (tests/test_prose.py) and the second rewritten
   holds 30.6406; 1,211 and 1.4e4 read as written). A path is dotted keys with `[i]` for a list position and
   `[key=value]` for the list item whose `key` is `value` (`table.rows[variant=prune_sw].x_original`).
 - a rendered table: the lines between `<!-- table: prune_sw/smollm2_135m/quick.json -->` and `<!-- /table -->` are
-  the record's stored table as markdown, with its intervals.
+  the record's stored table as markdown, with its intervals; between `<!-- table: tables/finetune_smollm2_135m_cpt.md
+  -->` and `<!-- /table -->` they are that file as the reports built it from the records (a table over several
+  records: seeds, a sweep), so it is rendered last, after every other report.
 Record paths are relative to the README's folder.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from outlierlab.results import read_result
 from outlierlab.tables import markdown
 
 LINK = re.compile(r"\[([^\]]*)\]\(([^)#\s]+\.json)#([^)\s]+)\)")
-TABLE = re.compile(r"(<!-- table: (\S+\.json) -->\n)(.*?)(<!-- /table -->)", re.S)
+TABLE = re.compile(r"(<!-- table: (\S+\.(?:json|md)) -->\n)(.*?)(<!-- /table -->)", re.S)
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:e[+-]?\d+)?")
 SEGMENT = re.compile(r"([^.\[\]]+)|\[([^\]]+)\]")
 
@@ -69,6 +71,13 @@ def _records(folder: Path):
     return record
 
 
+def _rendered(folder: Path, record, relative: str) -> str:
+    """The markdown a table block holds: a record's stored table, or a table file the reports wrote."""
+    if relative.endswith(".md"):
+        return (folder / relative).read_text().strip()
+    return markdown(table_of(record(relative))).strip()
+
+
 def check(readme: Path) -> tuple[list[str], int]:
     """(problems, number of ties checked): every linked number and every rendered table of `readme`."""
     text, record = readme.read_text(), _records(readme.parent)
@@ -86,16 +95,21 @@ def check(readme: Path) -> tuple[list[str], int]:
                 problems.append(f"{where}: the record holds {value!r}")
     for _, relative, body, _ in TABLE.findall(text):
         ties += 1
-        if body.strip() != markdown(table_of(record(relative))).strip():
+        try:
+            expected = _rendered(readme.parent, record, relative)
+        except OSError as error:
+            problems.append(f"{readme.name}: the table of {relative}: {error}")
+            continue
+        if body.strip() != expected:
             problems.append(f"{readme.name}: the table of {relative} is not the record's "
-                            f"(python scripts/make_tables.py --only prose)")
+                            f"(python scripts/make_tables.py)")
     return problems, ties
 
 
 def render_tables(readme: Path) -> bool:
     """Rewrite every rendered table of `readme` from its record; True if anything changed."""
     text, record = readme.read_text(), _records(readme.parent)
-    new = TABLE.sub(lambda m: f"{m.group(1)}{markdown(table_of(record(m.group(2))))}\n{m.group(4)}", text)
+    new = TABLE.sub(lambda m: f"{m.group(1)}{_rendered(readme.parent, record, m.group(2))}\n{m.group(4)}", text)
     if new != text:
         readme.write_text(new)
     return new != text
