@@ -15,12 +15,13 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from outlierlab.errors import ConfigError
+from outlierlab.evals.ppl import ppl_interval, ratio_interval
 from outlierlab.interventions.base import EditSession
 from outlierlab.interventions.fake_quant import W8A8
 from outlierlab.models.hashing import weights_sha256
 from outlierlab.models.load import load_model
 from outlierlab.tables import Column, Reference, Table, columns
-from outlierlab.train.analysis import classify_massive, measure, validation_loss
+from outlierlab.train.analysis import classify_massive, measure, validation_window_nll
 from outlierlab.train.data import SINK, prepare, validation_windows
 from outlierlab.train.modeling import read_metadata
 
@@ -56,7 +57,8 @@ def _variant(cfg, variant: str, streams) -> tuple[dict, dict]:
     before = weights_sha256(loaded.model)
     with EditSession(loaded) as session:
         session.apply([W8A8(**exp.w8a8)])
-        w8a8_loss = validation_loss(loaded.model, windows, exp.batch_size, desc=f"{variant} w8a8")
+        w8a8_nll = validation_window_nll(loaded.model, windows, exp.batch_size, desc=f"{variant} w8a8")
+        w8a8_loss = sum(w8a8_nll) / len(w8a8_nll)  # windows of one length: the token mean
         edits = list(session.log)
     restored = weights_sha256(loaded.model) == before
     massive = classify_massive(fp["residual"], exp.massive.abs_min, exp.massive.ratio_min)
@@ -67,6 +69,9 @@ def _variant(cfg, variant: str, streams) -> tuple[dict, dict]:
            "top1_over_median": massive["ratio_to_median"], "peak": massive["kind"],
            "massive": "yes" if massive["massive"] else "no"}
     row["w8a8_over_fp"] = row["w8a8_ppl"] / row["fp_ppl"]
+    # intervals over the validation windows: each PPL's bootstrap, W8A8 / FP paired over the same windows
+    row.update({"fp_ppl_ci": ppl_interval(fp["window_nll"]), "w8a8_ppl_ci": ppl_interval(w8a8_nll),
+                "w8a8_over_fp_ci": ratio_interval(w8a8_nll, fp["window_nll"])})
     detail = {"checkpoint": str(directory), "training": metadata, "model": loaded.info,
               "bos": model_cfg.bos, "windows": list(windows.shape), **fp, "massive": massive,
               "w8a8": {"val_loss": w8a8_loss, "edits": edits, "weights_restored": restored}}

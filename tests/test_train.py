@@ -453,6 +453,9 @@ def test_pretrain_then_variants_table_end_to_end(tmp_path):
     for row in rows.values():
         assert row["fp_ppl"] == pytest.approx(math.exp(row["val_loss"]))
         assert row["w8a8_ppl"] > 1 and row["max_inf_norm"] > 0 and row["massive"] in ("yes", "no")
+        for key in ("fp_ppl", "w8a8_ppl", "w8a8_over_fp"):  # intervals over the validation windows
+            low, high = row[f"{key}_ci"]
+            assert low <= row[key] <= high and low < high
     assert record["variants"]["sink"]["bos"] == "prepend" and record["variants"]["vanilla"]["bos"] == "none"
     assert all(d["w8a8"]["weights_restored"] for d in record["variants"].values())
     assert record["table"]["reference"]["values"]["vanilla"]["fp_ppl"] == 15.84  # QT Table 2, OPT-125m

@@ -7,11 +7,26 @@ import math
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from outlierlab.probes.moments import SiteMoments
 from outlierlab.probes.stats import ResidualStats
 from outlierlab.train.loop import next_token_loss
+
+
+def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> list[float]:
+    """Each window's mean next-token NLL (the unit a bootstrap over windows resamples)."""
+    per_token = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                reduction="none")
+    return per_token.view(ids.shape[0], -1).mean(dim=1).tolist()
+
+
+@torch.no_grad()
+def validation_window_nll(model, windows: torch.Tensor, batch_size: int, desc: str = "val") -> list[float]:
+    device = next(model.parameters()).device
+    return [nll for batch in tqdm(windows.split(batch_size), desc=desc, leave=False)
+            for nll in window_nll(model(batch.to(device)).logits, batch.to(device))]
 
 
 @torch.no_grad()
@@ -30,15 +45,18 @@ def validation_loss(model, windows: torch.Tensor, batch_size: int, desc: str = "
 def measure(loaded, windows: torch.Tensor, batch_size: int, top_k: int = 8) -> dict:
     """Loss + ResidualStats (layers.{i}.out) + SiteMoments (layers.{i}.attn.out) in the same forward passes."""
     device = loaded.device
-    nll, count = 0.0, 0
+    nll, count, windows_nll = 0.0, 0, []
     with ResidualStats(loaded.sites, k=top_k) as residual, SiteMoments(loaded.sites, "layers.{i}.attn.out") as attn:
         for batch in tqdm(windows.split(batch_size), desc="measure", leave=False):
             batch = batch.to(device)
             residual.observe(batch)
-            loss = next_token_loss(loaded.model(batch).logits, batch)
+            logits = loaded.model(batch).logits
+            loss = next_token_loss(logits, batch)
             nll += float(loss) * batch[:, 1:].numel()
             count += batch[:, 1:].numel()
-    return {"val_loss": nll / count, "residual": residual.summary(), "attention_output": attn.summary()}
+            windows_nll += window_nll(logits, batch)
+    return {"val_loss": nll / count, "window_nll": windows_nll, "residual": residual.summary(),
+            "attention_output": attn.summary()}
 
 
 def classify_massive(residual: list[dict], abs_min: float, ratio_min: float) -> dict:
