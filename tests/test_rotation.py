@@ -167,3 +167,31 @@ def test_a_refused_family_exits_2_with_one_line(tmp_path):
     done = run_cli(["+exp=rotation", "model=tiny_gpt2"], tmp_path, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}")
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
     assert "LayerNorm" in done.stderr and not (tmp_path / "results").exists()
+
+
+@pytest.mark.requires("data")
+def test_zeroshot_scores_the_rotated_model_as_edited(tmp_path, monkeypatch):
+    """lm-eval's HFLM calls model.tie_weights() when it wraps a model, which would tie the rotated model's own head
+    back to the (rotated) embedding: zero-shot must score the model as the edit left it, so every request's
+    log-likelihood of the rotated model equals the original's (the function is the same)."""
+    from conftest import DATA_DIR
+    from lm_eval.models.huggingface import HFLM
+    from omegaconf import OmegaConf
+
+    from outlierlab.evals.zeroshot import build_tasks, evaluate_zeroshot
+    loaded = _load(SUPPORTED["tiny_llama"] + ["+model.tiny.tie_word_embeddings=true"], tmp_path)
+    assert loaded.model.get_output_embeddings().weight is loaded.sites.module("embed").weight  # tied
+    suite = OmegaConf.create({"tasks": ["arc_easy"], "limit": 4, "batch_size": 4})
+    tasks = build_tasks(suite.tasks, str(DATA_DIR), tmp_path / "zeroshot")
+    scores, score = [], HFLM._loglikelihood_tokens
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", lambda self, *a, **k: scores.extend(score(self, *a, **k))
+                        or scores[-len(a[0]):])
+    evaluate_zeroshot(loaded, suite, tasks)
+    original, scores[:] = list(scores), []
+    with EditSession(loaded) as session:
+        session.apply([Rotate(kind="hadamard", seed=0)])
+        evaluate_zeroshot(loaded, suite, tasks)
+        assert loaded.model.get_output_embeddings().weight is not loaded.sites.module("embed").weight  # still untied
+    assert len(scores) == len(original) == 16
+    for (rotated, _), (plain, _) in zip(scores, original):
+        assert rotated == pytest.approx(plain, abs=1e-3)

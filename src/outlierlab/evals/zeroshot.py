@@ -10,6 +10,7 @@ import bz2
 import csv
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -156,6 +157,17 @@ def build_tasks(names, data_dir: str | None, cache_dir: str | Path):
     return manager, tasks, status
 
 
+@contextmanager
+def _as_edited(model):
+    """Keep the model as the edits left it while lm-eval wraps it: HFLM calls `model.tie_weights()`, which ties the
+    LM head back to the input embedding, silently undoing an edit that gave a tied head its own weights (rotation)."""
+    model.tie_weights = lambda *args, **kwargs: None  # an instance attribute shadows the method ...
+    try:
+        yield
+    finally:
+        del model.tie_weights  # ... and deleting it restores the method
+
+
 def evaluate_zeroshot(loaded, suite, tasks_and_status, label: str = "zero-shot") -> dict:
     """Accuracy of every task of the suite with lm-eval's stderr (`acc_stderr`); `mean` averages acc over the tasks
     that ran, `mean_stderr` is its standard error."""
@@ -164,8 +176,9 @@ def evaluate_zeroshot(loaded, suite, tasks_and_status, label: str = "zero-shot")
     manager, tasks, status = tasks_and_status
     results = {"tasks": {}, "limit": suite.limit, "num_fewshot": 0}
     if tasks:
-        model = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=suite.batch_size,
-                     add_bos_token=loaded.bos == "prepend")
+        with _as_edited(loaded.model):
+            model = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=suite.batch_size,
+                         add_bos_token=loaded.bos == "prepend")
         # HFLM sends inputs to model.device, the first parameter's: `meta` when that one is offloaded to disk.
         model._device = loaded.device
         print(f"{label}: lm-eval on {', '.join(tasks)} (limit {suite.limit})")
