@@ -49,6 +49,15 @@ REFERENCE = [Column("source", "source"), Column("model", "model"), Column("setti
              Column("zero_shot_mean", "zero-shot mean"), Column("row", "our row")]
 
 
+def _one_per_model(found: list) -> list:
+    """The atlas probes do not depend on the eval suite: one record per model for the survival table and the figure
+    (the first by file name: quick before zeroshot_*)."""
+    chosen = {}
+    for result in found:
+        chosen.setdefault(result.model, result)
+    return list(chosen.values())
+
+
 def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
     found = results(results_dir, EXP)
     if not found:
@@ -56,7 +65,7 @@ def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
     for result in found:
         written += write_table(table_of(result.record), out_dir / f"{EXP}_{result.stem}")
-    rows = [row for result in found for row in survival_rows(result.record)]
+    rows = [row for result in _one_per_model(found) for row in survival_rows(result.record)]
     caption = ("+exp=rotation: the atlas probes on the original model and on the rotated one (same function). MA: "
                "paper MA criterion on the residual stream; MA token = the token and layer of the largest |h| on the "
                "detection prompt (original model); int8: LLM.int8 features at the norm outputs; kurtosis: pooled, "
@@ -71,7 +80,7 @@ def build_tables(results_dir: Path, out_dir: Path) -> list[Path]:
 
 
 def build_figures(results_dir: Path, out_dir: Path) -> list[Path]:
-    found = results(results_dir, EXP)
+    found = _one_per_model(results(results_dir, EXP))
     if not found:
         return []
     figure, axes = plt.subplots(len(found), 1, figsize=(9, 2.8 * len(found)), squeeze=False)
