@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from outlierlab.errors import ConfigError
+from outlierlab.evals.ppl import ratio_interval
 from outlierlab.models import massive
 from outlierlab.models.coords import SuperWeight
 from outlierlab.probes.layer_major import observe_windows
@@ -160,6 +161,8 @@ def _super_weights(ctx, activation: dict) -> tuple[dict, list[dict], dict]:
                 zeroed = ctx.perplexities(label=f"zero {weight}", keys=keys)
             row["ppl_zeroed"] = {key: zeroed[key]["ppl"] for key in keys}
             row["ppl_ratio"] = {key: zeroed[key]["ppl"] / original[key]["ppl"] for key in keys}
+            row["ppl_ratio_ci"] = {key: ratio_interval(zeroed[key]["window_nll"], original[key]["window_nll"])
+                                   for key in keys}  # paired over the same windows
         rows.append(row)
     return detected, rows, {"detection": {k: v for k, v in detection.items() if k != "iterations"},
                             "ppl_original": {key: original[key]["ppl"] for key in original}}

@@ -23,7 +23,7 @@ from outlierlab.probes.channel_outliers import (
     gamma_outliers_record,
 )
 from outlierlab.studies.variants import ZERO_SHOT, ratios_with_intervals, scores, window_nll
-from outlierlab.tables import Column, Table, columns
+from outlierlab.tables import Column, Table, columns, interval_key
 
 
 def criteria(cfg) -> tuple[OutlierCriterion, GammaCriterion]:
@@ -69,7 +69,12 @@ def row_for(variant: str, detail: dict, protocols: list[str], hidden_size: int) 
                                    default=None)}
     scored = scores(detail, protocols)  # PPL per protocol (and the zero-shot mean, last in the row)
     zero_shot = {ZERO_SHOT.key: scored.pop(ZERO_SHOT.key)} if ZERO_SHOT.key in scored else {}
-    return {**row, **scored, **{f"w8a8_{key}": value["ppl"] for key, value in detail["w8a8"].items()}, **zero_shot}
+    w8a8 = {}
+    for key, value in detail["w8a8"].items():  # W8A8 PPL with its interval over the same windows
+        w8a8[f"w8a8_{key}"] = value["ppl"]
+        if value.get("ppl_ci"):
+            w8a8[interval_key(f"w8a8_{key}")] = value["ppl_ci"]
+    return {**row, **scored, **w8a8, **zero_shot}
 
 
 def _observer(ctx, outlier: OutlierCriterion):
@@ -79,7 +84,8 @@ def _observer(ctx, outlier: OutlierCriterion):
             channels = measure_channels(ctx, outlier)
             with ctx.edit(list(ctx.cfg.exp.w8a8), {}):
                 w8a8 = ctx.perplexities(label=f"{label} W8A8", keys=list(ctx.cfg.exp.w8a8_protocols))
-            return {"channels": channels, "w8a8": {k: {"ppl": v["ppl"]} for k, v in w8a8.items()}}
+            return {"channels": channels, "w8a8": {k: {key: v.get(key) for key in ("ppl", "ppl_ci", "window_nll")}
+                                                   for k, v in w8a8.items()}}
         return measure
     return observe
 

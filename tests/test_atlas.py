@@ -165,6 +165,8 @@ def test_atlas_end_to_end_on_a_tiny_model_with_a_planted_super_weight(tmp_path):
     [candidate] = [c for c in record["super_weights"]["candidates"] if c["detected"]]
     assert candidate["coord"] == [1, 7, 33] and candidate["row_is_ma_channel"]
     assert candidate["ppl_ratio"]["wikitext2"] != 1.0  # importance measured, whatever it is
+    low, high = candidate["ppl_ratio_ci"]["wikitext2"]  # with its paired interval over the same windows
+    assert low <= candidate["ppl_ratio"]["wikitext2"] <= high
     [ma] = record["massive_activations"]["consistent"][:1]
     assert ma["channel"] == 7 and ma["first_layer"] == 1
     [origin] = [o for o in record["massive_activations"]["origins"] if o["channel"] == 7]
@@ -172,6 +174,7 @@ def test_atlas_end_to_end_on_a_tiny_model_with_a_planted_super_weight(tmp_path):
     assert record["weights_restored"]
     stored = json.loads((tmp_path / "results" / "atlas" / "planted" / "quick.json").read_text())
     assert stored["table"]["rows"][0]["sw_detected"] == "(1, 7, 33)"
+    assert stored["table"]["rows"][0]["sw_ppl_x_original"].count("[") == 1
     from outlierlab.reports import run_builders
     written = run_builders("tables", tmp_path / "results", tmp_path / "tables", ["atlas"])
     written += run_builders("figures", tmp_path / "results", tmp_path / "figures", ["atlas"])

@@ -57,6 +57,8 @@ def test_ro_gamma_removes_a_planted_channel_outlier_and_the_control_does_not(tmp
     assert record["coincidence"]["norm2"]["also_activation_outliers"] == 4
     assert record["coincidence_relative"]["norm2"]["also_activation_outliers"] == 4
     _has_paired_intervals(rows, ["reset_one", "reset_mean", "random_one"])
+    low, high = rows["original"]["w8a8_wikitext2_ci"]  # W8A8 PPL with its interval too
+    assert low <= rows["original"]["w8a8_wikitext2"] <= high
     assert "INT8 activations per token" in record["table"]["caption"]  # the protocol that ran, not a fixed text
     written = reports.run_builders("tables", tmp_path / "results", tmp_path / "out", only=["ro"])
     written += reports.run_builders("figures", tmp_path / "results", tmp_path / "out", only=["ro"])

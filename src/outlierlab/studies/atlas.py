@@ -57,7 +57,7 @@ def atlas_row(record: dict) -> dict:
         "sw_detected": ", ".join(c["label"] for c in detected) or "none",
         "sw_z_score": ", ".join(f"{c['weight_zscore']:.0f}" for c in detected),
         "sw_spikes_in_out": ", ".join(f"{c['input_spike']:.0f}/{c['output_spike']:.0f}" for c in detected),
-        "sw_ppl_x_original": ", ".join(f"{next(iter(c['ppl_ratio'].values())):.2f}" for c in detected if c.get("ppl_ratio")),
+        "sw_ppl_x_original": ", ".join(_ratio_text(c) for c in detected if c.get("ppl_ratio")),
         "sw_row_is_ma_channel": ", ".join("yes" if c["row_is_ma_channel"] else "no" for c in detected
                                          if c["row_is_ma_channel"] is not None),
         "int8_features": len(channel_outliers["features"]),
@@ -70,6 +70,14 @@ def atlas_row(record: dict) -> dict:
         "registry": _registry(record["registry"]),
         **_experts(record.get("experts")),
     }
+
+
+def _ratio_text(candidate: dict) -> str:
+    """x original of zeroing one super weight, with its paired interval over the windows when the record has it."""
+    key = next(iter(candidate["ppl_ratio"]))
+    interval = (candidate.get("ppl_ratio_ci") or {}).get(key)
+    ratio = f"{candidate['ppl_ratio'][key]:.2f}"
+    return f"{ratio} [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ratio
 
 
 def _experts(experts: dict | None) -> dict:
