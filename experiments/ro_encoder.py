@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+import statistics
 
 import torch
 
@@ -36,7 +37,7 @@ from outlierlab.probes.channel_outliers import (
     gamma_outliers,
     gamma_outliers_record,
 )
-from outlierlab.tables import Column, Table, columns
+from outlierlab.tables import Column, Table, columns, std_key
 
 VALUES = ResetNormGamma.VALUES
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -135,17 +136,18 @@ def _measure(ctx, interventions, encoded, criterion, original):
 
 
 def _row(variant: str, details: list[dict]) -> dict:
-    """One table row; for a random control the mean over its seeds (and the worst seed's cosine)."""
-    def mean(get):
-        return sum(get(d) for d in details) / len(details)
+    """One table row; for a random control the mean over its seeds with their standard deviation (`<key>_sd`) and
+    the worst seed's cosine."""
     row = {"variant": variant, "seeds": len(details) if variant.startswith("random") else None,
-           "channels_reset": sum(e.get("channels_reset", 0) for e in details[0]["edits"]),
-           "int8_features": mean(lambda d: d["int8_features"]),
-           "relative_features": mean(lambda d: d["relative_features"]),
-           "max_abs_x_norm_out": mean(lambda d: d["max_abs_x_norm_out"])}
-    for key in ("cos_mean", "cos_p05", "nn_agree", "self_retrieval"):
-        row[key] = sum(d["fidelity"][key] for d in details) / len(details)
-    row["cos_mean_worst"] = min(d["fidelity"]["cos_mean"] for d in details)
+           "channels_reset": sum(e.get("channels_reset", 0) for e in details[0]["edits"])}
+    values = {key: [d[key] for d in details] for key in ("int8_features", "relative_features", "max_abs_x_norm_out")}
+    values.update({key: [d["fidelity"][key] for d in details]
+                   for key in ("cos_mean", "cos_p05", "nn_agree", "self_retrieval")})
+    for key, seen in values.items():
+        row[key] = statistics.fmean(seen)
+        if len(seen) >= 2:
+            row[std_key(key)] = statistics.stdev(seen)
+    row["cos_mean_worst"] = min(values["cos_mean"])
     return row
 
 
@@ -194,7 +196,7 @@ def _caption(ctx, gammas, outlier, gamma_rule, data_meta) -> str:
             f"{' and 0' if exp.bias else ''} (one), to the other channels' mean (mean) or to 0"
             f"{' and 0' if exp.bias else ''} (zero: BERT Busters' disabling), in every layer; random_<value>: as "
             f"many random channels "
-            f"per norm, mean over {len(exp.control_seeds)} seeds. int8 / relative features: hidden-size channels "
+            f"per norm, mean ± standard deviation over {len(exp.control_seeds)} seeds. int8 / relative features: hidden-size channels "
             f"with |x| >= {outlier.min_abs:g} (or >= {outlier.median_ratio:g} x the token's median |x|) at >= "
             f"{outlier.position_share:.0%} of positions in >= {outlier.layer_share:.0%} of the layers, over every "
             f"LN output and linear input. Embedding fidelity vs the unedited model on {data_meta['count']} "

@@ -141,6 +141,7 @@ def test_ro_encoder_end_to_end_on_a_planted_tiny_bert(tmp_path):
         rows["original"]["int8_features"]
     assert rows["reset_one"]["channels_reset"] == loaded.sites.num_layers
     assert rows["random_one"]["seeds"] == 2 and rows["random_one"]["int8_features"] >= 1
+    assert rows["random_one"]["cos_mean_sd"] >= 0 and "cos_mean_sd" not in rows["reset_one"]  # spread over seeds
     from outlierlab import reports
     written = reports.run_builders("figures", tmp_path / "results", tmp_path / "out", ["ro"])
     written += reports.run_builders("tables", tmp_path / "results", tmp_path / "out", ["ro"])
