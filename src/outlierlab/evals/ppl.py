@@ -145,6 +145,13 @@ def ratio_interval(window_nll: list[float], baseline_nll: list[float], method: d
 
 
 @torch.no_grad()
+def window_nll_sums(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each window's summed next-token NLL (float64), one window at a time (the log-softmax buffer is one window's)."""
+    targets = ids[:, 1:]
+    return torch.stack([F.cross_entropy(logits[row, :-1].float(), targets[row], reduction="none").double().sum()
+                        for row in range(ids.shape[0])])
+
+
 def perplexity(model: torch.nn.Module, windows: Windows, batch_size: int = 1, desc: str = "ppl") -> dict:
     """exp(mean NLL of every scored token); inf and NaN are results, not errors.
 
@@ -158,13 +165,10 @@ def perplexity(model: torch.nn.Module, windows: Windows, batch_size: int = 1, de
     start = time.perf_counter()
     for batch in tqdm(windows.ids.split(batch_size), desc=desc, leave=False):
         batch = batch.to(device)
-        logits = model(batch).logits
-        targets = batch[:, 1:]
-        nll = torch.stack([F.cross_entropy(logits[row, :-1].float(), targets[row], reduction="none").double().sum()
-                           for row in range(batch.shape[0])])
-        window_nll.extend((nll / targets.shape[1]).tolist())
+        nll = window_nll_sums(model(batch).logits, batch)
+        window_nll.extend((nll / (batch.shape[1] - 1)).tolist())
         nll_total += nll.sum().item()
-        scored += targets.numel()
+        scored += batch[:, 1:].numel()
     seconds = time.perf_counter() - start
     mean_nll = nll_total / scored
     ppl = math.exp(mean_nll) if mean_nll < 709.0 else (math.nan if math.isnan(mean_nll) else math.inf)

@@ -7,26 +7,27 @@ import math
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from outlierlab.evals.ppl import window_nll_sums
 from outlierlab.probes.moments import SiteMoments
 from outlierlab.probes.stats import ResidualStats
 from outlierlab.train.loop import next_token_loss
 
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> list[float]:
-    """Each window's mean next-token NLL (the unit a bootstrap over windows resamples)."""
-    per_token = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                                reduction="none")
-    return per_token.view(ids.shape[0], -1).mean(dim=1).tolist()
+    """Each window's mean next-token NLL (the unit a bootstrap over windows resamples), as the PPL evaluation has it."""
+    return (window_nll_sums(logits, ids) / (ids.shape[1] - 1)).tolist()
 
 
 @torch.no_grad()
 def validation_window_nll(model, windows: torch.Tensor, batch_size: int, desc: str = "val") -> list[float]:
     device = next(model.parameters()).device
-    return [nll for batch in tqdm(windows.split(batch_size), desc=desc, leave=False)
-            for nll in window_nll(model(batch.to(device)).logits, batch.to(device))]
+    nll = []
+    for batch in tqdm(windows.split(batch_size), desc=desc, leave=False):
+        batch = batch.to(device)
+        nll += window_nll(model(batch).logits, batch)
+    return nll
 
 
 @torch.no_grad()
