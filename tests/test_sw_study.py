@@ -1,6 +1,8 @@
 """The super-weight study end to end on a tiny model that has a planted super weight and no YAML of its own
 (model=path): each recipe composes from the real configs, runs, writes its result, and the "sw" report builders
 regenerate tables and figures from those results alone."""
+import math
+
 import pytest
 import torch
 from conftest import DATA_DIR, SMALL_EVAL, compose_cfg, plant_super_weight
@@ -125,12 +127,33 @@ def test_stopword_marking():
     assert not is_stopword(" theory", words, whitespace=True)
 
 
-def test_probability_shift_ranks_gainers(tiny_llama):
+def test_probability_shift_ranks_gainers_with_paired_intervals(tiny_llama):
     stopwords = compose_cfg(["+exp=sw_stopwords"]).exp.stopwords
-    vocab = len(tiny_llama.tokenizer)
-    before = torch.full((vocab,), 1.0 / vocab, dtype=torch.float64)
+    vocab, windows = len(tiny_llama.tokenizer), 6
+    period = tiny_llama.tokenizer.convert_tokens_to_ids(".")
+    word = next(i for i in range(vocab) if tiny_llama.tokenizer.decode([i]) == "z")  # not a stopword
+    generator = torch.Generator().manual_seed(0)
+    before = torch.rand(windows, vocab, generator=generator, dtype=torch.float64) + 1.0
+    before /= before.sum(1, keepdim=True)
     after = before.clone()
-    after[tiny_llama.tokenizer.convert_tokens_to_ids(".")] += 0.1
+    after[:, period] += 0.1  # the same gain in every window: a tight interval
+    after[:, word] += torch.tensor([0.05, -0.001, -0.001, -0.001, -0.001, -0.001], dtype=torch.float64)
     shift = probability_shift(tiny_llama.tokenizer, before, after, stopwords, top=3)
-    assert shift["gainers"][0]["text"] == "." and shift["gainers"][0]["stopword"]
+    first, second = shift["gainers"][:2]
+    assert first["text"] == "." and first["stopword"] and shift["windows"] == windows
+    assert first["gain"] == pytest.approx((after - before)[:, period].mean().item())
+    low, high = first["gain_ci"]
+    assert 0 < low <= first["gain"] <= high and high - low < 1e-9
+    # one window drives the second gainer: its interval reaches below zero (not separated from no change)
+    assert second["id"] == word and not second["stopword"]
+    assert second["gain_ci"][0] < 0 < second["gain"] <= second["gain_ci"][1]
+    assert second["ratio_ci"][0] < 1 < second["ratio_ci"][1]
+    low, high = shift["stopword_mass_gain_ci"]
+    assert 0 < low <= shift["stopword_mass_gain"] <= high
     assert shift["stopword_mass_after"] > shift["stopword_mass_before"]
+    assert shift["stopword_mass_before_ci"][0] <= shift["stopword_mass_before"] <= shift["stopword_mass_before_ci"][1]
+    low, high = shift["stopword_share_of_top_gainers_ci"]
+    assert 0 <= low <= high <= 1
+    # one window: no interval, never a fake one
+    single = probability_shift(tiny_llama.tokenizer, before[:1], after[:1], stopwords, top=3, focus=["."])
+    assert all(math.isnan(v) for v in single["gainers"][0]["gain_ci"] + single["focus"]["."]["ratio_ci"])

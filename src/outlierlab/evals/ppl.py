@@ -8,10 +8,9 @@ With BOS policy "prepend" every window is BOS + (seqlen - 1) text tokens; with "
 Either way seqlen - 1 tokens per window are scored.
 
 Uncertainty: every window scores the same number of tokens, so PPL = exp(mean of the per-window NLLs) and a
-percentile bootstrap over windows (BOOTSTRAP: seeded, recorded in the result as `ci_method`) gives its interval
+percentile bootstrap over windows (evals/bootstrap.py, recorded in the result as `ci_method`) gives its interval
 (`ppl_ci`); `ratio_interval` is the paired bootstrap of PPL_a / PPL_b over the same windows (same resampled indices
-for both), the interval of "x original". Windows are not independent draws from one text (sequential windows are
-consecutive), so read the interval as the spread over these windows, not a guarantee.
+for both), the interval of "x original".
 """
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from outlierlab.errors import ConfigError
+from outlierlab.evals.bootstrap import BOOTSTRAP, interval
 from outlierlab.evals.data import Corpus, DataError, check_corpus
 from outlierlab.models import offload
 
@@ -105,9 +105,6 @@ def build_windows(protocol, corpus: Corpus, loaded) -> Windows:
     return Windows(ids=ids_tensor, meta=meta)
 
 
-BOOTSTRAP = {"method": "percentile bootstrap over windows", "level": 0.95, "resamples": 2000, "seed": 0}
-
-
 def _exp(values: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         return np.exp(values)
@@ -117,31 +114,17 @@ def _resampled_means(window_nll, indices: np.ndarray) -> np.ndarray:
     return np.asarray(window_nll, dtype=np.float64)[indices].mean(axis=1)
 
 
-def _indices(count: int, method: dict) -> np.ndarray:
-    return np.random.default_rng(method["seed"]).integers(0, count, size=(method["resamples"], count))
-
-
-def _percentiles(samples: np.ndarray, method: dict) -> list[float]:
-    if np.isnan(samples).any():  # a NaN window: no interval
-        return [math.nan, math.nan]
-    tail = 50 * (1 - method["level"])  # no interpolation between order statistics: an inf bound stays inf
-    return [float(v) for v in np.percentile(samples, [tail, 100 - tail], method="inverted_cdf")]
-
-
 def ppl_interval(window_nll: list[float], method: dict = BOOTSTRAP) -> list[float]:
     """[low, high] of exp(mean window NLL) by a seeded percentile bootstrap over windows."""
-    if len(window_nll) < 2:
-        return [math.nan, math.nan]
-    return _percentiles(_exp(_resampled_means(window_nll, _indices(len(window_nll), method))), method)
+    return interval(lambda indices: _exp(_resampled_means(window_nll, indices)), len(window_nll), method)
 
 
 def ratio_interval(window_nll: list[float], baseline_nll: list[float], method: dict = BOOTSTRAP) -> list[float]:
     """[low, high] of PPL / baseline PPL by a paired bootstrap: both resampled at the same windows."""
-    if len(window_nll) != len(baseline_nll) or len(window_nll) < 2:
+    if len(window_nll) != len(baseline_nll):
         return [math.nan, math.nan]
-    indices = _indices(len(window_nll), method)
-    difference = _resampled_means(window_nll, indices) - _resampled_means(baseline_nll, indices)
-    return _percentiles(_exp(difference), method)
+    return interval(lambda indices: _exp(_resampled_means(window_nll, indices) - _resampled_means(baseline_nll, indices)),
+                    len(window_nll), method)
 
 
 @torch.no_grad()

@@ -146,6 +146,13 @@ def fig4(stem: str, record: dict, out_dir: Path) -> list[Path]:
     return save_figure(figure, Path(out_dir) / f"sw_fig4_{stem}")
 
 
+def _error_bars(points: list[tuple[float, list | None]]):
+    """matplotlib's [2, n] below/above distances from each (value, [low, high]); None when no point has a finite
+    interval (records made before intervals)."""
+    bars = [[value - ci[0], ci[1] - value] if ci and all(map(math.isfinite, ci)) else [0.0, 0.0] for value, ci in points]
+    return [list(side) for side in zip(*bars)] if any(any(bar) for bar in bars) else None
+
+
 def fig5(stem: str, record: dict, out_dir: Path, count: int = 20) -> list[Path]:
     """Tokens gaining the most mean next-token probability when the SW is pruned, stopwords marked (Fig. 5)."""
     shift = record.get("shift")
@@ -155,17 +162,19 @@ def fig5(stem: str, record: dict, out_dir: Path, count: int = 20) -> list[Path]:
     figure, (axis, mass) = plt.subplots(1, 2, figsize=(10, 5.2), gridspec_kw={"width_ratios": [3, 1]})
     labels = [repr(g["text"]) for g in gainers][::-1]
     colours = ["tab:red" if g["stopword"] else "tab:grey" for g in gainers][::-1]
-    axis.barh(range(len(gainers)), [g["gain"] for g in gainers][::-1], color=colours)
+    axis.barh(range(len(gainers)), [g["gain"] for g in gainers][::-1], color=colours,
+              xerr=_error_bars([(g["gain"], g.get("gain_ci")) for g in gainers][::-1]), error_kw={"linewidth": 0.8})
     axis.set_yticks(range(len(gainers)), labels, fontsize=8)
     for y, g in enumerate(gainers[::-1]):
         ratio = "inf" if not math.isfinite(g["ratio"]) else f"{g['ratio']:.1f}x"
         axis.annotate(f"{g['p_before']:.4f} -> {g['p_after']:.4f} ({ratio})", (g["gain"], y),
                       textcoords="offset points", xytext=(3, -3), fontsize=7)
-    axis.set_xlabel("gain in mean next-token probability (pruned - original)")
+    axis.set_xlabel("gain in mean next-token probability (pruned - original; bars: 95% interval over windows)")
     axis.set_xlim(0, max(g["gain"] for g in gainers) * 1.6)
     axis.set_title(f"top {len(gainers)} gainers (red: stopword)", fontsize=9)
     mass.bar(["original", "SW pruned"], [shift["stopword_mass_before"], shift["stopword_mass_after"]],
-             color=["tab:blue", "tab:red"])
+             color=["tab:blue", "tab:red"], yerr=_error_bars([(shift[k], shift.get(f"{k}_ci")) for k in
+                                                            ("stopword_mass_before", "stopword_mass_after")]))
     mass.set_ylabel("total probability on stopword tokens")
     mass.set_title(f"{shift['stopword_tokens']} stopword tokens", fontsize=9)
     reference = record.get("paper_reference") or {}
