@@ -27,6 +27,14 @@ def test_a_stated_number_holds_its_value_to_the_digits_shown(text, value, holds)
     assert prose.states(text, value) is holds
 
 
+def test_a_path_reaches_list_items_and_keys_that_dots_would_split():
+    record = {"rows": [{"variant": "a", "ci": [1.0, 2.0]}], "focus": {".": {"ratio": 0.28}, "the": {"ratio": 1.5}}}
+    assert prose.lookup(record, "rows[variant=a].ci[1]") == 2.0
+    assert prose.lookup(record, "focus['.'].ratio") == 0.28 and prose.lookup(record, "focus.the.ratio") == 1.5
+    with pytest.raises(KeyError):
+        prose.lookup(record, "focus['..'].ratio")
+
+
 def test_a_drifted_number_and_a_stale_table_are_named(tmp_path):
     table = Table([Column("variant", "variant"), Column("ppl", "ppl")], [{"variant": "a", "ppl": 2.5, "ppl_ci": [2.0, 3.0]}],
                   index="variant")

@@ -4,7 +4,8 @@ Two ties, both checked by `check` (tests/test_prose.py) and the second rewritten
 - a linked number: `[30.64](prune_sw/smollm2_135m/quick.json#variants.original.ppl.wikitext2.ppl)`. The link opens
   the record; the first number of the link text must equal the value at that path to the digits it shows (30.64
   holds 30.6406; 1,211 and 1.4e4 read as written). A path is dotted keys with `[i]` for a list position and
-  `[key=value]` for the list item whose `key` is `value` (`table.rows[variant=prune_sw].x_original`).
+  `[key=value]` for the list item whose `key` is `value` (`table.rows[variant=prune_sw].x_original`), `['.']` for a
+  dict key that dots would split (`shift.focus['.'].ratio`).
 - a rendered table: the lines between `<!-- table: prune_sw/smollm2_135m/quick.json -->` and `<!-- /table -->` are
   the record's stored table as markdown, with its intervals; between `<!-- table: tables/finetune_smollm2_135m_cpt.md
   -->` and `<!-- /table -->` they are that file as the reports built it from the records (a table over several
@@ -33,6 +34,8 @@ def lookup(record, path: str):
     for name, selector in SEGMENT.findall(path):
         if name:
             value = value[name]
+        elif selector[:1] in "'\"" and selector[-1:] == selector[:1] and len(selector) > 1:  # ['.']: a dict key
+            value = value[selector[1:-1]]
         elif "=" in selector:
             key, wanted = selector.split("=", 1)
             value = next(item for item in value if _same_key(item.get(key), wanted))

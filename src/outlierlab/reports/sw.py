@@ -165,24 +165,34 @@ def fig5(stem: str, record: dict, out_dir: Path, count: int = 20) -> list[Path]:
     axis.barh(range(len(gainers)), [g["gain"] for g in gainers][::-1], color=colours,
               xerr=_error_bars([(g["gain"], g.get("gain_ci")) for g in gainers][::-1]), error_kw={"linewidth": 0.8})
     axis.set_yticks(range(len(gainers)), labels, fontsize=8)
+    def right_end(g: dict) -> float:  # the annotation goes past the interval's bar
+        high = (g.get("gain_ci") or [math.nan])[-1]
+        return max(g["gain"], high) if math.isfinite(high) else g["gain"]
     for y, g in enumerate(gainers[::-1]):
         ratio = "inf" if not math.isfinite(g["ratio"]) else f"{g['ratio']:.1f}x"
-        axis.annotate(f"{g['p_before']:.4f} -> {g['p_after']:.4f} ({ratio})", (g["gain"], y),
+        axis.annotate(f"{g['p_before']:.4f} -> {g['p_after']:.4f} ({ratio})", (right_end(g), y),
                       textcoords="offset points", xytext=(3, -3), fontsize=7)
-    axis.set_xlabel("gain in mean next-token probability (pruned - original; bars: 95% interval over windows)")
-    axis.set_xlim(0, max(g["gain"] for g in gainers) * 1.6)
+    axis.set_xlabel("gain in mean next-token probability (pruned - original; lines: 95% interval over windows)")
+    axis.set_xlim(0, max(right_end(g) for g in gainers) * 1.45)
     axis.set_title(f"top {len(gainers)} gainers (red: stopword)", fontsize=9)
     mass.bar(["original", "SW pruned"], [shift["stopword_mass_before"], shift["stopword_mass_after"]],
              color=["tab:blue", "tab:red"], yerr=_error_bars([(shift[k], shift.get(f"{k}_ci")) for k in
                                                             ("stopword_mass_before", "stopword_mass_after")]))
     mass.set_ylabel("total probability on stopword tokens")
-    mass.set_title(f"{shift['stopword_tokens']} stopword tokens", fontsize=9)
+    gain = shift.get("stopword_mass_gain_ci")
+    paired = (f"\npaired gain {shift['stopword_mass_gain']:.3f} [{gain[0]:.3f}, {gain[1]:.3f}]"
+              if gain and all(map(math.isfinite, gain)) else "")
+    mass.set_title(f"{shift['stopword_tokens']} stopword tokens{paired}", fontsize=9)
     reference = record.get("paper_reference") or {}
     if reference.get("ratios"):
         ours = shift.get("focus") or {}
         def measured(word: str) -> str:
             entry = ours.get(word) or {}
-            return f"{entry['ratio']:.2f}x" if entry.get("tokens") and math.isfinite(entry["ratio"]) else "n/a"
+            if not entry.get("tokens") or not math.isfinite(entry["ratio"]):
+                return "n/a"
+            ci = entry.get("ratio_ci")
+            return f"{entry['ratio']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and all(map(math.isfinite, ci))
+                                               else "")
         lines = [f"{word!r}: paper {ratio}x, ours {measured(word)}" for word, ratio in reference["ratios"].items()]
         mass.text(0.5, -0.18, f"{reference['source']}\n" + "\n".join(lines), transform=mass.transAxes,
                   ha="center", va="top", fontsize=7)
