@@ -79,6 +79,30 @@ def test_streaming_over_batches_equals_one_pass(tiny_llama):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6)
 
 
+def test_resampled_statistics_are_those_of_the_chosen_sequences(tiny_llama):
+    """Sums are kept per sequence: weighting one sequence alone gives what a probe that saw only it reports, and
+    weighting all once gives the summary (a bootstrap resample is such a weighting)."""
+    ids = torch.tensor([tiny_llama.encode("Per-sequence sums, resampled as the bootstrap draws them.")] * 3)
+    ids[1, 4:] = ids[1, 4:].flip(0)
+    with AttentionSinks(tiny_llama.sites, [0]) as probe:
+        tiny_llama.model(ids)
+    with AttentionSinks(tiny_llama.sites, [0]) as second:
+        tiny_llama.model(ids[1:2])
+    assert probe.bootstrap_units() == 3 and second.bootstrap_units() == 1
+    weights = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 3.0, 0.0]])
+    for row, alone, whole in zip(probe.resampled(weights), second.summary(), probe.summary()):
+        for key in ("sink_share", "logit_gap", "sink_relvar", "rest_dirvar"):
+            assert row[key][0].tolist() == pytest.approx(whole[key], rel=1e-6, abs=1e-9)
+            assert row[key][1].tolist() == pytest.approx(alone[key], rel=1e-4, abs=1e-6)
+            assert row[key][2].tolist() == pytest.approx(alone[key], rel=1e-6, abs=1e-9)  # ratios of sums
+        assert float(row["rest_relvar_layer"][1]) == pytest.approx(alone["rest_relvar_layer"], rel=1e-4, abs=1e-6)
+    with AttentionSinks(tiny_llama.sites, [0], units=2) as grouped:  # past `units` sequences, n adds into n mod units
+        tiny_llama.model(ids)
+    assert grouped.bootstrap_units() == 2
+    for row, whole in zip(grouped.resampled(torch.ones(1, 2)), probe.summary()):
+        assert row["sink_share"][0].tolist() == pytest.approx(whole["sink_share"], rel=1e-6, abs=1e-9)
+
+
 @pytest.mark.requires("data")
 def test_ma_attention_end_to_end_on_a_tiny_model(tmp_path):
     cfg = compose_cfg(["+exp=ma_attention", "model=tiny_llama", "logger=none",
@@ -89,7 +113,18 @@ def test_ma_attention_end_to_end_on_a_tiny_model(tmp_path):
                        f"paths.data_dir={DATA_DIR}"])
     record = execute(cfg)
     assert record["weights_restored"] is True
-    assert [row["variant"] for row in record["table"]["rows"]] == ["original", "set_to_zero", "set_to_mean"]
+    rows = {row["variant"]: row for row in record["table"]["rows"]}
+    assert list(rows) == ["original", "set_to_zero", "set_to_mean"]
+    for row in rows.values():  # every number with its interval over the windows
+        low, high = row["sink_share_ma_layers_ci"]
+        assert low <= row["sink_share_ma_layers"] <= high and len(row["rest_dir_var_ci"]) == 2
+    assert "sink_share_ma_layers_change" not in rows["original"]
+    change = rows["set_to_zero"]["sink_share_ma_layers_change"]  # paired: the same windows for both variants
+    assert change == pytest.approx(rows["set_to_zero"]["sink_share_ma_layers"] - rows["original"]["sink_share_ma_layers"])
+    low, high = rows["set_to_zero"]["sink_share_ma_layers_change_ci"]
+    assert low <= change <= high
+    assert record["paired_changes"]["set_to_mean"]["logit_gap_ma_layers"]["change"] == pytest.approx(
+        rows["set_to_mean"]["logit_gap_ma_layers_change"])
     layers = record["variants"]["original"]["layers"]
     assert len(layers) == 4 and all(0 <= s <= 1 for row in layers for s in row["sink_share"])
     figures = ma_intervention.build_figures(tmp_path / "results", tmp_path / "figures")

@@ -60,7 +60,7 @@ PROBES = {
     "down_proj": DownProjStats,
     "ma_means": lambda sites: ActivationMeans(sites, [MassiveActivation(1, (3, 7), (0, 2))]),
     "moments": SiteMoments,
-    "attention": lambda sites: AttentionSinks(sites, [0]),
+    "attention": lambda sites: AttentionSinks(sites, [0], units=2),  # per-sequence sums, bounded by `units`
 }
 
 
