@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from outlierlab.errors import ConfigError
+from outlierlab.evals.ppl import ratio_interval
 from outlierlab.probes.channel_outliers import (
     ChannelStats,
     GammaCriterion,
@@ -74,6 +75,11 @@ def row_for(variant: str, detail: dict, protocols: list[str], hidden_size: int) 
         w8a8[f"w8a8_{key}"] = value["ppl"]
         if value.get("ppl_ci"):
             w8a8[interval_key(f"w8a8_{key}")] = value["ppl_ci"]
+        float_ppl = detail["ppl"].get(key, {})
+        if float_ppl.get("ppl"):  # what W8A8 costs this variant: paired over the same windows
+            w8a8[f"w8a8_{key}_x_fp"] = value["ppl"] / float_ppl["ppl"]
+            if value.get("window_nll") and float_ppl.get("window_nll"):
+                w8a8[interval_key(f"w8a8_{key}_x_fp")] = ratio_interval(value["window_nll"], float_ppl["window_nll"])
     return {**row, **scored, **w8a8, **zero_shot}
 
 
@@ -95,6 +101,7 @@ def _columns(ctx) -> list[Column]:
                    ("relative_features", "relative features"), ("outlier_channels_per_site", "outlier ch./site"),
                    ("max_abs_x_norm_out", "max |x| norm out"), *ctx.cfg.eval.ppl, ("x_original", "x original"),
                    *(Column(f"w8a8_{k}", f"W8A8 {k}") for k in ctx.cfg.exp.w8a8_protocols),
+                   *(Column(f"w8a8_{k}_x_fp", f"W8A8 / FP {k}") for k in ctx.cfg.exp.w8a8_protocols),
                    *([("zero_shot_mean", "zero-shot mean")] if ctx.cfg.eval.get("zeroshot") else []))
 
 

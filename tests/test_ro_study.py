@@ -59,6 +59,10 @@ def test_ro_gamma_removes_a_planted_channel_outlier_and_the_control_does_not(tmp
     _has_paired_intervals(rows, ["reset_one", "reset_mean", "random_one"])
     low, high = rows["original"]["w8a8_wikitext2_ci"]  # W8A8 PPL with its interval too
     assert low <= rows["original"]["w8a8_wikitext2"] <= high
+    cost = rows["original"]["w8a8_wikitext2_x_fp"]  # what W8A8 costs, paired over the same windows
+    assert cost == pytest.approx(rows["original"]["w8a8_wikitext2"] / rows["original"]["wikitext2"]) and cost != 1
+    low, high = rows["original"]["w8a8_wikitext2_x_fp_ci"]
+    assert low <= cost <= high
     assert "INT8 activations per token" in record["table"]["caption"]  # the protocol that ran, not a fixed text
     written = reports.run_builders("tables", tmp_path / "results", tmp_path / "out", only=["ro"])
     written += reports.run_builders("figures", tmp_path / "results", tmp_path / "out", only=["ro"])
