@@ -92,3 +92,11 @@ def test_records_without_a_seed_in_the_tag_or_any_seed_do_not_break_the_report(t
     err = capsys.readouterr().err
     assert "records no seed" in err and "keeping cpt_full_s0" in err
     assert report.tables(tmp_path, tmp_path / "tables")
+
+
+def test_the_caption_states_the_quantization_protocol_that_ran():
+    quantization = {"w8": {"weights": "per_channel", "bits": 8}, "a8": {"activations": "per_token", "bits": 8,
+                                                                       "range": "dynamic"}}
+    assert report.quantization_protocol(quantization) == (
+        "INT8 weights per channel + INT8 activations per token (dynamic range)")
+    assert report.quantization_protocol({}) == "none"

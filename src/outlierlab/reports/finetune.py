@@ -156,6 +156,19 @@ def table(methods: dict[str, list[dict]]) -> Table:
     return Table([Column(key, label) for key, label in specs if key in present], rows, index="method")
 
 
+def quantization_protocol(quantization: dict) -> str:
+    """What a record's `quantization` block quantized, in words: "INT8 weights per channel + INT8 activations per
+    token (dynamic range)"."""
+    parts = []
+    for step in quantization.values():
+        if "weights" in step:
+            parts.append(f"INT{step['bits']} weights {step['weights'].replace('_', ' ')}")
+        elif "activations" in step:
+            parts.append(f"INT{step['bits']} activations {step['activations'].replace('_', ' ')}"
+                         + (f" ({step['range']} range)" if step.get("range") else ""))
+    return " + ".join(parts) or "none"
+
+
 def tables(results_dir: Path, out_dir: Path) -> list[Path]:
     written = []
     for stem, methods in _groups(results_dir).items():
@@ -166,7 +179,7 @@ def tables(results_dir: Path, out_dir: Path) -> list[Path]:
         caption = (f"Fine-tuning {first['model']['name']} ({first['model'].get('kind')} weights), task {task['name']}: "
                    f"{settings['steps']} steps x {settings['batch_size']} x <= {task['seqlen']} tokens, AdamW "
                    f"(warm-up {settings['warmup_steps']} + cosine), the same batches for every method at one seed; "
-                   f"PPL = WikiText-2 ({first['eval']}), W8A8 = {first['config']['exp']['w8a8']}. "
+                   f"PPL = WikiText-2 ({first['eval']}), W8A8 = {quantization_protocol(first.get('quantization') or {})}. "
                    "Each value after fine-tuning is the mean ± standard deviation over the method's n seeds (no ± "
                    f"when n = 1). PPL / {REFERENCE}: the ratio to {REFERENCE}'s PPL at the same seed, mean over seeds "
                    "[lowest, highest bound of the per-seed paired bootstrap intervals over the same windows]. "
