@@ -5,7 +5,7 @@ import torch
 from conftest import DATA_DIR
 from omegaconf import OmegaConf
 
-from outlierlab.evals.zeroshot import build_tasks, evaluate_zeroshot
+from outlierlab.evals.zeroshot import build_tasks, evaluate_zeroshot, paired_accuracy_change
 
 pytestmark = pytest.mark.requires("data")
 
@@ -37,6 +37,9 @@ def test_bridge_accuracy_equals_direct_scoring(tiny_llama, tmp_path):
     assert arc["acc"] == pytest.approx(direct_accuracy(tiny_llama, built[1]["arc_easy"], 6))
     assert result["tasks"]["sciq"] == {"acc": None, "data": "skipped: no local data"}  # reported, not dropped
     assert result["mean_over"] == ["arc_easy"] and result["mean"] == arc["acc"]
+    # every example's accuracy, for paired comparisons: their mean is lm-eval's accuracy
+    assert arc["doc_ids"] == list(range(6)) and set(arc["correct"]) <= {0.0, 1.0}
+    assert sum(arc["correct"]) / 6 == pytest.approx(arc["acc"])
 
 
 def test_piqa_labels_are_joined_from_their_own_file(tmp_path):
@@ -79,3 +82,40 @@ def test_every_suite_names_lm_eval_tasks_with_local_data_or_a_known_gap():
     for path in sorted((CONF / "eval" / "zeroshot").glob("*.yaml")):
         tasks = set(OmegaConf.load(path).tasks)
         assert tasks - set(LOCAL_TASKS) <= known_gaps, path.name
+
+
+def _result(**tasks):
+    return {"tasks": {name: {"acc": sum(correct) / len(correct), "doc_ids": list(range(len(correct))),
+                             "correct": [float(c) for c in correct]} for name, correct in tasks.items()}}
+
+
+def test_a_paired_accuracy_change_is_tighter_than_two_stderrs():
+    """40 examples a task; the edited model loses the same 6 examples of each task and nothing else: a paired
+    interval separates the 15-point drop, which two unpaired stderrs (about 8 points each) would not."""
+    base = _result(a=[1] * 20 + [0] * 20, b=[1] * 30 + [0] * 10)
+    edited = _result(a=[0] * 6 + [1] * 14 + [0] * 20, b=[0] * 6 + [1] * 24 + [0] * 10)
+    change = paired_accuracy_change(edited, base)
+    assert change["change"] == pytest.approx(-0.15) and change["tasks"] == ["a", "b"]
+    low, high = change["change_ci"]
+    assert low <= -0.15 <= high < 0
+    mixed = _result(a=[0] * 6 + [1] * 20 + [0] * 14, b=[1] * 30 + [0] * 10)  # 6 lost, 6 gained: no change
+    low, high = paired_accuracy_change(mixed, base)["change_ci"]
+    assert low < 0 < high
+    other_examples = {"tasks": {"a": {**base["tasks"]["a"], "doc_ids": list(range(1, 41))}}}
+    assert paired_accuracy_change(other_examples, base) is None  # never paired across different examples
+
+
+def test_the_variant_table_shows_the_paired_zero_shot_change():
+    from outlierlab.studies.variants import VariantTable
+    base = _result(a=[1] * 20 + [0] * 20)
+    edited = _result(a=[0] * 6 + [1] * 14 + [0] * 20)
+    table = VariantTable(["wikitext2"], zeroshot=True)
+    for variant, result in (("original", base), ("edited", edited)):
+        table.add(variant, {"ppl": {"wikitext2": {"ppl": 30.0, "window_nll": [3.4, 3.4]}},
+                            "zeroshot": {**result, "mean": result["tasks"]["a"]["acc"]}})
+    rows = {row["variant"]: row for row in table.table("c").rows}
+    assert "zero_shot_change" not in rows["original"]
+    assert rows["edited"]["zero_shot_change"] == pytest.approx(-15.0)
+    low, high = rows["edited"]["zero_shot_change_ci"]
+    assert low <= -15.0 <= high < 0
+    assert "zero_shot_change" in [column.key for column in table.columns()]

@@ -3,6 +3,9 @@
 lm-eval's own task definitions (prompt templates, targets, metrics) are used unchanged; offline, only where the data
 comes from is overridden, per task, from the local data directory. Tasks without local data are reported as skipped;
 tasks whose local data is not the original are marked with their data status, never silently mixed in.
+
+Each task records lm-eval's accuracy and stderr and every example's 0/1 accuracy (`correct`, by `doc_ids`), so two
+variants evaluated on the same examples compare paired (`paired_accuracy_change`): far tighter than two stderrs.
 """
 from __future__ import annotations
 
@@ -10,11 +13,15 @@ import bz2
 import csv
 import hashlib
 import json
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
+from outlierlab.evals.bootstrap import BOOTSTRAP, percentile_interval
 from outlierlab.evals.data import DataError
 
 
@@ -184,13 +191,15 @@ def evaluate_zeroshot(loaded, suite, tasks_and_status, label: str = "zero-shot")
         print(f"{label}: lm-eval on {', '.join(tasks)} (limit {suite.limit})")
         output = evaluator.simple_evaluate(model=model, tasks=list(tasks.values()), num_fewshot=0,
                                            limit=suite.limit, task_manager=manager, random_seed=0,
-                                           numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+                                           numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+                                           log_samples=True)
         for name in tasks:
             metrics = output["results"][name]
             results["tasks"][name] = {
                 "acc": metrics.get("acc,none"), "acc_norm": metrics.get("acc_norm,none"),
                 "acc_stderr": metrics.get("acc_stderr,none"), "data": status[name],
-                "task_version": output["versions"].get(name), "samples": output["n-samples"][name]}
+                "task_version": output["versions"].get(name), "samples": output["n-samples"][name],
+                **_per_example(output.get("samples", {}).get(name) or [])}
         results["lm_eval_version"] = output.get("lm_eval_version") or _lm_eval_version()
     for name, reason in status.items():
         if name not in tasks:
@@ -200,6 +209,36 @@ def evaluate_zeroshot(loaded, suite, tasks_and_status, label: str = "zero-shot")
     results["mean_stderr"] = mean_stderr([t.get("acc_stderr") for t in ran])
     results["mean_over"] = [n for n, t in results["tasks"].items() if t["acc"] is not None]
     return results
+
+
+def _per_example(samples: list[dict]) -> dict:
+    """Each example's accuracy (0/1) in doc_id order, and the doc_ids: what a paired comparison of two variants
+    evaluated on the same examples needs."""
+    scored = sorted((sample["doc_id"], float(sample["acc"])) for sample in samples if "acc" in sample)
+    return {"doc_ids": [doc for doc, _ in scored], "correct": [acc for _, acc in scored]} if scored else {}
+
+
+PAIRED = {**BOOTSTRAP, "method": "paired percentile bootstrap over examples, within each task"}
+
+
+def paired_accuracy_change(results: dict, baseline: dict, method: dict = PAIRED) -> dict | None:
+    """Mean accuracy over tasks minus the baseline's, with its paired bootstrap interval: each task's examples are
+    resampled (the same examples for both variants, so what the examples share cancels), and the change is the mean
+    over tasks of the per-task accuracy changes. None when the two share no task evaluated on the same examples."""
+    tasks = [name for name, task in results.get("tasks", {}).items()
+             if task.get("doc_ids") and task["doc_ids"] == baseline.get("tasks", {}).get(name, {}).get("doc_ids")]
+    if not tasks:
+        return None
+    rng = np.random.default_rng(method["seed"])
+    change, samples = 0.0, np.zeros(method["resamples"])
+    for name in tasks:
+        differences = (np.asarray(results["tasks"][name]["correct"]) - np.asarray(baseline["tasks"][name]["correct"]))
+        change += differences.mean() / len(tasks)
+        indices = rng.integers(0, len(differences), size=(method["resamples"], len(differences)))
+        samples += differences[indices].mean(axis=1) / len(tasks)
+    count = min(len(results["tasks"][name]["correct"]) for name in tasks)
+    return {"change": float(change), "change_ci": percentile_interval(samples, method) if count >= 2 else
+            [math.nan, math.nan], "tasks": tasks, "ci_method": method}
 
 
 def mean_stderr(stderrs: list[float | None]) -> float | None:

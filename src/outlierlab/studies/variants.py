@@ -14,10 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from outlierlab.evals.ppl import ratio_interval
+from outlierlab.evals.zeroshot import paired_accuracy_change
 from outlierlab.tables import Column, Reference, Table, ratio_to_baseline
 from outlierlab.tables.schema import interval_key, row_id, stderr_key
 
 ZERO_SHOT = Column("zero_shot_mean", "zero-shot mean")
+ZERO_SHOT_CHANGE = Column("zero_shot_change", "zero-shot - original")  # percentage points, paired over examples
 RATIO = Column("x_original", "x original")
 NOTE = Column("note", "note")
 
@@ -61,6 +63,20 @@ def ratios_with_intervals(rows: list[dict], window_nll: dict[str, list | None], 
             row[interval_key(RATIO.key)] = ratio_interval(window_nll[row[index]], base)
 
 
+def zeroshot_changes(rows: list[dict], results: dict[str, dict], index: str = "variant",
+                     baseline: str = "original") -> None:
+    """zero_shot_change = the row's zero-shot mean minus the baseline's (percentage points) and its paired bootstrap
+    interval over the same examples, for every other row whose zero-shot result has per-example accuracies."""
+    base = results.get(baseline)
+    for row in rows:
+        if base is None or row[index] == baseline or row[index] not in results:
+            continue
+        change = paired_accuracy_change(results[row[index]], base)
+        if change is not None:
+            row[ZERO_SHOT_CHANGE.key] = percent(change["change"])
+            row[interval_key(ZERO_SHOT_CHANGE.key)] = [percent(bound) for bound in change["change_ci"]]
+
+
 def window_nll(details: dict[str, dict], key: str) -> dict[str, list | None]:
     """{variant: per-window NLL of protocol `key`} of ctx.evaluate's results by variant."""
     return {variant: evaluated["ppl"][key].get("window_nll") for variant, evaluated in details.items()
@@ -100,11 +116,14 @@ class VariantTable:
     paper_ratio: bool = False  # also the paper's own ratio to its original
     rows: list[dict] = field(default_factory=list)
     window_nll: dict[str, list] = field(default_factory=dict)  # the first protocol's per-window NLL by variant
+    zeroshot_results: dict[str, dict] = field(default_factory=dict)  # each variant's zero-shot result (per example)
 
     def add(self, variant: str, evaluated: dict, **extra) -> dict:
         row = {"variant": variant, **scores(evaluated, self.protocols, tasks=self.tasks is not None), **extra}
         self.rows.append(row)
         self.window_nll[variant] = evaluated["ppl"][self.protocols[0]].get("window_nll")
+        if evaluated.get("zeroshot"):
+            self.zeroshot_results[variant] = evaluated["zeroshot"]
         return row
 
     def skip(self, variant: str, note: str) -> None:
@@ -133,7 +152,9 @@ class VariantTable:
         has_ratio = any(RATIO.key in row for row in self.rows)
         label = self.paper
         paper = [Column(key, f"{label} {key}", reference=True) for key in self.protocols] if self.reference else []
-        zeroshot = [*(Column(task, task) for task in self.tasks or []), ZERO_SHOT] if self.zeroshot else []
+        has_change = any(ZERO_SHOT_CHANGE.key in row for row in self.rows)
+        zeroshot = ([*(Column(task, task) for task in self.tasks or []), ZERO_SHOT,
+                     *([ZERO_SHOT_CHANGE] if has_change else [])] if self.zeroshot else [])
         paper_zeroshot = ([Column(ZERO_SHOT.key, f"{label} {ZERO_SHOT.label}", reference=True)]
                           if self.zeroshot and self.reference and self.paper_zeroshot else [])
         ours_after = [*extra, *(c for c in optional if any(row.get(c.key) is not None for row in self.rows)),
@@ -146,9 +167,10 @@ class VariantTable:
         return [*head, *zeroshot, *ours_after, *paper, *paper_zeroshot, *ratio]
 
     def table(self, caption: str, extra: list[Column] = (), optional: list[Column] = ()) -> Table:
-        """The Table, with x_original and its paired interval for every row with PPL (and the paper's ratio, when
-        `paper_ratio`)."""
+        """The Table, with x_original and its paired interval for every row with PPL, the zero-shot change from the
+        original with its paired interval over examples (and the paper's ratio, when `paper_ratio`)."""
         ratios_with_intervals(self.rows, self.window_nll, self.protocols[0])
+        zeroshot_changes(self.rows, self.zeroshot_results)
         paper_ratio = self.paper_ratio and add_reference_ratio(self.reference, self.rows, self.protocols[0])
         return Table(self.columns(extra, optional, paper_ratio), self.rows, index="variant", reference=self.reference,
                      caption=caption)
