@@ -152,14 +152,27 @@ class SlurmLauncher(_SubmititSlurm):
         super().__init__(**params)  # `resources` sizes the `auto` keys per cell (sized_params), not for submitit
 
     def launch(self, job_overrides, initial_job_idx):
-        import submitit
+        """Check every cell, skip the finished ones, submit the rest as SLURM job arrays (one per resource shape),
+        wait, and return every cell's result in cell order; exit 1 when a cell failed."""
+        _install_watcher()
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        groups, skipped = self._plan(job_overrides, initial_job_idx, sweep_dir)
+        returns, failed = self._collect(self._submit(groups, sweep_dir), skipped, sweep_dir)
+        if failed:
+            summarize(sweep_dir, _results_dir(self.config))
+            log.error("%d of %d cells failed; the same command again runs only the cells not done", failed,
+                      len(returns))
+            raise SystemExit(1)
+        return [returns[number] for number in sorted(returns)]
+
+    def _plan(self, job_overrides, initial_job_idx, sweep_dir: Path) -> tuple[dict[str, list], dict]:
+        """Every cell checked before anything is queued (exit 2 on bad input): the cells to run grouped by their
+        resource parameters, and the finished ones as skipped JobReturns."""
         from hydra.core.hydra_config import HydraConfig
         from hydra.core.singleton import Singleton
         from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 
-        _install_watcher()
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         groups: dict[str, list] = {}
         outputs: dict[Path, str] = {}
         skipped: dict[int, JobReturn] = {}
@@ -196,6 +209,12 @@ class SlurmLauncher(_SubmititSlurm):
                      f"mem {params.get('mem_gb')} GB)")
             groups.setdefault(json.dumps(params, sort_keys=True), []).append(
                 (list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state()))
+        return groups, skipped
+
+    def _submit(self, groups: dict[str, list], sweep_dir: Path) -> list[tuple]:
+        """One submitit job array per group: [(cell number, overrides, job)]."""
+        import submitit
+
         submitted = []
         for key, cells in groups.items():
             params = json.loads(key)
@@ -213,6 +232,14 @@ class SlurmLauncher(_SubmititSlurm):
         if submitted:
             log.info(f"Submitit 'slurm' sweep output dir : {sweep_dir} "
                      f"(jobs {', '.join(job.job_id for _, _, job in submitted)})")
+        return submitted
+
+    @staticmethod
+    def _collect(submitted: list[tuple], skipped: dict, sweep_dir: Path) -> tuple[dict, int]:
+        """Wait for every job: {cell number: JobReturn} (a job that ended without a result is a failed cell, noted
+        in its folder with SLURM's reason) and how many failed."""
+        from hydra.core.utils import JobReturn, JobStatus
+
         returns, failed = dict(skipped), 0
         for number, overrides, job in submitted:
             try:
@@ -228,9 +255,4 @@ class SlurmLauncher(_SubmititSlurm):
                 returns[number] = ret
             if returns[number].status == JobStatus.FAILED:
                 failed += 1
-        if failed:
-            summarize(sweep_dir, _results_dir(self.config))
-            log.error("%d of %d cells failed; the same command again runs only the cells not done", failed,
-                      len(returns))
-            raise SystemExit(1)
-        return [returns[number] for number in sorted(returns)]
+        return returns, failed
