@@ -149,8 +149,8 @@ def run(ctx) -> dict:
                f"{protocol.split}); means over heads and layers; queries after the last sink position only; "
                "logit gap = mean logit to sink keys minus mean logit to the other visible keys; rel. var = "
                "E||x - Ex||^2 / E||x||^2 of each head's output part across queries and sequences; dir. var = "
-               "1 - ||E x/||x|| ||^2, the same for its direction alone; intervals: percentile bootstrap over the windows, "
-               "changes paired (the same resampled windows for both variants)")
+               "1 - ||E x/||x|| ||^2, the same for its direction alone; intervals: percentile bootstrap over the "
+               "windows, changes paired (the same resampled windows for both variants)")
     return {
         "massive_activations": {"used": [m.describe() for m in found], "origin": origin, "notes": notes},
         "sink_positions": sinks, "first_ma_layer": first_layer,

@@ -53,8 +53,8 @@ def run(ctx) -> dict:
             for entry in shift["gainers"]]
     caption = (f"tokens gaining the most mean next-token probability when the super weights {weights.origin} "
                f"({', '.join(map(str, weights.chosen))}) are zeroed; {windows.meta['windows']} windows of "
-               f"{windows.meta['seqlen']} tokens of {windows.meta['dataset']} {windows.meta['split']}; intervals: paired "
-               f"bootstrap over the windows; stopword mass {shift['stopword_mass_before']:.3f} -> "
+               f"{windows.meta['seqlen']} tokens of {windows.meta['dataset']} {windows.meta['split']}; intervals: "
+               f"paired bootstrap over the windows; stopword mass {shift['stopword_mass_before']:.3f} -> "
                f"{shift['stopword_mass_after']:.3f} (gain {_interval(shift, 'stopword_mass_gain', '.3f')}); "
                f"{100 * shift['stopword_share_of_top_gainers']:.0f}% of the top {cfg.top} gainers are stopwords "
                f"({_interval(shift, 'stopword_share_of_top_gainers', '.0%', value=False)}); "

@@ -120,7 +120,8 @@ def test_ma_attention_end_to_end_on_a_tiny_model(tmp_path):
         assert low <= row["sink_share_ma_layers"] <= high and len(row["rest_dir_var_ci"]) == 2
     assert "sink_share_ma_layers_change" not in rows["original"]
     change = rows["set_to_zero"]["sink_share_ma_layers_change"]  # paired: the same windows for both variants
-    assert change == pytest.approx(rows["set_to_zero"]["sink_share_ma_layers"] - rows["original"]["sink_share_ma_layers"])
+    original = rows["original"]["sink_share_ma_layers"]
+    assert change == pytest.approx(rows["set_to_zero"]["sink_share_ma_layers"] - original)
     low, high = rows["set_to_zero"]["sink_share_ma_layers_change_ci"]
     assert low <= change <= high
     assert record["paired_changes"]["set_to_mean"]["logit_gap_ma_layers"]["change"] == pytest.approx(

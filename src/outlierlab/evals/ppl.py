@@ -123,8 +123,9 @@ def ratio_interval(window_nll: list[float], baseline_nll: list[float], method: d
     """[low, high] of PPL / baseline PPL by a paired bootstrap: both resampled at the same windows."""
     if len(window_nll) != len(baseline_nll):
         return [math.nan, math.nan]
-    return interval(lambda indices: _exp(_resampled_means(window_nll, indices) - _resampled_means(baseline_nll, indices)),
-                    len(window_nll), method)
+    def ratios(indices):
+        return _exp(_resampled_means(window_nll, indices) - _resampled_means(baseline_nll, indices))
+    return interval(ratios, len(window_nll), method)
 
 
 @torch.no_grad()

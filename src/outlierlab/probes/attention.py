@@ -3,10 +3,10 @@
 `AttentionSinks` observes `layers.{i}.attn.logits|values|probs` (models/attention.py) and folds each forward into
 per-layer, per-head sums kept per sequence; nothing of size sequence x sequence outlives the hook. Every statistic
 is a ratio of sums, so `resampled` recomputes it from any weighting of the sequences: a bootstrap over sequences
-(evals/bootstrap.py) puts an interval on it. The state is bounded: past `units` sequences, sequence n adds into
-unit n mod `units` (the bootstrap then resamples groups of sequences, each an equal share of the data). "Sink" keys are the given
-token positions (the MA tokens). Only queries after the last sink position are counted, so every counted query can
-attend to sinks and to other keys; keys after a query (causal mask) are never counted.
+(evals/bootstrap.py) puts an interval on it. The state is bounded: past `units` sequences, sequence n adds into unit
+n mod `units` (the bootstrap then resamples groups of sequences, each an equal share of the data). "Sink" keys are
+the given token positions (the MA tokens). Only queries after the last sink position are counted, so every counted
+query can attend to sinks and to other keys; keys after a query (causal mask) are never counted.
 
 Per layer and head it reports
     sink_share       mean over queries of the attention probability on sink keys, sum_{j in S} p_qj

@@ -149,7 +149,8 @@ def fig4(stem: str, record: dict, out_dir: Path) -> list[Path]:
 def _error_bars(points: list[tuple[float, list | None]]):
     """matplotlib's [2, n] below/above distances from each (value, [low, high]); None when no point has a finite
     interval (records made before intervals)."""
-    bars = [[value - ci[0], ci[1] - value] if ci and all(map(math.isfinite, ci)) else [0.0, 0.0] for value, ci in points]
+    bars = [[value - ci[0], ci[1] - value] if ci and all(map(math.isfinite, ci)) else [0.0, 0.0]
+            for value, ci in points]
     return [list(side) for side in zip(*bars)] if any(any(bar) for bar in bars) else None
 
 
