@@ -77,10 +77,11 @@ def attention_pass(ctx, windows, sinks: list[int], label: str) -> AttentionSinks
     return probe
 
 
-def with_intervals(probe: AttentionSinks, first_layer: int, weights: torch.Tensor) -> tuple[dict, dict]:
-    """The table's numbers over every window, each with its bootstrap interval over windows (`<key>_ci`), and the
-    resampled values ({key: [R]}) for paired comparisons."""
-    point = summarize(probe.summary(), first_layer)
+def with_intervals(probe: AttentionSinks, layers: list[dict], first_layer: int, weights: torch.Tensor
+                   ) -> tuple[dict, dict]:
+    """The table's numbers over every window (from `layers`, the probe's summary), each with its bootstrap interval
+    over windows (`<key>_ci`), and the resampled values ({key: [R]}) for paired comparisons."""
+    point = summarize(layers, first_layer)
     samples = summarize(probe.resampled(weights), first_layer)
     intervals = {interval_key(key): percentile_interval(value.numpy()) if value is not None else None
                  for key, value in samples.items()}
@@ -130,12 +131,13 @@ def run(ctx) -> dict:
             edits = list(session.log)
         if weights is None and probe.bootstrap_units() >= 2:  # drawn once: every variant at the same windows (paired)
             weights = torch.from_numpy(resample_weights(probe.bootstrap_units()))
+        layers = probe.summary()
         if weights is None:
-            numbers, samples[variant] = summarize(probe.summary(), first_layer), None
+            numbers, samples[variant] = summarize(layers, first_layer), None
         else:
-            numbers, samples[variant] = with_intervals(probe, first_layer, weights)
+            numbers, samples[variant] = with_intervals(probe, layers, first_layer, weights)
         rows.append({"variant": variant, **numbers})
-        details[variant] = {"interventions": list(names), "edits": edits, "layers": probe.summary()}
+        details[variant] = {"interventions": list(names), "edits": edits, "layers": layers}
     paired = paired_changes(rows, samples)
     for row in rows:
         for column in CHANGES:

@@ -43,7 +43,7 @@ class _Resampled:
     """Paired bootstrap over the windows of [windows, k] per-window values: resampled means, [resamples, k]."""
 
     def __init__(self, windows: int, method: dict):
-        self.method, self.windows = method, windows
+        self.method = method
         self.weights = torch.from_numpy(resample_weights(windows, method) / windows) if windows >= 2 else None
 
     def means(self, per_window: torch.Tensor) -> torch.Tensor | None:

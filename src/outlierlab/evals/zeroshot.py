@@ -236,8 +236,8 @@ def paired_accuracy_change(results: dict, baseline: dict, method: dict = PAIRED)
         change += differences.mean() / len(tasks)
         indices = rng.integers(0, len(differences), size=(method["resamples"], len(differences)))
         samples += differences[indices].mean(axis=1) / len(tasks)
-    count = min(len(results["tasks"][name]["correct"]) for name in tasks)
-    return {"change": float(change), "change_ci": percentile_interval(samples, method) if count >= 2 else
+    enough = all(len(results["tasks"][name]["correct"]) >= 2 for name in tasks)  # one example: no interval
+    return {"change": float(change), "change_ci": percentile_interval(samples, method) if enough else
             [math.nan, math.nan], "tasks": tasks, "ci_method": method}
 
 
